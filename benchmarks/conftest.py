@@ -1,0 +1,51 @@
+"""Benchmark session helpers: device/hardware naming and a ratio table at the end.
+
+Run: .venv/bin/python -m pytest benchmarks --benchmark-json=benchmarks/results/<hw>.json
+Every group has a reference member (``extra_info["role"] == "reference"``); the table
+printed at the end gives each member's speed relative to it.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+
+def hardware_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (CPU)"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["hardware"] = hardware_name()
+    machine_info["torch"] = torch.__version__
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or not bs.benchmarks:
+        return
+    groups: dict[str, list] = {}
+    for b in bs.benchmarks:
+        if b.stats is None:
+            continue
+        groups.setdefault(b.group or "", []).append(b)
+    tr = terminalreporter
+    tr.write_sep("=", f"speed relative to the reference, {hardware_name()}")
+    for group, items in groups.items():
+        ref = next((b for b in items if b.extra_info.get("role") == "reference"), None)
+        tr.write_line(f"[{group}]")
+        for b in items:
+            med = b.stats.median
+            ratio = f"{ref.stats.median / med:6.2f}x" if ref is not None else "   n/a"
+            rate = b.extra_info.get("items_per_call")
+            per_s = f"{rate / med:10.1f} {b.extra_info.get('unit', 'items')}/s" if rate else ""
+            tr.write_line(f"  {b.name:<52} median {med * 1e3:9.3f} ms  {ratio} {per_s}")

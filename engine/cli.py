@@ -1,0 +1,185 @@
+"""The ``entk`` command line (also ``python -m engine``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import EngineError
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic", "cifar10"],
+                   help="dataset: 'synthetic' (seeded, class-structured, needs no files; default) "
+                        "or 'cifar10' (needs --data-root)")
+    g.add_argument("--data-root", metavar="PATH",
+                   help="CIFAR-10 location: a JPEG tree (train/<class>/*.jpg, test/<class>/*.jpg), "
+                        "its .tar.gz, or torchvision's cifar-10-batches-py folder")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where decoded CIFAR-10 is cached (default: $ENTK_CACHE_DIR or ~/.cache/entk)")
+    g.add_argument("--n-train", type=int, metavar="N",
+                   help="use a seeded class-balanced subset of N training images (default: all)")
+    g.add_argument("--n-test", type=int, metavar="N",
+                   help="use a seeded class-balanced subset of N test images (default: all)")
+    g.add_argument("--subset-seed", type=int, default=0, metavar="S",
+                   help="seed of the subset selection (default: 0)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .models import MODEL_NAMES
+    from .train import SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="entk",
+        description="Empirical NTK engine: train CIFAR networks, compute eNTKs, study "
+                    "two-phase learning dynamics (arXiv 2505.13900).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one run, checkpointing into an HDF5 run file",
+                       description="Train one network with SGD on a deterministic batch stream, "
+                                   "saving checkpoints into an HDF5 run file. Running the same "
+                                   "command again resumes from the last completed checkpoint.")
+    g = p.add_argument_group("model and run")
+    g.add_argument("--model", default=d.model, choices=MODEL_NAMES, help=f"architecture (default: {d.model})")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    g.add_argument("--checkpoints", default="0", metavar="LIST",
+                   help="iterations to save, comma-separated; items may be log:N (N log-spaced) or "
+                        "every:K; 0 is the initialization and the final step is always saved "
+                        "(example: 0,1,2,5,10,20,50,log:20)")
+    g.add_argument("--out", metavar="RUN.h5", help="HDF5 run file (default: train without saving)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out instead of resuming it")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization (default: 0)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of batch order and augmentation (default: --seed)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    det = g.add_mutually_exclusive_group()
+    det.add_argument("--deterministic", dest="deterministic", action="store_true", default=d.deterministic,
+                     help="deterministic algorithms and cuBLAS workspace (default: on)")
+    det.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                     help="allow nondeterministic (possibly faster) kernels")
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"L2 weight decay on all parameters (default: {d.weight_decay})")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help=f"learning-rate schedule (default: {d.schedule})")
+    g.add_argument("--milestones", type=_floats, default=list(d.milestones), metavar="LIST",
+                   help="multistep milestones: fractions of --steps if all <= 1, else steps "
+                        "(default: 0.5,0.75)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="multistep factor (default: 0.1)")
+    g.add_argument("--warmup", type=int, default=0, metavar="STEPS",
+                   help="linear warm-up steps before the schedule (default: 0)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="disable random crop (4-pixel padding) and horizontal flip")
+    g.add_argument("--eval-train", type=int, default=d.eval_train, metavar="N",
+                   help="training images used for the final train accuracy (0 = all; default: 10000)")
+    _add_data_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="FILE", help="also write the final summary as JSON")
+
+    p = sub.add_parser("data", help="load (decode and cache) a dataset and describe it",
+                       description="Load a dataset, decoding and caching CIFAR-10 JPEGs on first "
+                                   "use, and print its size, class counts and pixel statistics.")
+    _add_data_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="FILE", help="also write the description as JSON")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, parse_iterations, train
+
+    if args.data == "cifar10" and not args.data_root:
+        raise EngineError("--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)")
+    if args.steps < 0:
+        raise EngineError(f"--steps must be >= 0, got {args.steps}")
+    cfg = TrainConfig(
+        model=args.model, data=args.data, data_root=args.data_root, n_train=args.n_train,
+        n_test=args.n_test, subset_seed=args.subset_seed, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
+        milestones=tuple(args.milestones), gamma=args.gamma, warmup_steps=args.warmup,
+        seed=args.seed, data_seed=args.data_seed, augment=args.augment,
+        checkpoints=parse_iterations(args.checkpoints, args.steps) if args.out else [],
+        deterministic=args.deterministic, eval_train=args.eval_train,
+    ).validate()
+    res = train(cfg, out=args.out, device=args.device, overwrite=args.overwrite,
+                quiet=args.quiet, cache_dir=args.cache_dir)
+    print(f"{cfg.model} on {cfg.data}: {res.describe()}")
+    print(f"final train accuracy {res.train_acc:.4f}  test accuracy {res.test_acc:.4f}")
+    if args.out:
+        print(f"checkpoints {cfg.checkpoints[:8]}{' ...' if len(cfg.checkpoints) > 8 else ''} "
+              f"saved in {args.out}")
+    if args.json:
+        rec = {"config": cfg.to_dict(), **{k: v for k, v in vars(res).items() if k != "out"},
+               "out": str(res.out) if res.out else None}
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=2)
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import load_dataset
+
+    kwargs = {}
+    if args.data == "cifar10":
+        if not args.data_root:
+            raise EngineError("--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)")
+        kwargs = {"cache_dir": args.cache_dir, "progress": False if args.quiet else None}
+    t0 = time.perf_counter()
+    ds = load_dataset(args.data, args.data_root, **kwargs)
+    if args.n_train or args.n_test:
+        ds = ds.subset(args.n_train, args.n_test, seed=args.subset_seed)
+    dt = time.perf_counter() - t0
+    import torch
+
+    desc = {"name": ds.name, "source": ds.source, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
+            "classes": list(ds.classes), "image_shape": list(ds.image_shape),
+            "train_per_class": torch.bincount(ds.y_train, minlength=ds.num_classes).tolist(),
+            "test_per_class": torch.bincount(ds.y_test, minlength=ds.num_classes).tolist(),
+            "pixel_mean": (ds.x_train.float().mean((0, 2, 3)) / 255).tolist(),
+            "pixel_std": (ds.x_train.float().std((0, 2, 3)) / 255).tolist(),
+            "load_seconds": round(dt, 3)}
+    print(ds.describe())
+    print(f"  loaded in {dt:.2f} s")
+    print(f"  train per class: {desc['train_per_class']}")
+    print(f"  test per class:  {desc['test_per_class']}")
+    print("  pixel mean " + ", ".join(f"{v:.4f}" for v in desc["pixel_mean"])
+          + "   std " + ", ".join(f"{v:.4f}" for v in desc["pixel_std"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(desc, f, indent=2)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _cmd_train, "data": _cmd_data}[args.command](args)
+    except EngineError as e:
+        print(f"entk {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"entk {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

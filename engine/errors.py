@@ -1,0 +1,39 @@
+"""Errors meant for people.
+
+Every error the engine raises on bad input is a one-line message that names the
+thing at fault and what was expected, raised before any long work starts. They
+subclass the built-in exception a caller would naturally catch (``ValueError``,
+``FileNotFoundError``, ``RuntimeError``) so that generic handlers still work.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class DataError(EngineError, ValueError):
+    """A data source is missing, malformed, or not what was expected."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data path does not exist."""
+
+
+class RunFileError(EngineError, ValueError):
+    """An HDF5 run file is missing, malformed, or does not match the request."""
+
+
+class NonFiniteLossError(EngineError, RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+    def __init__(self, step: int, loss: float, out: str | None = None):
+        self.step = step
+        self.loss = loss
+        where = f"; checkpoints written so far are kept in {out}" if out else ""
+        super().__init__(f"non-finite loss {loss} at step {step}{where}")

@@ -1,0 +1,21 @@
+"""Training: single runs with crash-safe HDF5 checkpoints (twin fleets build on this)."""
+
+from .config import TrainConfig
+from .runfile import RunFile
+from .schedule import SCHEDULES, lr_at, lr_table, parse_iterations
+from .trainer import TrainResult, evaluate, load_momentum, make_optimizer, momentum_state, train
+
+__all__ = [
+    "SCHEDULES",
+    "RunFile",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_momentum",
+    "lr_at",
+    "lr_table",
+    "make_optimizer",
+    "momentum_state",
+    "parse_iterations",
+    "train",
+]
