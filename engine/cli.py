@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from .errors import EngineError
 
+_NEED_ROOT = "--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)"
+
 
 def _floats(s: str) -> list[float]:
     try:
@@ -106,7 +108,7 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, parse_iterations, train
 
     if args.data == "cifar10" and not args.data_root:
-        raise EngineError("--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)")
+        raise EngineError(_NEED_ROOT)
     if args.steps < 0:
         raise EngineError(f"--steps must be >= 0, got {args.steps}")
     cfg = TrainConfig(
@@ -140,7 +142,7 @@ def _cmd_data(args) -> int:
     kwargs = {}
     if args.data == "cifar10":
         if not args.data_root:
-            raise EngineError("--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)")
+            raise EngineError(_NEED_ROOT)
         kwargs = {"cache_dir": args.cache_dir, "progress": False if args.quiet else None}
     t0 = time.perf_counter()
     ds = load_dataset(args.data, args.data_root, **kwargs)

@@ -47,7 +47,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def from_numpy(a: np.ndarray, torch_dtype: str | None = None) -> torch.Tensor:
     """Inverse of :func:`to_numpy`; ``torch_dtype`` is the stored tag (e.g. ``"torch.bfloat16"``)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    a = np.asarray(a)  # keeps 0-d scalars 0-d (np.ascontiguousarray would make them 1-d)
+    t = torch.from_numpy(a if a.flags.c_contiguous else a.copy())
     if torch_dtype == str(torch.bfloat16):
         t = t.view(torch.int16).view(torch.bfloat16)
     return t

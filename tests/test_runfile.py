@@ -65,7 +65,7 @@ def test_layout_is_fixed_at_creation(tmp_path):
 
 def test_incomplete_checkpoint_is_refused_by_name(tmp_path):
     run = _create(tmp_path / "r.h5")
-    with pytest.raises(RunFileError, match="iteration 3.*never completed"):
+    with pytest.raises(RunFileError, match=r"iteration 3.*never completed"):
         run.load_state(3)
     with pytest.raises(RunFileError, match="iteration 4 is not a checkpoint"):
         run.load_state(4)
@@ -97,12 +97,12 @@ def test_not_a_run_file(tmp_path):
     p = tmp_path / "other.h5"
     with h5py.File(p, "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(RunFileError, match="not an entk run file"):
+    with pytest.raises(RunFileError, match=r"not an entk run file"):
         RunFile(p)
     with pytest.raises(RunFileError, match="does not exist"):
         RunFile(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
-    with pytest.raises(RunFileError, match="junk.h5"):
+    with pytest.raises(RunFileError, match=r"junk\.h5"):
         RunFile(tmp_path / "junk.h5")
 
 

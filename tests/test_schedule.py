@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -26,7 +27,7 @@ def test_cosine_endpoints_and_monotone():
     assert lrs[0] == pytest.approx(0.2)
     assert lrs[101] == pytest.approx(0.0, abs=1e-12)
     assert lrs[50] == pytest.approx(0.1, rel=0.02)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_warmup_ramps_linearly_into_schedule():
@@ -47,7 +48,7 @@ def test_parse_iterations():
     assert parse_iterations("every:25", 100) == [0, 25, 50, 75, 100]
     log = parse_iterations("log:5", 10000)
     assert log[0] == 0 and log[-1] == 10000 and 1 in log
-    ratios = [b / a for a, b in zip(log[1:], log[2:], strict=False)]
+    ratios = [b / a for a, b in itertools.pairwise(log[1:])]
     assert all(math.isclose(r, 10, rel_tol=0.01) for r in ratios)  # 1, 10, 100, 1000, 10000
     assert parse_iterations("", 7) == [7]
 

@@ -109,7 +109,10 @@ def test_config_errors_before_work(tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_learns_synthetic_data(tiny):
-    res = train(_cfg(steps=60, checkpoints=[]), dataset=tiny, device="cpu", quiet=True)
-    # 10 balanced classes: chance is 10%. Measured 0.5-0.8 for this config on 2 CPU cores.
-    assert res.test_acc > 0.3, res.describe()
+def test_learns_synthetic_data():
+    ds = load_synthetic(2000, 500, seed=1)
+    cfg = _cfg(steps=300, batch_size=64, checkpoints=[], eval_train=500)
+    res = train(cfg, dataset=ds, device="cpu", quiet=True)
+    # 10 balanced classes: chance is 10%. Measured 50.4% (seed 0) and 47.4% (seed 1) test
+    # accuracy for this config; 35% leaves room for platform differences, not for a bug.
+    assert res.test_acc > 0.35, res.describe()

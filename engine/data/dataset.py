@@ -39,9 +39,11 @@ class Dataset:
     def __post_init__(self):
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if x.dtype != torch.uint8 or x.ndim != 4:
-                raise ConfigError(f"{self.name} {split} images must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+                raise ConfigError(f"{self.name} {split} images must be uint8 (N, C, H, W), "
+                                  f"got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ConfigError(f"{self.name} {split} labels must be int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+                raise ConfigError(f"{self.name} {split} labels must be int64 ({x.shape[0]},), "
+                                  f"got {y.dtype} {tuple(y.shape)}")
 
     @property
     def num_classes(self) -> int:

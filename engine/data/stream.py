@@ -183,7 +183,7 @@ class BatchStream:
     # -- augmentation ------------------------------------------------------------------------
 
     def _augment(self, xb: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        bsz, _, h, w = xb.shape
+        bsz, _, _, w = xb.shape
         r = hash_words(self.seed, _SALT_AUG, t, self._arange_b[:bsz])
         span = 2 * self.pad + 1
         dy = r % span

@@ -59,7 +59,8 @@ class RunFile:
                         f"{f.attrs.get('format')!r}, expected {FORMAT!r})")
                 version = int(f.attrs["format_version"])
                 if version > FORMAT_VERSION:
-                    raise RunFileError(f"{self.path} has format version {version}; this engine reads <= {FORMAT_VERSION}")
+                    raise RunFileError(f"{self.path} has format version {version}; "
+                                       f"this engine reads <= {FORMAT_VERSION}")
                 self.config: dict = json.loads(f.attrs["config"])
                 self.meta: dict = json.loads(f.attrs.get("meta", "{}"))
                 self.iterations = f["checkpoints/iteration"][...].astype(np.int64)

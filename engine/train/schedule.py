@@ -75,7 +75,8 @@ def parse_iterations(spec: str | Sequence[int], steps: int) -> list[int]:
             else:
                 items.append(int(part))
         except ValueError:
-            raise ConfigError(f"checkpoint spec item {part!r} is not an integer, log:N or every:K (N, K >= 1)") from None
+            raise ConfigError(
+                f"checkpoint spec item {part!r} is not an integer, log:N or every:K (N, K >= 1)") from None
     bad = [i for i in items if not 0 <= i <= steps]
     if bad:
         raise ConfigError(f"checkpoint iterations {bad[:5]} are outside [0, {steps}] (the run's steps)")
