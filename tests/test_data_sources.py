@@ -414,6 +414,8 @@ def test_synthetic_deterministic_and_balanced():
     assert small.x_train.shape == (30, 3, 16, 16) and small.y_train.bincount().tolist() == [10] * 3
 
 
+@pytest.mark.skipif(not torch.__version__.startswith("2.14."),
+                    reason="pinned bits were recorded with torch 2.14 (the pinned dependency)")
 def test_synthetic_bits_are_pinned():
     """Guards reproducibility of past runs: the generator's output must not drift."""
     d = load_synthetic(20, 10, seed=0)

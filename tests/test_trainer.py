@@ -116,3 +116,13 @@ def test_learns_synthetic_data():
     # 10 balanced classes: chance is 10%. Measured 50.4% (seed 0) and 47.4% (seed 1) test
     # accuracy for this config; 35% leaves room for platform differences, not for a bug.
     assert res.test_acc > 0.35, res.describe()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+def test_cuda_runs_are_bit_identical(tmp_path, tiny, model):
+    """Deterministic mode on CUDA: two runs with the same seed give the same bits."""
+    cfg = _cfg(model=model, steps=20, checkpoints=[0, 10])
+    train(cfg, out=tmp_path / "a.h5", dataset=tiny, device="cuda", quiet=True)
+    train(cfg, out=tmp_path / "b.h5", dataset=tiny, device="cuda", quiet=True)
+    _assert_same_states(_states(tmp_path / "a.h5"), _states(tmp_path / "b.h5"))

@@ -4,7 +4,7 @@ Sources (``source="auto"`` tells them apart from what ``root`` is):
 
 * ``"pickle"``: torchvision's official python files, a ``cifar-10-batches-py``
   folder (``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``)
-  or its parent. Read directly (~0.3 s for all of it), so never cached.
+  or its parent.
   ``download=True`` fetches them with torchvision when missing.
 * ``"jpeg"``: a tree ``train/<class>/*.jpg`` + ``test/<class>/*.jpg`` (optionally
   inside one top folder), or a ``.tar.gz``/``.tgz``/``.tar`` archive of it, read
@@ -12,7 +12,8 @@ Sources (``source="auto"`` tells them apart from what ``root`` is):
   files are sorted by name within a class. An archive of the official pickles
   (``cifar-10-python.tar.gz``) is read too.
 
-Decoded JPEG sources are cached by :mod:`engine.data.cache`. Every problem with
+Decoded sources are cached by :mod:`engine.data.cache` (pixels, labels and the
+per-channel statistics), so later loads take ~0.1 s. Every problem with
 the data is a one-line :class:`~engine.errors.DataError` naming the path and what
 was expected; cheap checks (existence, layout, class folders) come before decoding.
 """
@@ -36,7 +37,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import ConfigError, DataError, DataNotFoundError
 from ..progress import progress as progress_bar
@@ -124,6 +124,9 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 
 def _decode_pil(data: bytes, where: str) -> np.ndarray:
     """PIL decode to ``(3, H, W)`` uint8, any failure as a one-line DataError."""
+    # Imported here: the GPU image may lack Pillow, and only decoding needs it.
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
@@ -224,11 +227,12 @@ def arrays_from_pickles(files: dict[str, bytes], where: str) -> tuple[Arrays, di
     return arrays, {"classes": classes}
 
 
-def _read_pickle_dir(folder: Path) -> tuple[Arrays, dict]:
-    """Read a ``cifar-10-batches-py`` folder (existence of every file checked first)."""
+def _read_pickle_dir(folder: Path, show: bool | None = None) -> tuple[Arrays, dict]:
+    """Read a ``cifar-10-batches-py`` folder (every file checked present first; no bar)."""
     names = [n for n in PICKLE_FILES if (folder / n).is_file()]
     _check_pickles_present(names, str(folder))  # before reading anything
-    return arrays_from_pickles({n: (folder / n).read_bytes() for n in names}, str(folder))
+    arrays, meta = arrays_from_pickles({n: (folder / n).read_bytes() for n in names}, str(folder))
+    return arrays, {**meta, "layout": "pickle-dir"}
 
 
 # --------------------------------------------------------------------------- JPEG tree
@@ -589,7 +593,7 @@ def load_cifar10(
 
     The full dataset has 50,000 train and 10,000 test images; smaller sources in
     the same layouts load too. ``source``: ``"auto"``, ``"pickle"`` or ``"jpeg"``
-    (see the module docstring). ``cache_dir``: where decoded JPEG sources are
+    (see the module docstring). ``cache_dir``: where decoded sources are
     cached, default :func:`default_cache_dir`; ``False`` disables the cache.
     ``progress``: show a bar while decoding (default: when stderr is a terminal).
     ``mean``/``std`` are computed from the train split (on the official data they
@@ -598,18 +602,12 @@ def load_cifar10(
     root = Path(root).expanduser()
     layout, path = detect_layout(root, source, download)
     t0 = time.perf_counter()
-    if layout == "pickle-dir":
-        arrays, meta = _read_pickle_dir(path)
-        meta = {**meta, **_stats(arrays)}
-        status, key = "off", None
-    else:
-        decode = _decode_tree if layout == "jpeg-dir" else _decode_archive
-        key = cache_key(fingerprint(path), dataset="cifar10", layout=layout)
-        if cache_dir is None or cache_dir is True:
-            cache_dir = default_cache_dir()
-        store = None if cache_dir is False else cache_dir
-        build = partial(_build, decode, path, progress)
-        arrays, meta, status = cached(store, "cifar10", key, build)
+    decode = {"pickle-dir": _read_pickle_dir, "jpeg-dir": _decode_tree}.get(layout, _decode_archive)
+    key = cache_key(fingerprint(path), dataset="cifar10", layout=layout)
+    if cache_dir is None or cache_dir is True:
+        cache_dir = default_cache_dir()
+    store = None if cache_dir is False else cache_dir
+    arrays, meta, status = cached(store, "cifar10", key, partial(_build, decode, path, progress))
     elapsed = round(time.perf_counter() - t0, 3)
     return Dataset(
         name="cifar10",
