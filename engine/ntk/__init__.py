@@ -1,0 +1,43 @@
+"""Empirical NTKs: Jacobians → Gram → kernels and kernel distances.
+
+Definitions: for f(x; θ) with C outputs and N inputs, J has N·C rows (row n·C + c
+is ∂f_c(x_n)/∂θ) and P columns (trainable parameters in ``named_parameters``
+order, flattened); H = J Jᵀ. The traced kernel sums the C×C output blocks (N×N).
+BatchNorm is always in eval mode. Kernel distance (Fort et al. 2020):
+S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
+"""
+
+from .checkpoints import CheckpointKernels, checkpoint_kernels, probe_set
+from .distance import (
+    DistanceBackend,
+    KernelValueError,
+    distance_from_gram,
+    kernel_distance,
+    kernel_gram,
+    pairwise_kernel_distance,
+)
+from .gram import KernelKind, gram
+from .jacobian import JacobianBackend, jacobian, parameter_layout
+from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
+
+__all__ = [
+    "CheckpointKernels",
+    "DistanceBackend",
+    "JacobianBackend",
+    "KernelKind",
+    "KernelValueError",
+    "checkpoint_kernels",
+    "distance_from_gram",
+    "entk",
+    "gram",
+    "jacobian",
+    "jacobian_to_store",
+    "kernel_distance",
+    "kernel_gram",
+    "num_outputs",
+    "pairwise_kernel_distance",
+    "param_groups",
+    "parameter_layout",
+    "probe_hash",
+    "probe_set",
+]

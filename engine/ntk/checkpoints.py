@@ -1,0 +1,101 @@
+"""The eNTKs of a training run's checkpoints on a fixed probe set, into a KernelStore.
+
+This is the job behind ``entk ntk``: every checkpoint's kernel is written as soon as
+it is computed, so an interrupted job resumes at the first missing checkpoint; the
+pairwise kernel distances are computed in one streaming pass once all are there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import Dataset, load_dataset, normalize
+from ..errors import ConfigError
+from ..models import build_model
+from ..progress import progress as progress_bar
+from ..store import KernelStore, kernel_name
+from ..train import RunFile, TrainConfig
+from .distance import distance_from_gram, kernel_gram
+from .kernel import DEFAULT_BUDGET, entk, num_outputs, probe_hash
+
+
+@dataclass
+class CheckpointKernels:
+    store: KernelStore
+    iterations: list[int]
+    distance: torch.Tensor   # (T, T) float64
+    seconds: dict[int, float]
+
+
+def probe_set(ds: Dataset, n: int, *, seed: int = 0, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded, class-balanced probe set of ``n`` images of ``split``: normalized float
+    images ``(n, 3, 32, 32)`` and labels."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"probe split must be 'train' or 'test', got {split!r}")
+    avail = len(ds.y_test if split == "test" else ds.y_train)
+    if not 1 <= n <= avail:
+        raise ConfigError(f"probe size must be in [1, {avail}] ({split} images available), got {n}")
+    sub = ds.subset(None, n, seed=seed) if split == "test" else ds.subset(n, None, seed=seed)
+    x, y = (sub.x_test, sub.y_test) if split == "test" else (sub.x_train, sub.y_train)
+    return normalize(x, ds.mean, ds.std), y
+
+
+def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Sequence[int] | None = None,
+                       probe: int = 100, probe_seed: int = 0, probe_split: str = "test",
+                       kernel: str = "full", backend: str = "auto", dtype: torch.dtype = torch.float32,
+                       store_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       budget_bytes: int = DEFAULT_BUDGET, data_root: str | None = None,
+                       cache_dir=None, overwrite: bool = False, quiet: bool = False) -> CheckpointKernels:
+    """Compute and store the eNTK of each requested checkpoint of ``run_path``."""
+    run = RunFile(run_path)
+    cfg = TrainConfig.from_dict(run.config)
+    done = run.completed_iterations()
+    iterations = list(done if iterations is None else iterations)
+    missing = [i for i in iterations if i not in done]
+    if missing:
+        raise ConfigError(f"checkpoints {missing[:5]} are not completed in {run_path} (completed: {done})")
+    if not iterations:
+        raise ConfigError(f"{run_path} has no completed checkpoints")
+    root = data_root or cfg.data_root
+    kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None} if cfg.data == "cifar10" else {}
+    ds = load_dataset(cfg.data, root, **kwargs)
+    x, _ = probe_set(ds, probe, seed=probe_seed, split=probe_split)
+    model = build_model(cfg.model, num_classes=ds.num_classes).to(device).eval()
+    x = x.to(device)
+    c = num_outputs(model, x)
+    size = probe if kernel == "traced" else probe * c
+    job = {"run": str(Path(run_path).resolve().name), "model": cfg.model, "probe": probe,
+           "probe_seed": probe_seed, "probe_split": probe_split, "probe_hash": probe_hash(x.cpu()),
+           "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype)}
+    store = KernelStore.create_for(out, job=job, iterations=iterations, size=size, dtype=store_dtype,
+                                   overwrite=overwrite)
+    seconds: dict[int, float] = {}
+    todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False)) if not ok]
+    with store.writer() as w:
+        for k, it in progress_bar(todo, desc=f"eNTK {cfg.model} N={probe}", enabled=None if not quiet else False,
+                                  unit="ckpt"):
+            run.load_into(model, it)
+            model.eval()
+            t0 = time.perf_counter()
+            h = entk(model, x, kernel=kernel, backend=backend, dtype=dtype, budget_bytes=budget_bytes)
+            seconds[it] = time.perf_counter() - t0
+            if not torch.isfinite(h).all():
+                raise ConfigError(f"the eNTK of checkpoint {it} contains NaN/Inf (diverged weights?); "
+                                  f"kernels before it are kept in {out}")
+            w.write(kernel_name(it), 0, h.to(store_dtype))
+            w.mark_complete(k)
+        prev = store.distances()
+        if prev is None:
+            g = kernel_gram(store.kernels(), budget_bytes=budget_bytes, progress=None if not quiet else False)
+            dist = distance_from_gram(g)
+            w.write("kernel_gram", 0, g)
+            w.write("distance", 0, dist)
+            w.mark_complete(len(iterations))
+        else:
+            dist = torch.from_numpy(prev[1])
+    return CheckpointKernels(store=store, iterations=iterations, distance=dist, seconds=seconds)

@@ -1,0 +1,193 @@
+"""Gram matrices H = J Jᵀ, in memory or out of core from a stored Jacobian.
+
+The out-of-core path tiles J into row blocks (and column chunks when a row
+block would exceed the memory budget), computes only the upper-triangular
+tiles H[i, j], j ≥ i, and mirrors them, so the result is exactly symmetric.
+Block reads run one step ahead in a background thread (memory-map page-in, or
+pinned-memory copy and asynchronous host-to-device transfer on CUDA), so I/O
+overlaps the matrix products.
+
+``kernel="traced"`` sums the C×C output blocks, H_tr[n, m] = Σ_c ⟨J[nC+c], J[mC+c]⟩,
+computed directly as C batched products (1/C of the full kernel's FLOPs).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..progress import progress as progress_bar
+from ..store import JacobianStore
+
+
+class KernelKind(enum.StrEnum):
+    FULL = "full"        # (N·C) × (N·C), row n·C + c
+    TRACED = "traced"    # N × N, sum over the C×C output blocks
+
+
+def _kind(kernel: str | KernelKind) -> KernelKind:
+    try:
+        return KernelKind(kernel)
+    except ValueError:
+        raise ConfigError(f"kernel must be one of {[k.value for k in KernelKind]}, got {kernel!r}") from None
+
+
+class _Source:
+    """Uniform block reads from a tensor, a NumPy array / memmap, or a JacobianStore."""
+
+    def __init__(self, J, device: torch.device, dtype: torch.dtype):
+        self.bf16_bits = False
+        if isinstance(J, JacobianStore):
+            self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
+            J = J.jacobian_memmap()
+        if isinstance(J, torch.Tensor):
+            if J.ndim != 2:
+                raise ConfigError(f"Jacobian must be 2-D (rows, params), got shape {tuple(J.shape)}")
+        elif isinstance(J, np.ndarray):
+            if J.ndim != 2:
+                raise ConfigError(f"Jacobian must be 2-D (rows, params), got shape {J.shape}")
+        else:
+            raise ConfigError(f"Jacobian must be a torch.Tensor, NumPy array or JacobianStore, got {type(J).__name__}")
+        self.J, self.device, self.dtype = J, device, dtype
+        self.rows, self.cols = J.shape
+        self.itemsize = 2 if self.bf16_bits else J.dtype.itemsize if isinstance(J, np.ndarray) \
+            else J.element_size()
+
+    def load(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        if isinstance(self.J, torch.Tensor):
+            return self.J[r0:r1, c0:c1].to(self.device, self.dtype)
+        a = np.array(self.J[r0:r1, c0:c1])  # copy: page-in happens here, off the main thread
+        t = torch.from_numpy(a)
+        if self.bf16_bits:
+            t = t.view(torch.int16).view(torch.bfloat16)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
+        return t.to(self.dtype)
+
+
+def plan_tiles(rows: int, cols: int, *, itemsize: int, budget_bytes: int, multiple: int = 1,
+               block_rows: int | None = None) -> tuple[int, int]:
+    """Row-block and column-chunk sizes so that three blocks (two in use, one prefetching)
+    fit in ``budget_bytes``; row blocks are a multiple of ``multiple`` (C, for traced tiles)."""
+    if block_rows is None:
+        block_rows = min(rows, 4096)
+    block_rows = max(multiple, block_rows // multiple * multiple)
+    block_cols = budget_bytes // max(3 * block_rows * max(itemsize, 4), 1)
+    while block_cols < min(cols, 1024) and block_rows > multiple:
+        block_rows = max(multiple, block_rows // 2 // multiple * multiple)
+        block_cols = budget_bytes // max(3 * block_rows * max(itemsize, 4), 1)
+    return block_rows, int(max(1, min(cols, block_cols)))
+
+
+def _prefetched(keys: list, load: Callable) -> Iterator:
+    """Yield ``(key, load(key))`` in order with the next load running in a background thread."""
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="entk-prefetch") as pool:
+        fut = pool.submit(load, keys[0])
+        for i, key in enumerate(keys):
+            block = fut.result()
+            if i + 1 < len(keys):
+                fut = pool.submit(load, keys[i + 1])
+            yield key, block
+
+
+def _tile(a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int) -> torch.Tensor:
+    if kind is KernelKind.FULL:
+        return a @ b.T
+    pa = a.view(-1, c, a.shape[1]).transpose(0, 1)     # (C, na, p)
+    pb = b.view(-1, c, b.shape[1]).transpose(0, 1)     # (C, nb, p)
+    return torch.bmm(pa, pb.transpose(1, 2)).sum(0)    # (na, nb)
+
+
+def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
+         dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+         out: torch.Tensor | None = None, accumulate: bool = False,
+         budget_bytes: int = 1 << 30, block_rows: int | None = None,
+         progress: bool | None = False) -> torch.Tensor:
+    """H = J Jᵀ (or the traced kernel) from a Jacobian held anywhere.
+
+    Args:
+        J: ``(R, P)`` with R = N·C rows (row n·C + c): a tensor (any device), a
+            NumPy array or memmap, or a :class:`~engine.store.JacobianStore`.
+        kernel: ``"full"`` → ``(R, R)``; ``"traced"`` → ``(N, N)`` summed over outputs.
+        num_outputs: C (needed for ``traced``; R must be divisible by it).
+        dtype: accumulation dtype, float32 (default) or float64.
+        device: where tiles are multiplied (default: J's device, CPU for files).
+        out: write (or, with ``accumulate``, add) into this tensor.
+        budget_bytes: bound on the Jacobian blocks held at once.
+
+    Returns:
+        The symmetric kernel on ``device`` (or ``out``).
+    """
+    kind = _kind(kernel)
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"gram accumulation dtype must be float32 or float64, got {dtype}")
+    if device is None:
+        device = J.device if isinstance(J, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    src = _Source(J, device, dtype)
+    c = int(num_outputs)
+    if kind is KernelKind.TRACED and (c < 1 or src.rows % c):
+        raise ConfigError(f"traced kernel needs rows ({src.rows}) divisible by num_outputs ({c})")
+    m = src.rows // c if kind is KernelKind.TRACED else src.rows
+    mult = c if kind is KernelKind.TRACED else 1
+    if out is None:
+        out = torch.zeros(m, m, dtype=dtype, device=device)
+        accumulate = True
+    elif out.shape != (m, m):
+        raise ConfigError(f"out must have shape {(m, m)}, got {tuple(out.shape)}")
+    elif not accumulate:
+        out.zero_()
+
+    br, bc = plan_tiles(src.rows, src.cols, itemsize=src.itemsize, budget_bytes=budget_bytes,
+                        multiple=mult, block_rows=block_rows)
+    row_blocks = [(r, min(r + br, src.rows)) for r in range(0, src.rows, br)]
+    col_chunks = [(k, min(k + bc, src.cols)) for k in range(0, src.cols, bc)]
+    if isinstance(J, torch.Tensor) and J.device == device and len(row_blocks) == 1:
+        # Everything is already in memory on the right device: one product per column chunk.
+        for c0, c1 in col_chunks:
+            blk = J[:, c0:c1].to(dtype)
+            out += _tile(blk, blk, kind, c)
+        return _symmetrize(out)
+
+    # Load order: for each column chunk and row block i, block i, then blocks j > i.
+    keys = [(ci, i, j) for ci in range(len(col_chunks)) for i in range(len(row_blocks))
+            for j in range(i, len(row_blocks))]
+
+    def load(key):
+        ci, _, j = key
+        c0, c1 = col_chunks[ci]
+        r0, r1 = row_blocks[j]
+        return src.load(r0, r1, c0, c1)
+
+    bar = progress_bar(total=len(keys), desc="gram tiles", enabled=progress, unit="tile")
+    a = None
+    for (_, i, j), blk in _prefetched(keys, load):
+        if j == i:
+            a = blk
+        r0, r1 = (x // mult for x in row_blocks[i])
+        s0, s1 = (x // mult for x in row_blocks[j])
+        out[r0:r1, s0:s1] += _tile(a, blk, kind, c)
+        bar.update()
+    bar.close()
+    # Mirror the strictly upper tiles (and the diagonal tiles' upper halves) downward.
+    return _symmetrize(out)
+
+
+def _symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
+    """Copy the upper triangle onto the lower one in place, tile by tile (exact symmetry,
+    O(tile²) extra memory)."""
+    m = h.shape[0]
+    for r0 in range(0, m, tile):
+        r1 = min(r0 + tile, m)
+        d = h[r0:r1, r0:r1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        if r1 < m:
+            h[r1:, r0:r1] = h[r0:r1, r1:].T
+    return h

@@ -1,0 +1,159 @@
+"""One-call eNTK, parameter-group (no-store) mode, the Jacobian store job, and `entk ntk`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tolerance import assert_close_to_torch
+
+from engine.cli import main
+from engine.errors import ConfigError
+from engine.models import build_model
+from engine.ntk import entk, gram, jacobian, jacobian_to_store, param_groups, probe_hash
+from engine.store import JacobianStore, KernelStore, StoreError
+from engine.train import TrainConfig, train
+
+
+def _model(name="cnn", width=None):
+    torch.manual_seed(torch.seed() % 2**31)
+    m = build_model(name, **({"width": width} if width else {}))
+    for mod in m.modules():  # non-trivial running statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _ref64(model, x):
+    J = jacobian(model.double(), x.double(), backend="reference", dtype=torch.float64)
+    model.float()
+    return J @ J.T
+
+
+def test_entk_full_traced_projection_against_float64():
+    model, x = _model(width=4), torch.randn(5, 3, 32, 32)
+    ref = _ref64(model, x)
+    J32 = jacobian(model, x, backend="reference")
+    torch_err_ref = J32 @ J32.T
+    h = entk(model, x)
+    assert h.shape == (50, 50) and torch.equal(h, h.T)
+    assert_close_to_torch(h, torch_err_ref, ref, what="entk full")
+    ht = entk(model, x, kernel="traced")
+    tr = lambda k: k.view(5, 10, 5, 10).diagonal(dim1=1, dim2=3).sum(-1)  # noqa: E731
+    assert_close_to_torch(ht, tr(torch_err_ref), tr(ref), what="entk traced")
+    v = torch.randn(10)
+    hp = entk(model, x, projection=v)
+    vv = torch.kron(torch.eye(5, dtype=torch.float64), v.double()[None])  # (5, 50) row projection
+    assert_close_to_torch(hp, (vv.float() @ torch_err_ref @ vv.float().T), vv @ ref @ vv.T, what="projection")
+
+
+def test_parameter_groups_give_the_same_kernel():
+    """No-store mode: H = sum over groups of J_g J_g^T, never holding more than one group."""
+    model, x = _model(width=4), torch.randn(4, 3, 32, 32)
+    rows = 40
+    p = sum(q.numel() for q in model.parameters())
+    budget = rows * 4 * (p // 3)
+    groups = param_groups(model, rows=rows, budget_bytes=budget)
+    assert len(groups) >= 3
+    assert [n for g in groups for n in g] == [n for n, _ in model.named_parameters()]
+    ref = _ref64(model, x)
+    whole = entk(model, x)
+    grouped = entk(model, x, budget_bytes=budget)
+    assert_close_to_torch(grouped, whole, ref, what="grouped")
+
+
+def test_train_mode_refused_unless_forced():
+    model = _model(width=4).train()
+    with pytest.raises(ConfigError, match="train mode"):
+        entk(model, torch.randn(2, 3, 32, 32))
+    h = entk(model, torch.randn(2, 3, 32, 32), force_eval=True)
+    assert model.training and h.shape == (20, 20)
+
+
+def test_jacobian_store_resume_is_bit_identical(tmp_path, monkeypatch):
+    model, x = _model(width=4), torch.randn(7, 3, 32, 32)
+    full = jacobian_to_store(model, x, tmp_path / "a.h5", block_inputs=2)
+    # Interrupt the second job after two blocks, then resume it.
+    import engine.ntk.kernel as kmod
+
+    calls = {"n": 0}
+    real = kmod.jacobian
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kmod, "jacobian", dying)
+    with pytest.raises(KeyboardInterrupt):
+        jacobian_to_store(model, x, tmp_path / "b.h5", block_inputs=2)
+    assert JacobianStore(tmp_path / "b.h5").complete.tolist() == [True, True, False, False]
+    monkeypatch.setattr(kmod, "jacobian", real)
+    resumed = jacobian_to_store(model, x, tmp_path / "b.h5", block_inputs=2)
+    assert resumed.complete.all()
+    assert torch.equal(full.read("jacobian"), resumed.read("jacobian"))
+    # And the out-of-core Gram of the store equals the in-memory one.
+    torch.testing.assert_close(gram(resumed, budget_bytes=50_000, block_rows=20), entk(model, x),
+                               rtol=1e-5, atol=1e-5 * float(entk(model, x).abs().max()))
+    # Another probe set is another job.
+    with pytest.raises(StoreError, match="probe_hash"):
+        jacobian_to_store(model, x + 1, tmp_path / "b.h5", block_inputs=2)
+    assert probe_hash(x) != probe_hash(x + 1)
+
+
+def test_nonfinite_jacobian_names_block_and_parameter(tmp_path):
+    model, x = _model(width=4), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.fc.weight[3, 5] = float("nan")
+    msg = r"non-finite Jacobian in block 0 \(input \d, output \d\) for parameter"
+    with pytest.raises(ConfigError, match=msg) as ei:
+        jacobian_to_store(model, x, tmp_path / "n.h5", block_inputs=2)
+    named = str(ei.value).split("for parameter ")[1].split(";")[0]
+    assert named in dict(model.named_parameters())
+    assert not JacobianStore(tmp_path / "n.h5").complete.any()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from engine.data import load_synthetic
+
+    path = tmp_path_factory.mktemp("run") / "run.h5"
+    cfg = TrainConfig(model="cnn", steps=8, batch_size=16, checkpoints=[0, 2, 8], eval_train=50,
+                      n_train=200, n_test=60)
+    ds = load_synthetic().subset(200, 60, seed=0)
+    train(cfg, out=path, dataset=ds, device="cpu", quiet=True)
+    return path
+
+
+def test_entk_ntk_cli_end_to_end_and_resume(tiny_run, tmp_path, capsys):
+    out = tmp_path / "k.h5"
+    args = ["ntk", "--run", str(tiny_run), "--probe", "6", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "3 kernels of 60x60" in text and "kernel distance S" in text
+    ks = KernelStore(out)
+    assert ks.completed_iterations() == [0, 2, 8]
+    _, s = ks.distances()
+    assert s.shape == (3, 3) and (s.diagonal() == 0).all() and (s[0, 1:] > 0).all()
+    # The stored kernel is the eNTK of the checkpoint on the probe set.
+    assert ks.job["mode"] == "eval" and ks.attrs["it_00000008"]["iteration"] == 8
+    k8 = torch.from_numpy(ks.kernel(8).copy())
+    assert torch.equal(k8, k8.T) and torch.linalg.eigvalsh(k8.double()).min() > -1e-3 * k8.abs().max()
+    # Rerun: nothing recomputed, same answer.
+    assert main(args) == 0
+    assert "s per checkpoint" not in capsys.readouterr().out
+    # A different probe size is a different job.
+    assert main([*args[:4], "7", *args[5:]]) == 2
+    assert "different job" in capsys.readouterr().err
+
+
+def test_entk_ntk_cli_traced_and_bad_checkpoint(tiny_run, tmp_path, capsys):
+    out = tmp_path / "t.h5"
+    assert main(["ntk", "--run", str(tiny_run), "--probe", "5", "--kernel", "traced", "--checkpoints", "0,8",
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert KernelStore(out).job["size"] == 5
+    capsys.readouterr()
+    assert main(["ntk", "--run", str(tiny_run), "--checkpoints", "3", "--out", str(tmp_path / "x.h5"),
+                 "--quiet"]) == 2
+    assert "[3] are not completed" in capsys.readouterr().err

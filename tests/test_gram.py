@@ -1,0 +1,113 @@
+"""Gram matrices: in memory and out of core (tiles, column chunks, prefetch) vs float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _tolerance import assert_close_to_torch, rel_err
+
+from engine.errors import ConfigError
+from engine.ntk.gram import gram, plan_tiles
+from engine.store import JacobianStore
+
+
+def _store(tmp_path, J, dtype=torch.float32, c=1):
+    store = JacobianStore.create_for(tmp_path / "j.h5", job={"t": 1}, n_inputs=J.shape[0] // c, num_outputs=c,
+                                     n_params=J.shape[1], block_inputs=max(1, J.shape[0] // c // 3), dtype=dtype)
+    with store.writer() as w:
+        w.write("jacobian", 0, J.to(dtype))
+        for u in range(store.n_units):
+            w.mark_complete(u)
+    return store
+
+
+def _traced_ref(J64, c):
+    n = J64.shape[0] // c
+    h = J64 @ J64.T
+    return h.view(n, c, n, c).diagonal(dim1=1, dim2=3).sum(-1)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 13), (37, 1001), (130, 257)])
+def test_in_memory_matches_float64(rows, cols):
+    J = torch.randn(rows, cols)
+    ref = J.double() @ J.double().T
+    h = gram(J)
+    assert h.dtype == torch.float32 and h.shape == (rows, rows)
+    assert torch.equal(h, h.T)  # exactly symmetric
+    assert_close_to_torch(h, J @ J.T, ref, what="in-memory gram")
+
+
+@pytest.mark.parametrize("budget", [4_000, 40_000, 1 << 30])
+@pytest.mark.parametrize("rows,cols", [(37, 1001), (64, 129)])
+def test_out_of_core_from_store_float32(tmp_path, rows, cols, budget):
+    """Tiny budgets force many row blocks and column chunks; the result must not change."""
+    J = torch.randn(rows, cols)
+    store = _store(tmp_path, J)
+    h = gram(store, budget_bytes=budget, block_rows=8 if budget < 1e6 else None)
+    assert torch.equal(h, h.T)
+    assert_close_to_torch(h, J @ J.T, J.double() @ J.double().T, what=f"budget {budget}")
+    # Also from the raw memory map and from a NumPy array.
+    h2 = gram(store.jacobian_memmap(), budget_bytes=budget, block_rows=8)
+    assert_close_to_torch(h2, J @ J.T, J.double() @ J.double().T, what="memmap")
+
+
+def test_bfloat16_store_accumulates_in_float32(tmp_path):
+    J = torch.randn(45, 333)
+    Jb = J.to(torch.bfloat16)
+    store = _store(tmp_path, J, dtype=torch.bfloat16)
+    h = gram(store, budget_bytes=20_000, block_rows=8)
+    ref = Jb.double() @ Jb.double().T          # exact product of the stored bf16 values
+    torch_bf16 = (Jb.float() @ Jb.float().T)   # torch at the same (fp32-accumulated) precision
+    assert_close_to_torch(h, torch_bf16, ref, what="bf16 store")
+
+
+@pytest.mark.parametrize("c", [1, 3, 10])
+def test_traced_kernel(tmp_path, c):
+    n, p = 11, 301
+    J = torch.randn(n * c, p)
+    ref = _traced_ref(J.double(), c)
+    h = gram(J, kernel="traced", num_outputs=c)
+    assert h.shape == (n, n)
+    assert_close_to_torch(h, _traced_ref(J, c), ref, what="traced in memory")
+    hs = gram(_store(tmp_path, J, c=c), kernel="traced", num_outputs=c, budget_bytes=10_000, block_rows=2 * c)
+    assert_close_to_torch(hs, _traced_ref(J, c), ref, what="traced out of core")
+    with pytest.raises(ConfigError, match="divisible"):
+        gram(torch.randn(10, 5), kernel="traced", num_outputs=3)
+
+
+def test_float64_accumulation_is_more_exact():
+    J = torch.randn(50, 20000)
+    ref = J.double() @ J.double().T
+    e32, e64 = rel_err(gram(J), ref), rel_err(gram(J, dtype=torch.float64), ref)
+    assert e64 < e32 / 1e4
+
+
+def test_out_and_accumulate_write_every_element():
+    J1, J2 = torch.randn(23, 40), torch.randn(23, 60)
+    out = torch.full((23, 23), float("nan"))
+    gram(J1, out=out)                  # poisoned buffer: every element must be written
+    assert torch.isfinite(out).all()
+    gram(J2, out=out, accumulate=True)  # groups of columns add up to the whole
+    J = torch.cat([J1, J2], 1)
+    assert_close_to_torch(out, J @ J.T, J.double() @ J.double().T, what="accumulated groups")
+    with pytest.raises(ConfigError, match="shape"):
+        gram(J1, out=torch.zeros(5, 5))
+
+
+def test_plan_tiles_respects_budget():
+    for rows, cols, budget in [(10_000, 14_728_266, 1 << 30), (640, 269_722, 64 << 20), (10, 10, 1 << 20)]:
+        br, bc = plan_tiles(rows, cols, itemsize=4, budget_bytes=budget, multiple=10)
+        assert br % 10 == 0 or br == rows
+        assert 3 * br * bc * 4 <= max(budget, 3 * br * 4)
+        assert 1 <= bc <= cols
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError, match="2-D"):
+        gram(torch.randn(3, 4, 5))
+    with pytest.raises(ConfigError, match="kernel must be one of"):
+        gram(torch.randn(3, 4), kernel="diag")
+    with pytest.raises(ConfigError, match="NumPy array or JacobianStore"):
+        gram([[1.0]])
+    assert gram(np.ones((2, 3), np.float32)).tolist() == [[3.0, 3.0], [3.0, 3.0]]
