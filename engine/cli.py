@@ -38,31 +38,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the subset selection (default: 0)")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _add_run_args(p: argparse.ArgumentParser, d) -> None:
+    """Model, seeds, device, optimizer and schedule flags shared by `train` and `chaos`."""
     from .models import MODEL_NAMES
-    from .train import SCHEDULES, TrainConfig
+    from .train import SCHEDULES
 
-    d = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="entk",
-        description="Empirical NTK engine: train CIFAR networks, compute eNTKs, study "
-                    "two-phase learning dynamics (arXiv 2505.13900).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train one run, checkpointing into an HDF5 run file",
-                       description="Train one network with SGD on a deterministic batch stream, "
-                                   "saving checkpoints into an HDF5 run file. Running the same "
-                                   "command again resumes from the last completed checkpoint.")
     g = p.add_argument_group("model and run")
     g.add_argument("--model", default=d.model, choices=MODEL_NAMES, help=f"architecture (default: {d.model})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
-    g.add_argument("--checkpoints", default="0", metavar="LIST",
-                   help="iterations to save, comma-separated; items may be log:N (N log-spaced) or "
-                        "every:K; 0 is the initialization and the final step is always saved "
-                        "(example: 0,1,2,5,10,20,50,log:20)")
-    g.add_argument("--out", metavar="RUN.h5", help="HDF5 run file (default: train without saving)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out instead of resuming it")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization (default: 0)")
     g.add_argument("--data-seed", type=int, default=None,
                    help="seed of batch order and augmentation (default: --seed)")
@@ -91,6 +74,47 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="disable random crop (4-pixel padding) and horizontal flip")
     g.add_argument("--eval-train", type=int, default=d.eval_train, metavar="N",
                    help="training images used for the final train accuracy (0 = all; default: 10000)")
+
+
+def _train_config(args, checkpoints: list[int]):
+    from .train import TrainConfig
+
+    if args.data == "cifar10" and not args.data_root:
+        raise EngineError(_NEED_ROOT)
+    if args.steps < 0:
+        raise EngineError(f"--steps must be >= 0, got {args.steps}")
+    return TrainConfig(
+        model=args.model, data=args.data, data_root=args.data_root, n_train=args.n_train,
+        n_test=args.n_test, subset_seed=args.subset_seed, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
+        milestones=tuple(args.milestones), gamma=args.gamma, warmup_steps=args.warmup,
+        seed=args.seed, data_seed=args.data_seed, augment=args.augment, checkpoints=checkpoints,
+        deterministic=args.deterministic, eval_train=args.eval_train,
+    ).validate()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="entk",
+        description="Empirical NTK engine: train CIFAR networks, compute eNTKs, study "
+                    "two-phase learning dynamics (arXiv 2505.13900).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one run, checkpointing into an HDF5 run file",
+                       description="Train one network with SGD on a deterministic batch stream, "
+                                   "saving checkpoints into an HDF5 run file. Running the same "
+                                   "command again resumes from the last completed checkpoint.")
+    _add_run_args(p, d)
+    p.add_argument("--checkpoints", default="0", metavar="LIST",
+                   help="iterations to save, comma-separated; items may be log:N (N log-spaced) or "
+                        "every:K; 0 is the initialization and the final step is always saved "
+                        "(example: 0,1,2,5,10,20,50,log:20)")
+    p.add_argument("--out", metavar="RUN.h5", help="HDF5 run file (default: train without saving)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of resuming it")
     _add_data_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", help="also write the final summary as JSON")
@@ -123,6 +147,43 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a different job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("chaos", help="the Chaos Effect grid: twins perturbed at t0, compared at t1",
+                       description="Train one base run; at each t0 spawn a twin perturbed by eps (and one "
+                                   "control twin with eps=0); train all on identical batches; at each t1 "
+                                   "compare every twin with the base (parameter dissimilarity, loss barrier on "
+                                   "train and test subsets, prediction disagreement). Resumes after an "
+                                   "interruption (arXiv 2505.13900, Fig. 3).")
+    _add_run_args(p, d)
+    p.set_defaults(steps=None)  # default: the last t1 (the lr schedule spans --steps)
+    g = p.add_argument_group("chaos grid")
+    g.add_argument("--t0", required=True, metavar="LIST", help="spawn iterations, comma-separated")
+    g.add_argument("--t1", required=True, metavar="LIST", help="comparison iterations, comma-separated")
+    g.add_argument("--eps", type=float, default=1e-7, help="perturbation size (default: 1e-7, the paper's)")
+    g.add_argument("--norm", default="l2", choices=["l2", "linf", "gaussian", "relative"],
+                   help="l2: |delta|_2 = eps over all parameters; linf: each coordinate +-eps; gaussian: each "
+                        "coordinate N(0, eps^2); relative: |delta|_2 = eps |theta|_2 (default: l2)")
+    g.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbation directions (default: 0)")
+    g.add_argument("--weights-only", action="store_true",
+                   help="perturb only conv/linear weights (not biases or normalization parameters)")
+    g.add_argument("--allow-zero", action="store_true",
+                   help="continue even if a perturbation rounds to zero in the parameter dtype")
+    g.add_argument("--eval-n", type=int, default=1000, metavar="N",
+                   help="size of the fixed seeded train and test subsets for the metrics (default: 1000)")
+    g.add_argument("--alphas", type=int, default=11,
+                   help="points on the linear path for the loss barrier (default: 11)")
+    g.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
+                   help="BatchNorm statistics along the path: interpolate the buffers, or recompute them on the "
+                        "train subset at each alpha (default: interpolate)")
+    g.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
+                   help="fleet execution: loop (one model per twin) or vmap (stacked); "
+                        "auto: vmap on CUDA, loop on CPU")
+    g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
+    g.add_argument("--summary", metavar="CHAOS.json",
+                   help="also write a JSON summary with one record per (t0, t1, member)")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it holds a different job")
+    _add_data_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("data", help="load (decode and cache) a dataset and describe it",
                        description="Load a dataset, decoding and caching CIFAR-10 JPEGs on first "
                                    "use, and print its size, class counts and pixel statistics.")
@@ -133,22 +194,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from .train import TrainConfig, parse_iterations, train
+    from .train import parse_iterations, train
 
-    if args.data == "cifar10" and not args.data_root:
-        raise EngineError(_NEED_ROOT)
-    if args.steps < 0:
-        raise EngineError(f"--steps must be >= 0, got {args.steps}")
-    cfg = TrainConfig(
-        model=args.model, data=args.data, data_root=args.data_root, n_train=args.n_train,
-        n_test=args.n_test, subset_seed=args.subset_seed, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
-        milestones=tuple(args.milestones), gamma=args.gamma, warmup_steps=args.warmup,
-        seed=args.seed, data_seed=args.data_seed, augment=args.augment,
-        checkpoints=parse_iterations(args.checkpoints, args.steps) if args.out else [],
-        deterministic=args.deterministic, eval_train=args.eval_train,
-    ).validate()
+    cfg = _train_config(args, parse_iterations(args.checkpoints, args.steps) if args.out else [])
     res = train(cfg, out=args.out, device=args.device, overwrite=args.overwrite,
                 quiet=args.quiet, cache_dir=args.cache_dir)
     print(f"{cfg.model} on {cfg.data}: {res.describe()}")
@@ -202,6 +250,43 @@ def _cmd_ntk(args) -> int:
     return 0
 
 
+def _ints(s: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise EngineError(f"{flag} must be comma-separated integers, got {s!r}") from None
+
+
+def _cmd_chaos(args) -> int:
+    from .determinism import resolve_device
+    from .twins import ChaosConfig, run_chaos, write_summary
+
+    t0, t1 = _ints(args.t0, "--t0"), _ints(args.t1, "--t1")
+    if args.steps is None:
+        args.steps = max(t1, default=0)  # the run only needs to reach the last comparison
+    cfg = ChaosConfig(train=_train_config(args, []), t0=t0, t1=t1, eps=args.eps, norm=args.norm,
+                      perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
+                      eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
+                      strategy=args.strategy).validate()
+    res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,
+                    quiet=args.quiet, cache_dir=args.cache_dir)
+    if args.summary:
+        write_summary(res, args.summary)
+    resumed = f", resumed from t={res.resumed_from}" if res.resumed_from is not None else ""
+    print(f"chaos grid {cfg.train.model}: {len(res.members)} members, t0={cfg.t0}, t1={cfg.t1}{resumed}")
+    print(f"noise floor (control vs base, L2): {res.noise_floor():.3g}")
+    for s, r in zip(res.members, res.realized, strict=True):
+        if s.kind == "perturbed":
+            print(f"  {s.name}: eps {r[0]:.3g} ({cfg.norm}) realized L2 {r[1]:.3g}")
+    heads = ("t0", "t1", "member", "dissim", "l2", "barrier_tr", "barrier_te", "disagree")
+    print(" ".join(f"{h:>10}" for h in heads))
+    for rec in res.records():
+        print(f"{rec['t0']:>10} {rec['t1']:>10} {rec['member']:>10} {rec['dissimilarity']:>10.3g} "
+              f"{rec['l2']:>10.3g} {rec['barrier_train']:>10.3g} {rec['barrier_test']:>10.3g} "
+              f"{rec['disagreement']:>10.4f}")
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import load_dataset
 
@@ -240,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"train": _cmd_train, "ntk": _cmd_ntk, "data": _cmd_data}[args.command](args)
+        commands = {"train": _cmd_train, "ntk": _cmd_ntk, "chaos": _cmd_chaos, "data": _cmd_data}
+        return commands[args.command](args)
     except EngineError as e:
         print(f"entk {args.command}: error: {e}", file=sys.stderr)
         return 2

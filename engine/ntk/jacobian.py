@@ -719,3 +719,36 @@ def jacobian(
         else:
             _structured_into(model, x, entries, out3, v, chunk)
     return result
+
+
+def _time_backends(model: str = "resnet20", n: int = 64, reps: int = 3, threads: int | None = None) -> dict[str, float]:
+    """Best-of-``reps`` wall seconds of each backend on a zoo model (a timing aid, not a test).
+
+    ``python -c 'from engine.ntk.jacobian import _time_backends as t; t("resnet20", 64)'``.
+    Backends alternate within each repetition so that load from other processes hits
+    both alike; J is freshly allocated each call, as a caller without ``out=`` sees it.
+    """
+    import time
+
+    from engine.models import build_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    net = build_model(model).eval()
+    x = torch.randn(n, 3, 32, 32)
+    kinds = (JacobianBackend.STRUCTURED, JacobianBackend.REFERENCE)
+    for kind in kinds:
+        jacobian(net, x[:2], backend=kind)  # warm-up: kernel selection, allocator
+    best = dict.fromkeys(kinds, float("inf"))
+    for _ in range(reps):
+        for kind in kinds:
+            t0 = time.perf_counter()
+            jac = jacobian(net, x, backend=kind)
+            best[kind] = min(best[kind], time.perf_counter() - t0)
+            del jac
+    s, r = best[JacobianBackend.STRUCTURED], best[JacobianBackend.REFERENCE]
+    print(
+        f"{model}, N={n}, {torch.get_num_threads()} threads, J {n * 10} x {parameter_layout(net)[-1][3]:,}: "
+        f"structured {s:.3f} s vs reference {r:.3f} s ({r / s:.2f}x)"
+    )
+    return {k.value: v for k, v in best.items()}
