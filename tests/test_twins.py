@@ -218,7 +218,7 @@ def test_zero_perturbation_stops_loudly_keeping_results(tmp_path, ds):
 
 @pytest.mark.parametrize("kw,match", [
     ({"t1": [1], "t0": [5]}, "before the first t0"),
-    ({"t0": [50]}, "outside the run"),
+    ({"t0": [0], "t1": [60]}, "outside the run"),
     ({"eps": 0.0}, "eps must be finite and > 0"),
     ({"eps": float("inf")}, "eps must be finite"),
     ({"bn": "freeze"}, "bn must be"),
