@@ -199,8 +199,8 @@ def _bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
 def _lerp(ta: Tensor, tb: Tensor, alpha: float) -> Tensor:
     """(1−α)·ta + α·tb in float64, rounded to the input dtype.
 
-    ``torch.lerp`` is exact at α = 0 and α = 1, and returns ``ta`` itself when the two are
-    equal, so identical states interpolate to the same bits at every α.
+    ``torch.lerp`` (ta + α·(tb − ta) below α = ½, tb − (tb − ta)·(1 − α) above) is exact at
+    α = 0 and α = 1 and gives ``ta``'s bits at every α when the two are equal.
     """
     if not ta.is_floating_point():
         return ta.clone()  # num_batches_tracked: state_a's (a copy, callers may write it)

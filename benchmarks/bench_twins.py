@@ -1,0 +1,101 @@
+"""Twin-fleet throughput: training images/s per member, fleet strategies vs sequential runs.
+
+Groups ``fleet-K<k>`` for K = 1, 2, 4, 8 (every member spawned, i.e. all K computed):
+* ``sequential`` (reference): K independent runs, each with its own model, optimizer and
+  batch sampling, stepped one after another — what a user without a fleet would do;
+* ``loop``: the fleet's loop strategy (one shared batch, K modules);
+* ``vmap``: the fleet's vmap strategy (stacked parameters, one batched step), eager;
+* ``vmap-graph`` (CUDA only): the vmap step captured in a CUDA graph.
+
+Throughput = K × batch / step time (images/s summed over members); the ratio table
+compares each with ``sequential``. Targets on an H200 (resnet20, batch 128): fleet of
+8 ≥ 3x sequential, graph ≥ 1.3x eager. The model is resnet20 (cnn on CPU when
+ENTK_BENCH_FAST=1).
+
+Run: .venv/bin/python -m pytest benchmarks/bench_twins.py --benchmark-json=benchmarks/results/twins-<hw>.json
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.data import BatchStream, load_synthetic
+from engine.determinism import set_deterministic
+from engine.models import build_model
+from engine.train import TrainConfig, make_optimizer
+from engine.twins import MemberSpec, Perturbation, make_fleet
+
+BATCH = 128
+MODEL = "cnn" if os.environ.get("ENTK_BENCH_FAST") else "resnet20"
+KS = [1, 2, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_synthetic(4096, 100, seed=0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _specs(k):
+    return [MemberSpec("base", None)] + [MemberSpec(f"m{i}", 0, Perturbation(1e-3, seed=i)) for i in range(1, k)]
+
+
+def _impls(device):
+    out = ["sequential", "loop", "vmap"]
+    if device.type == "cuda":
+        out.append("vmap-graph")
+    return out
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("impl", ["sequential", "loop", "vmap", "vmap-graph"])
+def test_fleet_step(benchmark, data, device, k, impl):
+    if impl not in _impls(device):
+        pytest.skip("CUDA graphs need a CUDA device")
+    benchmark.group = f"fleet-{MODEL}-K{k}"
+    set_deterministic(True)
+    cfg = TrainConfig(model=MODEL, steps=1000, batch_size=BATCH, lr=0.05)
+    if impl == "sequential":
+        runs = []
+        for i in range(k):
+            torch.manual_seed(i)
+            m = build_model(MODEL).to(device).train()
+            s = BatchStream.from_dataset(data, batch_size=BATCH, seed=i, device=device)
+            runs.append((m, make_optimizer(m, cfg), s))
+
+        def step(t):
+            for m, opt, s in runs:
+                xb, yb = s.batch(t)
+                loss = F.cross_entropy(m(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    else:
+        torch.manual_seed(0)
+        stream = BatchStream.from_dataset(data, batch_size=BATCH, seed=0, device=device)
+        strategy = "loop" if impl == "loop" else "vmap"
+        fleet = make_fleet(build_model(MODEL).to(device), cfg, stream, _specs(k), strategy=strategy,
+                           cuda_graph=impl == "vmap-graph")
+        for i in range(1, k):
+            fleet.spawn(i)
+        step = fleet.step
+
+    state = {"t": 0}
+
+    def call():
+        step(state["t"])
+        state["t"] += 1
+        _sync(device)
+
+    benchmark.extra_info.update(role="reference" if impl == "sequential" else "engine", unit="images",
+                                items_per_call=k * BATCH, device=str(device), model=MODEL)
+    rounds = 3 if device.type == "cpu" else 30
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
