@@ -2,9 +2,11 @@
 
 The public API is re-exported here; see README.md for an overview and
 docs/FORMAT.md for the HDF5 layouts. Data flows one way:
-``data`` → ``models`` → ``train`` → (``ntk`` → ``ops`` → ``analysis``, later issues).
+``data`` → ``models`` → ``train`` / ``twins`` → ``store`` → ``ntk`` → ``metrics``
+(``ops`` and ``analysis`` come with later issues).
 """
 
+from .analysis import ChaosConfig, load_chaos, run_chaos
 from .data import BatchStream, Dataset, load_cifar10, load_dataset, load_synthetic
 from .determinism import resolve_device, set_deterministic
 from .errors import (
@@ -16,30 +18,48 @@ from .errors import (
     RunFileError,
 )
 from .models import MODEL_NAMES, build_model, count_parameters
+from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
+from .store import JacobianStore, KernelStore, StoreError
 from .train import RunFile, TrainConfig, TrainResult, parse_iterations, train
+from .twins import MemberSpec, Perturbation, make_fleet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_NAMES",
     "BatchStream",
+    "ChaosConfig",
     "ConfigError",
     "DataError",
     "DataNotFoundError",
     "Dataset",
     "EngineError",
+    "JacobianStore",
+    "KernelStore",
+    "MemberSpec",
     "NonFiniteLossError",
+    "Perturbation",
     "RunFile",
     "RunFileError",
+    "StoreError",
     "TrainConfig",
     "TrainResult",
     "build_model",
     "count_parameters",
+    "entk",
+    "gram",
+    "jacobian",
+    "jacobian_to_store",
+    "kernel_distance",
+    "load_chaos",
     "load_cifar10",
     "load_dataset",
     "load_synthetic",
+    "make_fleet",
+    "pairwise_kernel_distance",
     "parse_iterations",
     "resolve_device",
+    "run_chaos",
     "set_deterministic",
     "train",
 ]

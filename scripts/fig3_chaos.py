@@ -26,7 +26,7 @@ def _load(path: str) -> dict:
     if path.endswith(".json"):
         with open(path) as f:
             return json.load(f)
-    from engine.twins import load_chaos
+    from engine.analysis import load_chaos
 
     return load_chaos(path).summary()
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    from engine.twins import chaos_grid
+    from engine.analysis import chaos_grid
 
     summary = _load(args.results)
     recs = summary["records"]

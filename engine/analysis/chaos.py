@@ -33,8 +33,7 @@ from ..progress import progress as progress_bar
 from ..store import BlockFile
 from ..train import TrainConfig
 from ..train.trainer import prepare_data
-from .fleet import Fleet, MemberSpec, make_fleet
-from .perturb import NORMS, Perturbation, ZeroPerturbationError
+from ..twins import NORMS, Fleet, MemberSpec, Perturbation, ZeroPerturbationError, make_fleet
 
 FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
           "acc_base", "acc_member")
