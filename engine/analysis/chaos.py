@@ -139,8 +139,8 @@ class ChaosResult:
         out = []
         for u, t1 in enumerate(self.config.t1):
             for k, spec in enumerate(self.members):
-                if spec.t0 is None or t1 < spec.t0:
-                    continue
+                if spec.t0 is None or t1 < spec.t0 or not np.isfinite(self.metrics[u, k]).any():
+                    continue  # the base itself, not spawned yet, or not computed yet (incomplete job)
                 rec = {"t0": spec.t0, "t1": t1, "member": spec.kind}
                 rec.update({f: float(v) for f, v in zip(FIELDS, self.metrics[u, k], strict=True)})
                 if spec.kind == "control":
