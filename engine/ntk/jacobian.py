@@ -740,15 +740,17 @@ def _time_backends(model: str = "resnet20", n: int = 64, reps: int = 3, threads:
     for kind in kinds:
         jacobian(net, x[:2], backend=kind)  # warm-up: kernel selection, allocator
     best = dict.fromkeys(kinds, float("inf"))
+    shape = ()
     for _ in range(reps):
         for kind in kinds:
             t0 = time.perf_counter()
             jac = jacobian(net, x, backend=kind)
             best[kind] = min(best[kind], time.perf_counter() - t0)
+            shape = tuple(jac.shape)
             del jac
     s, r = best[JacobianBackend.STRUCTURED], best[JacobianBackend.REFERENCE]
     print(
-        f"{model}, N={n}, {torch.get_num_threads()} threads, J {n * 10} x {parameter_layout(net)[-1][3]:,}: "
+        f"{model}, N={n}, {torch.get_num_threads()} threads, J {shape[0]} x {shape[1]:,}: "
         f"structured {s:.3f} s vs reference {r:.3f} s ({r / s:.2f}x)"
     )
     return {k.value: v for k, v in best.items()}
