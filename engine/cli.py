@@ -184,6 +184,30 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("reproduce", help="the whole study: train, eNTKs, chaos grid, cone analysis, report",
+                       description="Reproduce the Chaos and Cone effects (arXiv 2505.13900) in one command: "
+                                   "train a base run with a checkpoint schedule dense early and log-spaced "
+                                   "later, compute the eNTK of every checkpoint, run the chaos grid, analyse "
+                                   "the kernel trajectory, and write figures (PNG, PDF), report.md and a "
+                                   "self-contained report.html into --out. Rerunning resumes every stage.")
+    p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "gpu-paper"],
+                   help="cpu-small: minutes on 2 CPU cores (cnn, 10,000 images, 600 steps); gpu-paper: the "
+                        "paper's setting (full CIFAR-10, 160 epochs) (default: cpu-small)")
+    p.add_argument("--model", help="architecture (default: cnn for cpu-small, resnet20 for gpu-paper)")
+    p.add_argument("--out", required=True, metavar="DIR", help="study directory (created; resumed if present)")
+    p.add_argument("--steps", type=int, help="shorten (or lengthen) the run: SGD steps")
+    p.add_argument("--probe", type=int, help="eNTK probe images (default: 50 cpu-small, 100 gpu-paper)")
+    p.add_argument("--checkpoints", metavar="LIST", help="checkpoint iterations (default: the preset's schedule)")
+    p.add_argument("--t0", metavar="LIST", help="chaos spawn iterations (default: the preset's)")
+    p.add_argument("--t1", metavar="LIST", help="chaos comparison iterations (default: the preset's)")
+    p.add_argument("--eps", type=float, help="perturbation size (default: 1e-7)")
+    p.add_argument("--eval-n", type=int, metavar="N", help="images in the chaos metric subsets (default: preset's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    _add_data_args(p)
+    # Embedded default: real CIFAR-10 when --data-root is given, else synthetic data (the report says which).
+    p.set_defaults(data=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("data", help="load (decode and cache) a dataset and describe it",
                        description="Load a dataset, decoding and caching CIFAR-10 JPEGs on first "
                                    "use, and print its size, class counts and pixel statistics.")
@@ -287,6 +311,18 @@ def _cmd_chaos(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from .determinism import resolve_device
+    from .report import reproduce
+
+    lists = {k: _ints(getattr(args, k), f"--{k}") if getattr(args, k) else None for k in ("checkpoints", "t0", "t1")}
+    data = args.data or ("cifar10" if args.data_root else "synthetic")
+    reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
+              cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
+              eval_n=args.eval_n, eps=args.eps, device=resolve_device(args.device), quiet=args.quiet, **lists)
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import load_dataset
 
@@ -325,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "ntk": _cmd_ntk, "chaos": _cmd_chaos, "data": _cmd_data}
+        commands = {"train": _cmd_train, "ntk": _cmd_ntk, "chaos": _cmd_chaos, "reproduce": _cmd_reproduce,
+                    "data": _cmd_data}
         return commands[args.command](args)
     except EngineError as e:
         print(f"entk {args.command}: error: {e}", file=sys.stderr)
