@@ -19,8 +19,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 
 def _load(path: str) -> dict:
     if path.endswith(".json"):
@@ -38,46 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("--barrier", default="test", choices=["test", "train"], help="which loss barrier to plot")
     args = ap.parse_args(argv)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    from engine.analysis import chaos_grid
+    from engine.report import plot_chaos
 
     summary = _load(args.results)
-    recs = summary["records"]
-    if not recs:
+    if not summary["records"]:
         print(f"{args.results}: no completed (t0, t1) pairs yet", file=sys.stderr)
         return 2
-    panels = [("dissimilarity", r"parameter dissimilarity $1-\cos(\theta,\theta')$", True),
-              (f"barrier_{args.barrier}", f"loss barrier ({args.barrier})", False),
-              ("disagreement", "prediction disagreement (test)", False)]
-    cfg = summary["config"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
-    for ax, (field, title, log) in zip(axes, panels, strict=True):
-        t0s, t1s, m = chaos_grid(recs, field)
-        vals = m[np.isfinite(m)]
-        norm = None
-        if log and len(vals) and (vals > 0).any():
-            pos = vals[vals > 0]
-            norm = LogNorm(vmin=max(pos.min(), 1e-12), vmax=pos.max())
-            m = np.where(m > 0, m, np.nan) if norm else m
-        im = ax.imshow(m, origin="lower", aspect="auto", cmap="viridis", norm=norm)
-        ax.set_xticks(range(len(t1s)), [str(t) for t in t1s], rotation=45)
-        ax.set_yticks(range(len(t0s)), [str(t) for t in t0s])
-        ax.set_xlabel("$t_1$ (iteration compared)")
-        ax.set_ylabel("$t_0$ (iteration perturbed)")
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax)
-    floor = summary.get("noise_floor")
-    tc = cfg["train"]
-    fig.suptitle(f"Chaos Effect: {tc['model']} on {tc['data']}, eps={cfg['eps']} ({cfg['norm']}); "
-                 f"noise floor (control vs base, L2) = {floor:.3g}")
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{args.out}.{ext}", dpi=130)
-    print(f"wrote {args.out}.png and {args.out}.pdf")
+    paths = plot_chaos(summary, args.out, barrier=args.barrier)
+    print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 
 

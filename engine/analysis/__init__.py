@@ -1,4 +1,4 @@
-"""Experiments and analyses built on the engine: the Chaos Effect grid (and, later, the cone analysis)."""
+"""Experiments and analyses built on the engine: the Chaos Effect grid and the Cone Effect analysis."""
 
 from .chaos import (
     FIELDS,
@@ -10,14 +10,34 @@ from .chaos import (
     run_chaos,
     write_summary,
 )
+from .cone import (
+    ConeAnalysis,
+    analyze_cone,
+    chaos_transition,
+    classical_mds,
+    cosine_matrix,
+    half_angle,
+    reference_curves,
+    suffix_half_angles,
+    velocity_curves,
+)
 
 __all__ = [
     "FIELDS",
     "ChaosConfig",
     "ChaosResult",
     "ChaosStore",
+    "ConeAnalysis",
+    "analyze_cone",
     "chaos_grid",
+    "chaos_transition",
+    "classical_mds",
+    "cosine_matrix",
+    "half_angle",
     "load_chaos",
+    "reference_curves",
     "run_chaos",
+    "suffix_half_angles",
+    "velocity_curves",
     "write_summary",
 ]
