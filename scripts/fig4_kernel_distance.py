@@ -28,21 +28,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=0.5, help="cone transition parameter (see engine.analysis.cone)")
     args = ap.parse_args(argv)
 
-    from engine.analysis.cone import analyze_cone
+    from engine.analysis import load_cone
     from engine.errors import EngineError
     from engine.report import plot_kernel_distance
-    from engine.store.kernel_store import KernelStore
+    from engine.store import KernelStore
 
     try:
+        a = load_cone(args.kernels, rho=args.rho)
         store = KernelStore(args.kernels)
-        pair = store.distances()
-        if pair is None:
-            done = len(store.completed_iterations())
-            print(f"{args.kernels}: the pairwise kernel distances are not computed yet ({done} of "
-                  f"{len(store.iterations)} kernels complete); rerun the same `entk ntk` command to finish",
-                  file=sys.stderr)
-            return 2
-        a = analyze_cone(store.iterations, pair[0], rho=args.rho)
         paths = plot_kernel_distance(a, args.out, title=f"{store.job.get('model', '?')} eNTK")
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,32 +54,23 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=0.5, help="cone transition parameter (see engine.analysis.cone)")
     args = ap.parse_args(argv)
 
-    from engine.analysis import chaos_grid
-    from engine.analysis.cone import analyze_cone, chaos_transition
+    from engine.analysis import chaos_transition_of, load_cone
     from engine.errors import EngineError
     from engine.report import plot_cone
-    from engine.store.kernel_store import KernelStore
+    from engine.store import KernelStore
 
     try:
+        a = load_cone(args.kernels, rho=args.rho)
         store = KernelStore(args.kernels)
-        pair = store.distances()
-        if pair is None:
-            done = len(store.completed_iterations())
-            print(f"{args.kernels}: the pairwise kernel distances are not computed yet ({done} of "
-                  f"{len(store.iterations)} kernels complete); rerun the same `entk ntk` command to finish",
-                  file=sys.stderr)
-            return 2
-        a = analyze_cone(store.iterations, pair[0], rho=args.rho)
         chaos_t0 = None
         if args.chaos:
             records = _chaos_records(args.chaos)
             if not records:
                 print(f"{args.chaos}: no completed (t0, t1) pairs yet", file=sys.stderr)
                 return 2
-            t0s, _, m = chaos_grid(records, "dissimilarity")
-            chaos_t0 = chaos_transition(t0s, m[:, -1])   # perturbed twins at the largest t1
+            chaos_t0, per_t0 = chaos_transition_of(records)
             print(f"chaos transition t0: {chaos_t0 if chaos_t0 is not None else 'not determinable'} "
-                  f"(dissimilarity at t1 = max: {dict(zip(t0s, m[:, -1].tolist(), strict=True))})")
+                  f"(dissimilarity at the largest t1 by t0: {per_t0})")
         paths = plot_cone(a, args.out, taus=args.taus, lags=args.lags, chaos_t0=chaos_t0,
                           title=f"{store.job.get('model', '?')} eNTK")
     except EngineError as e:

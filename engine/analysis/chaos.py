@@ -285,6 +285,17 @@ def load_chaos(path: str | Path) -> ChaosResult:
                        realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"))
 
 
+def chaos_transition_of(records: Sequence[dict], field_name: str = "dissimilarity") -> tuple[int | None, dict]:
+    """The chaos transition t0 (:func:`~engine.analysis.cone.chaos_transition`) of the perturbed
+    twins' ``field_name`` at the largest t1, and those values by t0."""
+    from .cone import chaos_transition
+
+    last_t1 = max(r["t1"] for r in records)
+    per_t0 = {r["t0"]: r[field_name] for r in records if r["member"] == "perturbed" and r["t1"] == last_t1}
+    t0s = sorted(per_t0)
+    return chaos_transition(t0s, [per_t0[t] for t in t0s]), per_t0
+
+
 def chaos_grid(records: Sequence[dict], field_name: str, member: str = "perturbed") -> tuple[list, list, np.ndarray]:
     """Records → (t0 values, t1 values, matrix[t0, t1]) with NaN where t1 < t0."""
     t0s = sorted({r["t0"] for r in records})

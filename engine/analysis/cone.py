@@ -51,6 +51,7 @@ __all__ = [
     "classical_mds",
     "cosine_matrix",
     "half_angle",
+    "load_cone",
     "reference_curves",
     "suffix_half_angles",
     "velocity_curves",
@@ -286,3 +287,20 @@ def chaos_transition(t0s, values, *, frac: float = 0.5) -> int | None:
     start = int(np.argmax(v))
     hit = np.flatnonzero(v[start:] <= thr * (1 + 4 * _EPS))
     return int(t0[start + hit[0]])
+
+
+def load_cone(kernels_path, *, rho: float = 0.5) -> ConeAnalysis:
+    """:func:`analyze_cone` of a kernel store (``entk ntk --out``) from its stored Gram of kernels.
+
+    Raises a one-line :class:`~engine.store.StoreError` when the pairwise unit is not
+    complete yet, saying how many kernels are and how to finish.
+    """
+    from ..store import KernelStore, StoreError
+
+    store = KernelStore(kernels_path)
+    pair = store.distances()
+    if pair is None:
+        done = len(store.completed_iterations())
+        raise StoreError(f"{kernels_path}: the pairwise kernel distances are not computed yet ({done} of "
+                         f"{len(store.iterations)} kernels complete); rerun the same `entk ntk` command to finish")
+    return analyze_cone(store.iterations, pair[0], rho=rho)

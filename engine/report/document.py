@@ -54,8 +54,9 @@ def _blocks(record: dict, cone, chaos_summary: dict) -> list[tuple]:
                    ("cone transition (iteration)", _fmt(est["cone_transition_iteration"])),
                    ("cone half-angle after the transition", f"{est['cone_half_angle_deg']:.2f} degrees"),
                    ("chaos transition (t0)", _fmt(est["chaos_transition_t0"]))]),
-        ("p", f"Cone rule: {est['cone_rule'].rstrip('.')}. Chaos rule: the first t0 whose dissimilarity at t1 = {last_t1} "
-              f"is at or below the geometric midpoint between the earliest t0's level and the last t0's level."),
+        ("p", f"Cone rule: {est['cone_rule'].rstrip('.')}. Chaos rule: the first t0 whose dissimilarity at "
+              f"t1 = {last_t1} is at or below the geometric midpoint between the earliest t0's level and the "
+              f"last t0's level."),
         ("p", "Dissimilarity 1 - cos at t1 = " + str(last_t1) + ": "
               + ", ".join(f"t0={r['t0']}: {_fmt(r['dissimilarity'])}" for r in pert) + "."),
     ]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..analysis import ChaosConfig, analyze_cone, chaos_transition, load_chaos, run_chaos, write_summary
+from ..analysis import ChaosConfig, chaos_transition_of, load_chaos, load_cone, run_chaos, write_summary
 from ..errors import ConfigError
 from ..ntk import checkpoint_kernels
-from ..store import KernelStore
 from ..train import TrainConfig, train
 from .document import write_report
 from .figures import plot_chaos, plot_cone, plot_kernel_distance
@@ -138,15 +137,9 @@ def reproduce(out_dir: str | Path, *, preset_name: str = "cpu-small", model: str
     write_summary(chaos, out / "chaos.json")
 
     def analysis():
-        store = KernelStore(out / "kernels.h5")
-        gram, _ = store.distances()
-        cone = analyze_cone(store.iterations, gram)
+        cone = load_cone(out / "kernels.h5")
         summary = load_chaos(out / "chaos.h5").summary()
-        last_t1 = max(r["t1"] for r in summary["records"])
-        per_t0 = {r["t0"]: r["dissimilarity"] for r in summary["records"]
-                  if r["member"] == "perturbed" and r["t1"] == last_t1}
-        t0s = sorted(per_t0)
-        chaos_t = chaos_transition(t0s, [per_t0[t] for t in t0s])
+        chaos_t, _ = chaos_transition_of(summary["records"])
         figs = {"fig3": plot_chaos(summary, out / "figures" / "fig3_chaos"),
                 "fig4": plot_kernel_distance(cone, out / "figures" / "fig4_kernel_distance"),
                 "fig5": plot_cone(cone, out / "figures" / "fig5_cone", chaos_t0=chaos_t)}
