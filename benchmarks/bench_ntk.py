@@ -45,6 +45,7 @@ import importlib.metadata
 
 import pytest
 import torch
+from _common import sync
 
 from engine.models import build_model
 from engine.ntk import jacobian, pairwise_kernel_distance
@@ -81,17 +82,13 @@ GRAM_BLOCK_ROWS = 2048 if CUDA else 512
 T, M = 16, (4096 if CUDA else 2048)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _bench(benchmark, fn, device, role, unit, items, rounds=ROUNDS, **info):
     """Time ``fn`` (one call = one round); the caller has already run it once (warm-up)."""
 
     def call():
         fn()
-        _sync(device)
+        sync(device)
 
     benchmark.extra_info.update(role=role, unit=unit, items_per_call=items, device=str(device), **info)
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
@@ -146,7 +143,7 @@ def test_jacobian(benchmark, device, probe, model_name, impl):
 
     try:
         J = fn()  # also the first warm-up call
-        _sync(device)
+        sync(device)
     except Exception as e:
         if impl != "nngeometry":
             raise
@@ -212,7 +209,7 @@ def test_gram(benchmark, device, jacobian_file, impl):
             return gram(store, budget_bytes=GRAM_BUDGET, block_rows=GRAM_BLOCK_ROWS, device=device)
 
     H = fn()  # first warm-up call, and a correctness check
-    _sync(device)
+    sync(device)
     if impl == "out-of-core":
         ref = torch.mm(J_host[:256].double(), J_host.double().T)
         err = ((H[:256].cpu().double() - ref).abs().max() / ref.abs().max()).item()
@@ -263,7 +260,7 @@ def test_pairwise_distance(benchmark, device, kernels, impl):
         info = {"values_read": T * M * M, "flops": T * T * M * M}
 
     S = fn().cpu()
-    _sync(device)
+    sync(device)
     if impl == "pairwise_kernel_distance":
         torch.testing.assert_close(S, _naive_distances(kernels), rtol=0, atol=1e-5)
     del S

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _common import sync
 from torchvision.transforms import v2 as T
 
 from engine.data import load_synthetic
@@ -30,10 +31,6 @@ BATCH = 128
 def data():
     return load_synthetic(10_000, 100, seed=0)
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _torchvision_pipeline(ds, device):
@@ -55,7 +52,7 @@ def _bench(benchmark, fn, device, role, unit, items):
     def step():
         fn(state["t"])
         state["t"] += 1
-        _sync(device)
+        sync(device)
 
     benchmark.extra_info.update(role=role, unit=unit, items_per_call=items, device=str(device))
     benchmark.pedantic(step, rounds=10 if device.type == "cpu" else 50, warmup_rounds=2, iterations=1)

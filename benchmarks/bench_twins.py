@@ -22,6 +22,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _common import sync
 
 from engine.data import BatchStream, load_synthetic
 from engine.determinism import set_deterministic
@@ -38,10 +39,6 @@ KS = [1, 2, 4, 8]
 def data():
     return load_synthetic(4096, 100, seed=0)
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _specs(k):
@@ -93,7 +90,7 @@ def test_fleet_step(benchmark, data, device, k, impl):
     def call():
         step(state["t"])
         state["t"] += 1
-        _sync(device)
+        sync(device)
 
     benchmark.extra_info.update(role="reference" if impl == "sequential" else "engine", unit="images",
                                 items_per_call=k * BATCH, device=str(device), model=MODEL)
