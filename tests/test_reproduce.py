@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from engine.cli import main
@@ -37,3 +38,27 @@ def test_reproduce_writes_every_promised_file_and_resumes(tmp_path, capsys):
     assert rec2["estimates"] == rec["estimates"]
     for stage in ("train", "ntk", "chaos"):
         assert rec2["times_s"][stage] == first_times[stage], stage
+
+
+def test_presets_are_valid_studies():
+    """Both presets give consistent schedules without running anything."""
+    import pytest
+
+    from engine.errors import ConfigError
+    from engine.report import preset
+    from engine.report.study import log_schedule
+
+    small = preset("cpu-small")
+    assert small.model == "cnn" and small.steps == 600 and small.checkpoints[0] == 0
+    assert small.checkpoints[-1] == 600 and max(small.t1) == 600 and max(small.t0) < 600
+    paper = preset("gpu-paper")
+    assert paper.model == "resnet20" and paper.steps == 62_400 and paper.n_train is None  # 160 epochs, all data
+    ck = paper.checkpoints
+    assert ck == sorted(set(ck)) and ck[:11] == list(range(11)) and ck[-1] == 62_400
+    gaps = [b - a for a, b in itertools.pairwise(ck[10:])]
+    assert gaps[-1] > 100 * gaps[0]  # log-spaced: the last gap is far wider than the first
+    short = preset("gpu-paper", model="vgg16", steps=2000)
+    assert short.model == "vgg16" and max(short.t1) == 2000 and all(t < 2000 for t in short.t0)
+    assert log_schedule(5) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="preset"):
+        preset("tpu-huge")
