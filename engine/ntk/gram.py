@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..h5raw import from_numpy
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 
@@ -62,9 +63,7 @@ class _Source:
         if isinstance(self.J, torch.Tensor):
             return self.J[r0:r1, c0:c1].to(self.device, self.dtype)
         a = np.array(self.J[r0:r1, c0:c1])  # copy: page-in happens here, off the main thread
-        t = torch.from_numpy(a)
-        if self.bf16_bits:
-            t = t.view(torch.int16).view(torch.bfloat16)
+        t = from_numpy(a, str(torch.bfloat16) if self.bf16_bits else None)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
         return t.to(self.dtype)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import RunFileError
-from ..h5raw import RawWriter, create_preallocated, dataset_offset, numpy_dtype
+from ..h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy
 
 
 class StoreError(RunFileError):
@@ -138,11 +138,7 @@ class BlockFile:
 
     def read(self, name: str, index=slice(None)) -> torch.Tensor:
         """``dataset[index]`` as a torch tensor (copied out of the memory map)."""
-        a = np.array(self.memmap(name)[index])
-        t = torch.from_numpy(a)
-        if self.torch_dtype(name) == torch.bfloat16:
-            t = t.view(torch.int16).view(torch.bfloat16)
-        return t
+        return from_numpy(np.array(self.memmap(name)[index]), str(self.torch_dtype(name)))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -161,8 +157,7 @@ class BlockWriter:
         """Write ``rows`` (leading dim = rows of dataset ``name``) starting at ``first_row``."""
         shape, dtype, off, _ = self.f.datasets[name]
         if isinstance(rows, torch.Tensor):
-            t = rows.detach().to("cpu", self.f.torch_dtype(name)).contiguous()
-            a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+            a = to_numpy(rows.detach().to("cpu", self.f.torch_dtype(name)))
         else:
             a = np.ascontiguousarray(rows, dtype=dtype)
         row_elems = int(np.prod(shape[1:], dtype=np.int64))
