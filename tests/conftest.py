@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run in the CPU interpreter where there is no GPU. Triton reads this when a
+# kernel is decorated, so it is set before any engine.ops.triton module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 # Real CIFAR-10 lives outside the project (never committed); ENTK_CIFAR10 overrides.
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

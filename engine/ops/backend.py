@@ -1,0 +1,63 @@
+"""One switch for every fused op: ``torch`` (the plain-PyTorch reference), ``triton``,
+``ext`` (the compiled ``csrc/`` extension: CUDA on a GPU, C++/OpenMP on the CPU) and
+``auto`` (the fastest available on the tensor's device, by measurement; see
+``benchmarks/results/README.md``).
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailableError`
+with the reason; ``auto`` never raises for availability and falls back to ``torch``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+
+import torch
+
+from ..errors import ConfigError, EngineError
+
+
+class OpsBackend(enum.StrEnum):
+    TORCH = "torch"    # the reference: plain PyTorch
+    TRITON = "triton"  # Triton kernels (CUDA, or the CPU interpreter under TRITON_INTERPRET=1)
+    EXT = "ext"        # the compiled csrc/ extension
+    AUTO = "auto"      # the fastest available
+
+
+class BackendUnavailableError(EngineError, RuntimeError):
+    """A requested backend cannot run here (no Triton, no compiler, wrong device)."""
+
+
+def parse_backend(backend: str | OpsBackend) -> OpsBackend:
+    try:
+        return OpsBackend(backend)
+    except ValueError:
+        raise ConfigError(f"backend must be one of {[b.value for b in OpsBackend]}, got {backend!r}") from None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton cannot run on ``device`` (None when it can)."""
+    err = _triton_import_error()
+    if err is not None:
+        return f"triton cannot be imported ({err})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    return (f"triton kernels need a CUDA device (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
+            "before importing engine to run them in the (slow) interpreter")

@@ -1,0 +1,112 @@
+"""All-pairs Frobenius inner products of T kernels: G_ij = ⟨H_i, H_j⟩_F in one pass.
+
+The op works on a *tile* of T kernels, ``x[t] = H_t[r0:r0+R, c0:c0+N]``, and returns that
+tile's contribution to G. Callers stream tiles from a store and add the partials in
+float64 (:func:`engine.ntk.kernel_gram`).
+
+With ``symmetric=True`` each H_t is taken to be symmetric and only its upper triangle is
+read: element (r, c) of the tile lies at global (r0 + r, c0 + c), and with
+``diag_offset = c0 − r0`` its weight is 0 below the diagonal (c + diag_offset < r,
+never read), 1 on it and 2 above it, so Σ w·x_i·x_j over the tile equals the full
+matrices' inner product. A tile of rows [r0, r1) and columns [r0, M) of every kernel
+(``diag_offset=0``) therefore covers the rows' whole contribution while reading half.
+
+Precision: products and sums are float32 within a tile of at most a few thousand
+elements (exact products for bfloat16 inputs), float64 across tiles; the result is
+float64 and exactly symmetric. NaN/Inf in a read element makes G non-finite (the diagonal
+entry of its kernel at least), which callers report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .backend import BackendUnavailableError, OpsBackend, parse_backend, triton_unavailable_reason
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"kernel tile must be a torch.Tensor of shape (T, R, N), got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ConfigError(f"kernel tile must have shape (T, R, N), got {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ConfigError("kernel tile needs at least one kernel (T ≥ 1)")
+    if x.dtype not in DTYPES:
+        raise ConfigError(f"kernel tile dtype must be float32 or bfloat16, got {x.dtype}")
+
+
+def weights(r: int, n: int, diag_offset: int, *, device=None, dtype=torch.float64) -> torch.Tensor:
+    """The symmetric-mode weights, ``(r, n)``: 0 below the diagonal, 1 on it, 2 above."""
+    rows = torch.arange(r, device=device)[:, None]
+    cols = torch.arange(n, device=device)[None, :] + diag_offset
+    return ((cols >= rows).to(dtype) + (cols > rows).to(dtype))
+
+
+def _mirror(g: torch.Tensor) -> torch.Tensor:
+    return torch.triu(g) + torch.triu(g, 1).T
+
+
+def kernel_pairs_reference(x: torch.Tensor, *, symmetric: bool = False, diag_offset: int = 0) -> torch.Tensor:
+    """Plain-PyTorch reference: the whole tile in float64. ``(T, R, N)`` → ``(T, T)`` float64."""
+    _check(x)
+    t = x.shape[0]
+    x64 = x.to(torch.float64)
+    y = x64 * weights(x.shape[1], x.shape[2], diag_offset, device=x.device) if symmetric else x64
+    return _mirror(y.reshape(t, -1) @ x64.reshape(t, -1).T)
+
+
+def _backend_for(x: torch.Tensor, backend: OpsBackend) -> OpsBackend:
+    from . import ext
+
+    if backend is OpsBackend.TORCH:
+        return backend
+    if backend is OpsBackend.TRITON:
+        why = triton_unavailable_reason(x.device)
+        if why:
+            raise BackendUnavailableError(f"kernel_pair_products: {why}")
+        return backend
+    if backend is OpsBackend.EXT:
+        ext.load(x.device)  # raises BackendUnavailableError with the reason
+        return backend
+    # auto: the compiled extension first (CPU: 6-10x the reference, GPU: see benchmarks/results),
+    # then Triton on CUDA, then the reference.
+    if ext.available(x.device):
+        return OpsBackend.EXT
+    if x.device.type == "cuda" and triton_unavailable_reason(x.device) is None:
+        return OpsBackend.TRITON
+    return OpsBackend.TORCH
+
+
+def kernel_pair_products(x: torch.Tensor, *, symmetric: bool = False, diag_offset: int = 0,
+                         backend: str | OpsBackend = "auto") -> torch.Tensor:
+    """G_ij = Σ_{r,c} w(r, c) x[i, r, c] x[j, r, c] for a tile of T kernels.
+
+    Args:
+        x: ``(T, R, N)`` float32 or bfloat16, on the CPU or a CUDA device; any strides
+            (the fused backends read rows with unit column stride and copy otherwise).
+        symmetric: weight 0/1/2 below/on/above the diagonal (see the module docstring);
+            otherwise every element has weight 1.
+        diag_offset: global column of tile column 0 minus global row of tile row 0.
+        backend: ``torch`` | ``triton`` | ``ext`` | ``auto``.
+
+    Returns:
+        ``(T, T)`` float64 on ``x.device``, exactly symmetric.
+    """
+    _check(x)
+    b = _backend_for(x, parse_backend(backend))
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        return torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    if b is OpsBackend.TORCH:
+        return kernel_pairs_reference(x, symmetric=symmetric, diag_offset=diag_offset)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    if b is OpsBackend.TRITON:
+        from .triton.kernel_pairs import kernel_pairs_triton
+
+        return kernel_pairs_triton(x, symmetric=symmetric, diag_offset=diag_offset)
+    from . import ext
+
+    return ext.load(x.device).kernel_pairs(x, bool(symmetric), int(diag_offset))
