@@ -24,18 +24,19 @@ import torch
 from ..errors import ConfigError
 from .backend import BackendUnavailableError, OpsBackend, parse_backend, triton_unavailable_reason
 
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # the fused backends; the reference also takes float64
 
 
-def _check(x: torch.Tensor) -> None:
+def _check(x: torch.Tensor, dtypes: tuple = DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise ConfigError(f"kernel tile must be a torch.Tensor of shape (T, R, N), got {type(x).__name__}")
     if x.ndim != 3:
         raise ConfigError(f"kernel tile must have shape (T, R, N), got {tuple(x.shape)}")
     if x.shape[0] < 1:
         raise ConfigError("kernel tile needs at least one kernel (T ≥ 1)")
-    if x.dtype not in DTYPES:
-        raise ConfigError(f"kernel tile dtype must be float32 or bfloat16, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ConfigError(f"kernel tile dtype must be one of {names}, got {x.dtype}")
 
 
 def weights(r: int, n: int, diag_offset: int, *, device=None, dtype=torch.float64) -> torch.Tensor:
@@ -51,10 +52,14 @@ def _mirror(g: torch.Tensor) -> torch.Tensor:
 
 def kernel_pairs_reference(x: torch.Tensor, *, symmetric: bool = False, diag_offset: int = 0) -> torch.Tensor:
     """Plain-PyTorch reference: the whole tile in float64. ``(T, R, N)`` → ``(T, T)`` float64."""
-    _check(x)
+    _check(x, (*DTYPES, torch.float64))
     t = x.shape[0]
     x64 = x.to(torch.float64)
-    y = x64 * weights(x.shape[1], x.shape[2], diag_offset, device=x.device) if symmetric else x64
+    y = x64
+    if symmetric:
+        w = weights(x.shape[1], x.shape[2], diag_offset, device=x.device)
+        x64 = torch.where(w > 0, x64, 0.0)  # select, not multiply: a NaN below the diagonal is not read
+        y = x64 * w
     return _mirror(y.reshape(t, -1) @ x64.reshape(t, -1).T)
 
 
@@ -95,8 +100,11 @@ def kernel_pair_products(x: torch.Tensor, *, symmetric: bool = False, diag_offse
     Returns:
         ``(T, T)`` float64 on ``x.device``, exactly symmetric.
     """
-    _check(x)
-    b = _backend_for(x, parse_backend(backend))
+    b = parse_backend(backend)
+    if x.dtype == torch.float64 and b is OpsBackend.AUTO:
+        b = OpsBackend.TORCH  # float64 kernels: only the reference keeps their precision
+    _check(x, (*DTYPES, torch.float64) if b is OpsBackend.TORCH else DTYPES)
+    b = _backend_for(x, b)
     if x.shape[1] == 0 or x.shape[2] == 0:
         return torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
     if b is OpsBackend.TORCH:

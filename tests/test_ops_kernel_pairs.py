@@ -1,0 +1,199 @@
+"""kernel_pair_products: every backend against a float64 reference on fresh random inputs.
+
+Tolerance (tests/_tolerance.py): a backend's error against float64 may be at most 4x the
+error of plain torch at the same precision (a float32 matmul of the weighted, flattened
+tiles; for bfloat16 inputs the same float32 matmul of the upcast values, since bf16
+products are exact in float32 and both accumulate in float32). Each entry is also checked
+on its own, relative to its Cauchy-Schwarz scale sqrt(G_ii G_jj), so one unwritten or
+wrong entry cannot hide in a Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from engine.ops import BackendUnavailableError, kernel_pair_products, kernel_pairs_reference
+from engine.ops import ext as ops_ext
+from engine.ops.kernel_pairs import weights
+from tests._tolerance import assert_close_to_torch
+
+SIZES = [(1, 1, 1), (2, 7, 7), (3, 123, 123), (17, 33, 125), (1, 1000, 1000), (2, 1025, 1025)]
+
+
+def _fresh(t: int, r: int, n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    # Fresh inputs every run; non-zero mean so that inner products are far from zero too.
+    return (torch.randn(t, r, n, device=device) + 0.5 * torch.rand(t, 1, 1, device=device)).to(dtype)
+
+
+def _torch32(x: torch.Tensor, symmetric: bool, d: int) -> torch.Tensor:
+    x32 = x.float()
+    t = x.shape[0]
+    y = x32
+    if symmetric:
+        w = weights(x.shape[1], x.shape[2], d, device=x.device, dtype=torch.float32)
+        x32 = torch.where(w > 0, x32, 0.0)
+        y = x32 * w
+    return y.reshape(t, -1) @ x32.reshape(t, -1).T
+
+
+def _entry_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = torch.sqrt(torch.diagonal(ref).abs()[:, None] * torch.diagonal(ref).abs()[None, :]).clamp_min(1e-300)
+    return float(((a.double() - ref) / scale).abs().max())
+
+
+def check(fast: torch.Tensor, x: torch.Tensor, symmetric: bool, d: int, what: str) -> None:
+    ref = kernel_pairs_reference(x.cpu(), symmetric=symmetric, diag_offset=d)
+    same = _torch32(x.cpu(), symmetric, d)
+    assert fast.dtype == torch.float64 and fast.shape == ref.shape, what
+    assert torch.equal(fast, fast.T), f"{what}: not exactly symmetric"
+    assert_close_to_torch(fast.cpu(), same, ref, what=what)
+    eps = torch.finfo(torch.float32).eps
+    e_fast, e_torch = _entry_err(fast.cpu(), ref), _entry_err(same, ref)
+    assert e_fast <= 4 * max(e_torch, eps), f"{what}: worst entry error {e_fast:.3g} vs torch's {e_torch:.3g}"
+
+
+def _ext_or_skip():
+    try:
+        return ops_ext.load("cpu")
+    except BackendUnavailableError as e:
+        if os.environ.get("CI"):
+            raise  # CI machines have a compiler: the C++ kernel must build there
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_ext_cpu_matches_reference(size, dtype, symmetric):
+    _ext_or_skip()
+    x = _fresh(*size, dtype=dtype)
+    for d in (0, 3, -2):
+        g = kernel_pair_products(x, symmetric=symmetric, diag_offset=d, backend="ext")
+        check(g, x, symmetric, d, f"ext {size} {dtype} sym={symmetric} d={d}")
+
+
+def test_reference_equals_the_definition_on_symmetric_kernels():
+    # Upper triangle with weights == the full matrices' inner products, for symmetric H.
+    h = torch.randn(3, 37, 37, dtype=torch.float64)
+    h = h + h.transpose(1, 2)
+    full = torch.einsum("irc,jrc->ij", h, h)
+    assert torch.allclose(kernel_pairs_reference(h, symmetric=True), full, rtol=1e-12, atol=0)
+    assert torch.allclose(kernel_pairs_reference(h, symmetric=False), full, rtol=1e-12, atol=0)
+
+
+def test_tiles_sum_to_the_whole():
+    # Streaming: row tiles [r0, r1) x columns [r0, M) with diag_offset 0 add up to the whole.
+    _ext_or_skip()
+    m = 301
+    h = torch.randn(4, m, m)
+    h = (h + h.transpose(1, 2)).contiguous()
+    whole = kernel_pairs_reference(h, symmetric=False)
+    parts = sum(kernel_pair_products(h[:, r0:r0 + 64, r0:], symmetric=True, backend="ext")
+                for r0 in range(0, m, 64))
+    assert torch.allclose(parts, whole, rtol=1e-5, atol=0)
+
+
+def test_non_contiguous_and_separate_kernels():
+    _ext_or_skip()
+    big = torch.randn(5, 80, 90)
+    x = big[1:4, 3:70, 5:88]  # strided in every dim but the last
+    g = kernel_pair_products(x, backend="ext")
+    check(g, x, False, 0, "strided view")
+    xt = big.transpose(1, 2)[:2]  # column stride != 1: copied, still right
+    check(kernel_pair_products(xt, backend="ext"), xt, False, 0, "transposed view")
+
+
+def test_nan_and_inf_are_not_hidden():
+    _ext_or_skip()
+    x = torch.randn(3, 50, 50)
+    x[1, 10, 20] = float("nan")  # upper triangle: read in symmetric mode
+    x[2, 5, 5] = float("inf")    # on the diagonal
+    for backend in ("torch", "ext"):
+        g = kernel_pair_products(x, symmetric=True, backend=backend)
+        assert not torch.isfinite(g[1, 1]) and not torch.isfinite(g[2, 2]), backend
+        assert torch.isfinite(g[0, 0]), backend
+
+
+def test_lower_triangle_is_never_read():
+    _ext_or_skip()
+    x = torch.randn(2, 40, 40)
+    x[0, 30, 3] = float("nan")  # strictly below the diagonal
+    for backend in ("torch", "ext"):
+        assert torch.isfinite(kernel_pair_products(x, symmetric=True, backend=backend)).all(), backend
+        assert not torch.isfinite(kernel_pair_products(x, symmetric=False, backend=backend)).all(), backend
+
+
+def test_ext_is_deterministic_and_thread_count_independent():
+    _ext_or_skip()
+    x = torch.randn(6, 700, 701)
+    a = kernel_pair_products(x, symmetric=True, backend="ext")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = kernel_pair_products(x, symmetric=True, backend="ext")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+    assert torch.equal(a, kernel_pair_products(x, symmetric=True, backend="ext"))
+
+
+def test_bad_inputs_get_one_line_errors():
+    with pytest.raises(ConfigError, match=r"shape \(T, R, N\)"):
+        kernel_pair_products(torch.zeros(3, 3))
+    with pytest.raises(ConfigError, match="float32 or bfloat16|one of"):
+        kernel_pair_products(torch.zeros(1, 2, 2, dtype=torch.int32), backend="ext")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        kernel_pair_products(torch.zeros(1, 2, 2), backend="cublas")
+    with pytest.raises(BackendUnavailableError, match="CUDA device"):
+        if os.environ.get("TRITON_INTERPRET", "0") != "0":
+            pytest.skip("the Triton interpreter runs on the CPU here")
+        kernel_pair_products(torch.zeros(1, 2, 2), backend="triton")
+
+
+def test_empty_tile_and_float64_auto():
+    assert torch.equal(kernel_pair_products(torch.zeros(2, 0, 5)), torch.zeros(2, 2, dtype=torch.float64))
+    x = torch.randn(2, 9, 9, dtype=torch.float64)
+    assert torch.equal(kernel_pair_products(x), kernel_pairs_reference(x))  # auto keeps float64 on the reference
+
+
+def test_ext_unavailable_is_explained(monkeypatch):
+    monkeypatch.setattr(ops_ext, "_modules", {})
+    monkeypatch.setattr(ops_ext, "_failures", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-entk")
+    with pytest.raises(BackendUnavailableError, match="no C\\+\\+ compiler"):
+        kernel_pair_products(torch.zeros(1, 2, 2), backend="ext")
+    # auto falls back to a working backend instead of failing
+    x = torch.randn(2, 5, 5)
+    assert torch.equal(kernel_pair_products(x), kernel_pairs_reference(x))
+    monkeypatch.setattr(ops_ext, "_failures", {})
+    monkeypatch.setenv("ENTK_EXT", "0")
+    assert not ops_ext.available("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends_match_reference(backend, symmetric, dtype):
+    for size in [*SIZES, (16, 512, 515)]:
+        x = _fresh(*size, dtype=dtype, device="cuda")
+        for d in (0, 5):
+            g = kernel_pair_products(x, symmetric=symmetric, diag_offset=d, backend=backend)
+            assert g.device.type == "cuda"
+            check(g, x, symmetric, d, f"{backend} cuda {size} {dtype} sym={symmetric} d={d}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_cuda_nan_lower_triangle_and_determinism(backend):
+    x = torch.randn(5, 300, 300, device="cuda")
+    x[0, 200, 3] = float("nan")  # below the diagonal: not read in symmetric mode
+    a = kernel_pair_products(x, symmetric=True, backend=backend)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, kernel_pair_products(x, symmetric=True, backend=backend))
+    x[3, 3, 200] = float("nan")
+    assert not torch.isfinite(kernel_pair_products(x, symmetric=True, backend=backend)[3, 3])
