@@ -43,7 +43,7 @@ def triton_interpreted() -> bool:
 @functools.cache
 def _triton_import_error() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising anything
         return f"{type(e).__name__}: {e}"

@@ -83,12 +83,23 @@ def _why_not(kind: str) -> str | None:
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"
     if kind == "cuda":
-        from torch.utils.cpp_extension import CUDA_HOME
-
         if not torch.cuda.is_available():
             return "CUDA is not available"
-        if CUDA_HOME is None or shutil.which("nvcc") is None and not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-            return "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+        if cuda_home() is None:
+            return "no CUDA toolkit found (nvcc and include/cuda_runtime.h; set CUDA_HOME)"
+    return None
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit root: torch's guess when it has the headers, else the usual places.
+
+    torch guesses from nvcc's location, which is wrong where nvcc is a wrapper in /usr/local/bin.
+    """
+    import torch.utils.cpp_extension as cpp
+
+    for root in (os.environ.get("CUDA_HOME"), cpp.CUDA_HOME, "/usr/local/cuda", "/opt/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").exists() and (Path(root) / "bin" / "nvcc").exists():
+            return root
     return None
 
 
@@ -103,6 +114,9 @@ def _build(kind: str, verbose: bool):
     kwargs = dict(name=name, sources=[str(CSRC / s) for s in SOURCES[kind]], build_directory=str(directory),
                   extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
     if kind == "cuda":
+        import torch.utils.cpp_extension as cpp
+
+        cpp.CUDA_HOME = cuda_home()  # read by load() from the module, set at its import
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS
         kwargs["extra_cflags"] = [f for f in CFLAGS if f != "-march=native"]
     return load(**kwargs)
