@@ -59,4 +59,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             ratio = f"{ref.stats.median / med:6.2f}x" if ref is not None else "   n/a"
             rate = b.extra_info.get("items_per_call")
             per_s = f"{rate / med:10.1f} {b.extra_info.get('unit', 'items')}/s" if rate else ""
-            tr.write_line(f"  {b.name:<52} median {med * 1e3:9.3f} ms  {ratio} {per_s}")
+            # Fraction of the device ceiling measured in the same run (benchmarks/bench_ops.py).
+            frac = ""
+            if b.extra_info.get("ceiling_GBps") and b.extra_info.get("bytes"):
+                frac = f"  {b.extra_info['bytes'] / med / 1e9 / b.extra_info['ceiling_GBps']:6.1%} of copy"
+            elif b.extra_info.get("ceiling_TFLOPs") and b.extra_info.get("flops"):
+                frac = f"  {b.extra_info['flops'] / med / 1e12 / b.extra_info['ceiling_TFLOPs']:6.1%} of mm"
+            tr.write_line(f"  {b.name:<52} median {med * 1e3:9.3f} ms  {ratio} {per_s}{frac}")

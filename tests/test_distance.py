@@ -30,17 +30,42 @@ def _naive(kernels):
     return s
 
 
+def _naive32(kernels):
+    """Plain torch at float32: the same-precision yardstick for the fused backends."""
+    t = len(kernels)
+    s = torch.zeros(t, t, dtype=torch.float32)
+    for i in range(t):
+        for j in range(t):
+            a, b = kernels[i].float(), kernels[j].float()
+            s[i, j] = 1 - (a * b).sum() / (a.norm() * b.norm())
+    return s
+
+
 @pytest.mark.parametrize("t", [1, 2, 3, 17])
 @pytest.mark.parametrize("m", [1, 7, 123])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pairwise_matches_naive_loop(t, m, symmetric):
     ks = _kernels(t, m, symmetric)
-    s = pairwise_kernel_distance(ks, tile_rows=5)
     ref = _naive(ks)
-    assert s.dtype == torch.float64 and s.shape == (t, t)
-    assert torch.equal(s, s.T) and torch.all(torch.diagonal(s) == 0)
-    # Both sides are float64 of float32 inputs: the difference is float64 rounding.
-    torch.testing.assert_close(s, ref, rtol=0, atol=64 * torch.finfo(torch.float64).eps * m)
+    for backend in ("torch", "auto"):
+        s = pairwise_kernel_distance(ks, tile_rows=5, backend=backend, symmetric=symmetric)
+        assert s.dtype == torch.float64 and s.shape == (t, t)
+        assert torch.equal(s, s.T) and torch.all(torch.diagonal(s) == 0)
+        if backend == "torch":
+            # float64 of float32 inputs on both sides: the difference is float64 rounding.
+            torch.testing.assert_close(s, ref, rtol=0, atol=64 * torch.finfo(torch.float64).eps * m)
+        else:
+            # float32 tile sums: at most 4x the error of plain torch's float32 distances.
+            err, err32 = float((s - ref).abs().max()), float((_naive32(ks).double() - ref).abs().max())
+            assert err <= 4 * max(err32, torch.finfo(torch.float32).eps), (err, err32)
+
+
+def test_symmetric_mode_reads_half_and_agrees():
+    ks = _kernels(3, 60)
+    assert torch.allclose(kernel_gram(ks, symmetric=True, backend="torch"), kernel_gram(ks, backend="torch"),
+                          rtol=1e-12, atol=0)
+    with pytest.raises(ConfigError, match="square"):
+        kernel_gram([torch.ones(3, 4)], symmetric=True)
 
 
 def test_two_kernel_distance_known_values():
@@ -63,12 +88,16 @@ def test_streams_tiles_never_whole_kernels(tmp_path):
             self.a, self.shape = a, a.shape
 
         def __getitem__(self, idx):
-            reads.append(idx.stop - idx.start)
+            rows, cols = idx
+            reads.append((rows.stop - rows.start) * (self.shape[1] - (cols.start or 0)))
             return self.a[idx]
 
     arrays = [k.numpy() for k in _kernels(5, 50)]
     s = pairwise_kernel_distance([Spy(a) for a in arrays], tile_rows=8)
-    assert max(reads) <= 8 and sum(reads) == 5 * 50
+    assert max(reads) <= 8 * 50 and sum(reads) == 5 * 50 * 50
+    reads.clear()
+    s = pairwise_kernel_distance([Spy(a) for a in arrays], tile_rows=8, symmetric=True)
+    assert sum(reads) < 5 * 50 * 50 * 0.6  # upper triangle (plus the diagonal tiles' lower halves)
     torch.testing.assert_close(s, _naive([torch.from_numpy(a) for a in arrays]))
 
 
@@ -80,12 +109,12 @@ def test_memmap_kernels(tmp_path):
         mm[:] = k.numpy()
         mm.flush()
         maps.append(np.load(tmp_path / f"k{i}.npy", mmap_mode="r"))
-    torch.testing.assert_close(pairwise_kernel_distance(maps), _naive(ks))
+    torch.testing.assert_close(pairwise_kernel_distance(maps, symmetric=True), _naive(ks))
 
 
 def test_gram_of_kernels_is_float64_inner_products():
     ks = _kernels(3, 9)
-    g = kernel_gram(ks, tile_rows=4)
+    g = kernel_gram(ks, tile_rows=4, backend="torch")
     ref = torch.tensor([[float((a.double() * b.double()).sum()) for b in ks] for a in ks], dtype=torch.float64)
     torch.testing.assert_close(g, ref, rtol=1e-12, atol=0)
 
@@ -94,8 +123,12 @@ def test_gram_of_kernels_is_float64_inner_products():
 def test_nonfinite_kernel_is_reported_by_index(bad):
     ks = _kernels(4, 10)
     ks[2][3, 4] = bad
+    for backend in ("torch", "auto"):
+        with pytest.raises(KernelValueError, match=r"kernel\(s\) \[2\].*NaN or Inf"):
+            pairwise_kernel_distance(ks, backend=backend)
+    ks[2][4, 3] = bad  # a symmetric kernel has it in its upper triangle too
     with pytest.raises(KernelValueError, match=r"kernel\(s\) \[2\].*NaN or Inf"):
-        pairwise_kernel_distance(ks)
+        pairwise_kernel_distance(ks, symmetric=True)
 
 
 def test_zero_kernel_and_shape_mismatch():
@@ -105,3 +138,16 @@ def test_zero_kernel_and_shape_mismatch():
         pairwise_kernel_distance([torch.eye(3), torch.eye(4)])
     with pytest.raises(ConfigError, match="at least one"):
         pairwise_kernel_distance([])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "ext", "triton", "auto"])
+def test_pairwise_on_cuda(backend):
+    ks = [k.cuda() for k in _kernels(5, 300)]
+    ref = _naive([k.cpu() for k in ks])
+    s = pairwise_kernel_distance(ks, symmetric=True, device="cuda", backend=backend, tile_rows=77)
+    err, err32 = float((s.cpu() - ref).abs().max()), float((_naive32([k.cpu() for k in ks]).double() - ref).abs().max())
+    assert err <= 4 * max(err32, torch.finfo(torch.float32).eps), (backend, err, err32)
+    ks[3][10, 250] = float("nan")
+    with pytest.raises(KernelValueError, match=r"\[3\]"):
+        pairwise_kernel_distance(ks, device="cuda", backend=backend)

@@ -14,12 +14,12 @@ import os
 
 import pytest
 import torch
+from _tolerance import assert_close_to_torch
 
 from engine.errors import ConfigError
 from engine.ops import BackendUnavailableError, kernel_pair_products, kernel_pairs_reference
 from engine.ops import ext as ops_ext
 from engine.ops.kernel_pairs import weights
-from tests._tolerance import assert_close_to_torch
 
 SIZES = [(1, 1, 1), (2, 7, 7), (3, 123, 123), (17, 33, 125), (1, 1000, 1000), (2, 1025, 1025)]
 

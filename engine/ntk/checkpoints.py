@@ -91,7 +91,8 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             w.mark_complete(k)
         prev = store.distances()
         if prev is None:
-            g = kernel_gram(store.kernels(), budget_bytes=budget_bytes, progress=None if not quiet else False)
+            g = kernel_gram(store.kernels(), symmetric=True, budget_bytes=budget_bytes, device=device,
+                            progress=None if not quiet else False)
             dist = distance_from_gram(g)
             w.write("kernel_gram", 0, g)
             w.write("distance", 0, dist)

@@ -1,14 +1,16 @@
 """Kernel distances (Fort et al. 2020): S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
 
-``pairwise_kernel_distance`` makes one streaming pass over row tiles of all T
-kernels, accumulating the T×T Gram of kernels G_ij = ⟨H_i, H_j⟩_F in float64;
-at no point are all T whole kernels in memory (T · tile_rows · M values are).
-The kernels may be tensors, NumPy arrays or memory maps (``KernelStore.kernels()``).
+``kernel_gram`` makes one streaming pass over row tiles of all T kernels and hands each
+stacked tile ``(T, rows, cols)`` to the fused op :func:`engine.ops.kernel_pair_products`
+(backend switch: ``torch`` reference, ``triton``, ``ext``, ``auto``), adding the tile
+partials in float64. At no point are all T whole kernels in memory (T · tile_rows · M
+values are). With ``symmetric=True`` only the upper triangle of each kernel is read
+(columns [r0, M) of row tile [r0, r1)), half the bytes. The kernels may be tensors, NumPy
+arrays or memory maps (``KernelStore.kernels()``, whose kernels are exactly symmetric).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
 
@@ -16,24 +18,43 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..ops import OpsBackend, kernel_pair_products
+from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
+from .gram import _prefetched
 
-
-class DistanceBackend(enum.StrEnum):
-    TORCH = "torch"   # the reference: float64 tile products in PyTorch
-    AUTO = "auto"     # the fastest available (fused kernels plug in here)
+DistanceBackend = OpsBackend  # the one backend switch of engine.ops
 
 
 class KernelValueError(ConfigError):
     """A kernel contains NaN/Inf or is zero, so a distance would be meaningless."""
 
 
-def _rows(k, r0: int, r1: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _dtype_of(k) -> torch.dtype:
     if isinstance(k, torch.Tensor):
-        return k[r0:r1].to(device, dtype)
-    t = torch.from_numpy(np.array(k[r0:r1]))  # a copy: memory maps are read-only
+        return k.dtype
+    if getattr(k, "dtype", None) is None:
+        return torch.float32  # an array-like read by slicing: widened to float32 tiles
+    if k.dtype in (np.uint16, np.int16):
+        return torch.bfloat16  # bfloat16 kernels are stored as uint16 bits
+    return torch.from_numpy(np.empty(0, dtype=k.dtype)).dtype
+
+
+def _tile_dtype(kernels: Sequence) -> torch.dtype:
+    """The fused ops read float32 and bfloat16 natively; float64 stays float64 (reference)."""
+    dtypes = {_dtype_of(k) for k in kernels}
+    if dtypes == {torch.bfloat16}:
+        return torch.bfloat16
+    if torch.float64 in dtypes:
+        return torch.float64
+    return torch.float32
+
+
+def _rows(k, r0: int, r1: int, c0: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(k, torch.Tensor):
+        return k[r0:r1, c0:].to(device, dtype)
+    t = torch.from_numpy(np.array(k[r0:r1, c0:]))  # a copy: memory maps are read-only
     if t.dtype in (torch.uint16, torch.int16):
-        # bfloat16 kernels are stored as uint16 bits.
         t = t.view(torch.int16).view(torch.bfloat16)
     return t.to(device, dtype)
 
@@ -50,35 +71,54 @@ def _check_shapes(kernels: Sequence) -> tuple[int, int]:
     return shape
 
 
-def kernel_gram(kernels: Sequence, *, tile_rows: int | None = None, budget_bytes: int = 64 << 20,
-                device: str | torch.device = "cpu", backend: str | DistanceBackend = "auto",
-                progress: bool | None = False) -> torch.Tensor:
+def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | None = None,
+                budget_bytes: int = 64 << 20, device: str | torch.device = "cpu",
+                backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """G_ij = ⟨H_i, H_j⟩_F for T kernels of equal shape ``(M, M')``: float64 ``(T, T)``.
 
-    One pass over ``tile_rows``-row tiles of all kernels (tile size chosen so that the
-    T float64 tiles fit in ``budget_bytes``; 64 MB keeps them cache-friendly: 0.6 s vs
-    0.7 s at 1 GB for T=16, M=2048 on 2 CPU cores). NaN/Inf in any kernel raises
-    :class:`KernelValueError` naming it.
+    Args:
+        kernels: T matrices (tensors, NumPy arrays or memmaps; float32, bfloat16 bits or float64).
+        symmetric: the kernels are exactly symmetric (eNTKs from :func:`engine.ntk.gram` and
+            every ``KernelStore`` are): read only upper triangles. Their lower triangles are
+            then never read, so NaN/Inf there would go unseen: pass False for other matrices.
+        tile_rows: rows per tile (default: T tiles fit in ``budget_bytes``; 64 MB keeps them
+            cache-friendly on the CPU: 0.6 s vs 0.7 s at 1 GB for T=16, M=2048, 2 cores).
+        device: where tiles are reduced (``cuda`` for the GPU kernels).
+        backend: ``torch`` (float64 reference) | ``triton`` | ``ext`` | ``auto``.
+
+    Raises:
+        KernelValueError: NaN/Inf in a kernel (its ⟨H, H⟩ is not finite), naming it.
     """
-    DistanceBackend(backend)  # validate; only the torch path exists in this layer
+    b = parse_backend(backend)
     m, n = _check_shapes(kernels)
+    if symmetric and m != n:
+        raise ConfigError(f"symmetric=True needs square kernels, got {m}×{n}")
     t = len(kernels)
     device = torch.device(device)
+    dtype = _tile_dtype(kernels)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
     if tile_rows is None:
-        tile_rows = max(1, min(m, budget_bytes // max(8 * t * n, 1)))
+        tile_rows = max(1, min(m, budget_bytes // max(itemsize * t * n, 1)))
     g = torch.zeros(t, t, dtype=torch.float64, device=device)
-    bad = torch.zeros(t, dtype=torch.bool, device=device)
+    tiles = [(r0, min(r0 + tile_rows, m)) for r0 in range(0, m, tile_rows)]
+
+    def load(tile):
+        r0, r1 = tile
+        c0 = r0 if symmetric else 0
+        return torch.stack([_rows(k, r0, r1, c0, device, dtype) for k in kernels])
+
     bar = progress_bar(total=m, desc="kernel distances", enabled=progress, unit="row")
-    for r0 in range(0, m, tile_rows):
-        r1 = min(r0 + tile_rows, m)
-        x = torch.stack([_rows(k, r0, r1, device, torch.float64).reshape(-1) for k in kernels])
-        bad |= ~torch.isfinite(x).all(1)
-        g += x @ x.T
+    for (r0, r1), x in _prefetched(tiles, load):
+        g += kernel_pair_products(x, symmetric=symmetric, diag_offset=0, backend=b)
         bar.update(r1 - r0)
     bar.close()
+    bad = ~torch.isfinite(torch.diagonal(g))
     if bad.any():
         which = bad.nonzero().flatten().tolist()
-        raise KernelValueError(f"kernel(s) {which} contain NaN or Inf; distances would be meaningless")
+        raise KernelValueError(f"kernel(s) {which} contain NaN or Inf (or overflow float32 sums); "
+                               "distances would be meaningless")
+    if not torch.isfinite(g).all():
+        raise KernelValueError("kernel inner products overflowed; rescale the kernels")
     return g
 
 

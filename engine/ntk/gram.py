@@ -22,6 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from ..h5raw import from_numpy
+from ..ops import OpsBackend, gram_tile
+from ..ops.backend import parse_backend, triton_unavailable_reason
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 
@@ -41,7 +43,7 @@ def _kind(kernel: str | KernelKind) -> KernelKind:
 class _Source:
     """Uniform block reads from a tensor, a NumPy array / memmap, or a JacobianStore."""
 
-    def __init__(self, J, device: torch.device, dtype: torch.dtype):
+    def __init__(self, J, device: torch.device, dtype: torch.dtype, keep_bf16: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
@@ -55,18 +57,24 @@ class _Source:
         else:
             raise ConfigError(f"Jacobian must be a torch.Tensor, NumPy array or JacobianStore, got {type(J).__name__}")
         self.J, self.device, self.dtype = J, device, dtype
+        # The fused tile op reads bfloat16 blocks as they are (tensor cores, half the transfer).
+        self.keep_bf16 = keep_bf16
         self.rows, self.cols = J.shape
         self.itemsize = 2 if self.bf16_bits else J.dtype.itemsize if isinstance(J, np.ndarray) \
             else J.element_size()
 
+    def _dtype_for(self, t: torch.Tensor) -> torch.dtype:
+        return t.dtype if self.keep_bf16 and t.dtype == torch.bfloat16 else self.dtype
+
     def load(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         if isinstance(self.J, torch.Tensor):
-            return self.J[r0:r1, c0:c1].to(self.device, self.dtype)
+            blk = self.J[r0:r1, c0:c1]
+            return blk.to(self.device, self._dtype_for(blk))
         a = np.array(self.J[r0:r1, c0:c1])  # copy: page-in happens here, off the main thread
         t = from_numpy(a, str(torch.bfloat16) if self.bf16_bits else None)
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
-        return t.to(self.dtype)
+            return t.pin_memory().to(self.device, non_blocking=True).to(self._dtype_for(t))
+        return t.to(self._dtype_for(t))
 
 
 def plan_tiles(rows: int, cols: int, *, itemsize: int, budget_bytes: int, multiple: int = 1,
@@ -104,11 +112,28 @@ def _tile(a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int) -> torch.T
     return torch.bmm(pa, pb.transpose(1, 2)).sum(0)    # (na, nb)
 
 
+def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether tiles go through the fused op (engine.ops.gram_tile) rather than plain torch."""
+    if backend is OpsBackend.TORCH:
+        return False
+    if backend is OpsBackend.EXT:
+        raise ConfigError("gram has no ext backend (cuBLAS-class products come from triton or torch); "
+                          "use torch, triton or auto")
+    if dtype != torch.float32:
+        if backend is OpsBackend.TRITON:
+            raise ConfigError(f"the triton gram accumulates in float32; got dtype={dtype} (use backend='torch')")
+        return False
+    if backend is OpsBackend.TRITON:
+        return True
+    # auto: Triton on CUDA only (on the CPU it would run in the interpreter).
+    return device.type == "cuda" and triton_unavailable_reason(device) is None
+
+
 def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
          dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
          out: torch.Tensor | None = None, accumulate: bool = False,
          budget_bytes: int = 1 << 30, block_rows: int | None = None,
-         progress: bool | None = False) -> torch.Tensor:
+         backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """H = J Jᵀ (or the traced kernel) from a Jacobian held anywhere.
 
     Args:
@@ -120,6 +145,9 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         device: where tiles are multiplied (default: J's device, CPU for files).
         out: write (or, with ``accumulate``, add) into this tensor.
         budget_bytes: bound on the Jacobian blocks held at once.
+        backend: ``torch`` (tile products in PyTorch) | ``triton`` (the fused Gram-tile op:
+            bfloat16 blocks stay bfloat16, diagonal tiles compute only their upper triangle,
+            results land in ``out`` directly) | ``auto`` (Triton on CUDA for float32).
 
     Returns:
         The symmetric kernel on ``device`` (or ``out``).
@@ -130,7 +158,8 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
     if device is None:
         device = J.device if isinstance(J, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    src = _Source(J, device, dtype)
+    fused = _fused(parse_backend(backend), dtype, device)
+    src = _Source(J, device, dtype, keep_bf16=fused)
     c = int(num_outputs)
     if kind is KernelKind.TRACED and (c < 1 or src.rows % c):
         raise ConfigError(f"traced kernel needs rows ({src.rows}) divisible by num_outputs ({c})")
@@ -151,8 +180,8 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
     if isinstance(J, torch.Tensor) and J.device == device and len(row_blocks) == 1:
         # Everything is already in memory on the right device: one product per column chunk.
         for c0, c1 in col_chunks:
-            blk = J[:, c0:c1].to(dtype)
-            out += _tile(blk, blk, kind, c)
+            blk = src.load(0, src.rows, c0, c1)
+            _accumulate(out, blk, blk, kind, c, fused, upper=True)
         return _symmetrize(out)
 
     # Load order: for each column chunk and row block i, block i, then blocks j > i.
@@ -172,11 +201,21 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
             a = blk
         r0, r1 = (x // mult for x in row_blocks[i])
         s0, s1 = (x // mult for x in row_blocks[j])
-        out[r0:r1, s0:s1] += _tile(a, blk, kind, c)
+        _accumulate(out[r0:r1, s0:s1], a, blk, kind, c, fused, upper=i == j)
         bar.update()
     bar.close()
     # Mirror the strictly upper tiles (and the diagonal tiles' upper halves) downward.
     return _symmetrize(out)
+
+
+def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int, fused: bool,
+                upper: bool) -> None:
+    if not fused:
+        dst += _tile(a, b, kind, c)
+    elif kind is KernelKind.FULL:
+        gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend="triton")
+    else:
+        gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend="triton")
 
 
 def _symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:

@@ -14,6 +14,7 @@ of time with ``entk ext build``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -73,6 +74,29 @@ def module_name(kind: str) -> str:
     return f"entk_ops_{kind}_{h.hexdigest()[:12]}"
 
 
+def _cpp():
+    # Importing cpp_extension on a machine without a CUDA runtime logs a warning about CUDA_HOME
+    # that is irrelevant to the CPU build; keep it out of users' output.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.cpp_extension as cpp
+
+    return cpp
+
+
+def built_path(kind: str) -> Path | None:
+    """The built module of ``kind`` (cpu/cuda) for the current sources, if it exists."""
+    if any(not (CSRC / s).exists() for s in SOURCES[kind]):
+        return None
+    name = module_name(kind)
+    so = build_dir() / name / f"{name}.so"
+    return so if so.exists() else None
+
+
+def unavailable_reason(kind: str) -> str | None:
+    """Why the extension of ``kind`` cannot be built here (None when it can be)."""
+    return _why_not(kind)
+
+
 def _why_not(kind: str) -> str | None:
     if disabled():
         return "the csrc extension is disabled (ENTK_EXT=0)"
@@ -95,8 +119,7 @@ def cuda_home() -> str | None:
 
     torch guesses from nvcc's location, which is wrong where nvcc is a wrapper in /usr/local/bin.
     """
-    import torch.utils.cpp_extension as cpp
-
+    cpp = _cpp()
     for root in (os.environ.get("CUDA_HOME"), cpp.CUDA_HOME, "/usr/local/cuda", "/opt/cuda"):
         if root and (Path(root) / "include" / "cuda_runtime.h").exists() and (Path(root) / "bin" / "nvcc").exists():
             return root
@@ -104,8 +127,7 @@ def cuda_home() -> str | None:
 
 
 def _build(kind: str, verbose: bool):
-    from torch.utils.cpp_extension import load
-
+    cpp = _cpp()
     name = module_name(kind)
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
@@ -114,12 +136,10 @@ def _build(kind: str, verbose: bool):
     kwargs = dict(name=name, sources=[str(CSRC / s) for s in SOURCES[kind]], build_directory=str(directory),
                   extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
     if kind == "cuda":
-        import torch.utils.cpp_extension as cpp
-
         cpp.CUDA_HOME = cuda_home()  # read by load() from the module, set at its import
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS
         kwargs["extra_cflags"] = [f for f in CFLAGS if f != "-march=native"]
-    return load(**kwargs)
+    return cpp.load(**kwargs)
 
 
 def load(device: torch.device | str = "cpu", *, verbose: bool = False):
