@@ -1,0 +1,60 @@
+"""Short device check of the all-pairs kernel (kernel 1): CUDA extension vs Triton vs the torch
+reference, T=16, M=8192, with the copy ceiling measured in the same process. Prints one line per case.
+Run from the repo root: PYTHONPATH=. python3 benchmarks/gpu_kernel_pairs_quick.py"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from engine.ops import ext, kernel_pair_products
+
+
+def med(fn, reps=10):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+dev = torch.device("cuda")
+print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+t0 = time.perf_counter()
+try:
+    ext.load(dev)
+    print(f"cuda ext ready in {time.perf_counter() - t0:.1f} s", flush=True)
+except Exception as e:
+    print("CUDA EXT FAILED:", e, flush=True)
+src = torch.randn(1 << 30, device=dev)
+dst = torch.empty_like(src)
+copy = 2 * src.numel() * 4 / med(lambda: dst.copy_(src)) / 1e12
+src = dst = None
+print(f"copy ceiling {copy:.2f} TB/s (read+write)", flush=True)
+T, M = 16, 8192
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(T, M, M, device=dev)
+    x = ((x + x.transpose(1, 2)) / 2).to(dtype).contiguous()
+    ref = kernel_pair_products(x, symmetric=True, backend="torch")
+    for backend in ("ext", "triton", "torch"):
+        for sym in (True, False):
+            try:
+                g = kernel_pair_products(x, symmetric=sym, backend=backend)
+                err = float((g - ref).norm() / ref.norm())
+                s = med(lambda b=backend, s_=sym, x_=x: kernel_pair_products(x_, symmetric=s_, backend=b))
+            except Exception as e:
+                print(f"{backend} {dtype} sym={sym}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            nbytes = T * (M * (M + 1) // 2 if sym else M * M) * x.element_size()
+            tbs = nbytes / s / 1e12
+            print(f"kp {backend:6s} {str(dtype)[6:]:8s} T={T} M={M} sym={sym!s:5s} {s * 1e3:8.3f} ms "
+                  f"{tbs:5.2f} TB/s read = {tbs / copy:5.1%} of copy  relerr {err:.1e}", flush=True)
+    x = ref = None
+sys.exit(0)
