@@ -134,7 +134,7 @@ def test_many_small_tiles(monkeypatch):
     _skip_unless_runnable("triton", "cpu")
     import engine.ops.triton.gram_tile as gt
 
-    monkeypatch.setattr(gt, "_config", lambda dtype, two: (16, 16, 16, 1, 1))
+    monkeypatch.setattr(gt, "_config", lambda *args: (16, 16, 16, 1, 1))
     gen, seed = _seeded()
     for c, n, upper in ((1, 150, True), (1, 150, False), (2, 70, True)):
         a = torch.randn(n * c, 37, generator=gen)

@@ -158,7 +158,9 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
     if device is None:
         device = J.device if isinstance(J, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    fused = _fused(parse_backend(backend), dtype, device)
+    requested = parse_backend(backend)
+    fused = _fused(requested, dtype, device)
+    op_backend = requested.value if fused else "torch"  # auto keeps the op's fallback to the reference
     src = _Source(J, device, dtype, keep_bf16=fused)
     c = int(num_outputs)
     if kind is KernelKind.TRACED and (c < 1 or src.rows % c):
@@ -181,7 +183,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         # Everything is already in memory on the right device: one product per column chunk.
         for c0, c1 in col_chunks:
             blk = src.load(0, src.rows, c0, c1)
-            _accumulate(out, blk, blk, kind, c, fused, upper=True)
+            _accumulate(out, blk, blk, kind, c, fused, op_backend, upper=True)
         return _symmetrize(out)
 
     # Load order: for each column chunk and row block i, block i, then blocks j > i.
@@ -201,7 +203,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
             a = blk
         r0, r1 = (x // mult for x in row_blocks[i])
         s0, s1 = (x // mult for x in row_blocks[j])
-        _accumulate(out[r0:r1, s0:s1], a, blk, kind, c, fused, upper=i == j)
+        _accumulate(out[r0:r1, s0:s1], a, blk, kind, c, fused, op_backend, upper=i == j)
         bar.update()
     bar.close()
     # Mirror the strictly upper tiles (and the diagonal tiles' upper halves) downward.
@@ -209,13 +211,13 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
 
 
 def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int, fused: bool,
-                upper: bool) -> None:
+                backend: str, upper: bool) -> None:
     if not fused:
         dst += _tile(a, b, kind, c)
     elif kind is KernelKind.FULL:
-        gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend="triton")
+        gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend=backend)
     else:
-        gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend="triton")
+        gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend=backend)
 
 
 def _symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:

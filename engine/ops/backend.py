@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import warnings
 
 import torch
 
@@ -61,3 +62,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     return (f"triton kernels need a CUDA device (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
             "before importing engine to run them in the (slow) interpreter")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_fallback(op: str, backend: OpsBackend, error: Exception) -> None:
+    """``auto`` picked a fused backend that failed at run time (a Triton compile error, an
+    out-of-resources launch): say so once per op and backend, then the caller uses the reference."""
+    key = (op, backend.value)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{op}: the {backend.value} backend failed ({type(error).__name__}: {str(error)[:200]}); "
+                      "falling back to the torch reference (pass backend=... to see the error)", stacklevel=3)

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .backend import BackendUnavailableError, OpsBackend, parse_backend, triton_unavailable_reason
+from .backend import (
+    BackendUnavailableError,
+    OpsBackend,
+    parse_backend,
+    triton_unavailable_reason,
+    warn_fallback,
+)
 
 WANTS = ("full", "traced", "both")
 
@@ -125,12 +131,21 @@ def gram_tile(a: torch.Tensor, b: torch.Tensor, *, want: str = "full", num_outpu
     Returns:
         ``(full, traced)``: each a float32 tensor, or None when not wanted.
     """
-    b_ = _backend_for(a, parse_backend(backend))
+    requested = parse_backend(backend)
+    b_ = _backend_for(a, requested)
+    kw = dict(want=want, num_outputs=num_outputs, out=out, traced=traced, accumulate=accumulate, upper=upper)
     if b_ is OpsBackend.TORCH:
-        return gram_tile_reference(a, b, want=want, num_outputs=num_outputs, out=out, traced=traced,
-                                   accumulate=accumulate, upper=upper)
-    c = _check(a, b, want, num_outputs, out, traced, accumulate, upper)
+        return gram_tile_reference(a, b, **kw)
+    _check(a, b, want, num_outputs, out, traced, accumulate, upper)
     from .triton.gram_tile import gram_tile_triton
 
-    return gram_tile_triton(a, b, want=want, num_outputs=c, out=out, traced=traced,
-                            accumulate=accumulate, upper=upper)
+    try:
+        return gram_tile_triton(a, b, **kw)
+    except Exception as e:
+        # A failed launch writes nothing (Triton compiles before it launches), so the outputs are
+        # as they were and the reference can start over; "both" is two launches, so when adding
+        # into existing outputs the first may have landed: then there is no safe fallback.
+        if requested is not OpsBackend.AUTO or (accumulate and want == "both"):
+            raise
+        warn_fallback("gram_tile", b_, e)
+        return gram_tile_reference(a, b, **kw)
