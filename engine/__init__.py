@@ -2,8 +2,9 @@
 
 The public API is re-exported here; see README.md for an overview and
 docs/FORMAT.md for the HDF5 layouts. Data flows one way:
-``data`` → ``models`` → ``train`` / ``twins`` → ``store`` → ``ntk`` → ``metrics``
-(``ops`` and ``analysis`` come with later issues).
+``data`` → ``models`` → ``train`` / ``twins`` → ``store`` → ``ntk`` → ``ops`` (fused kernels
+the ``ntk`` loops hand their tiles to; ``ops`` imports nothing above ``errors``) →
+``metrics`` / ``analysis`` → ``report``.
 """
 
 from .analysis import ChaosConfig, load_chaos, run_chaos
@@ -19,6 +20,7 @@ from .errors import (
 )
 from .models import MODEL_NAMES, build_model, count_parameters
 from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
+from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products
 from .store import JacobianStore, KernelStore, StoreError
 from .train import RunFile, TrainConfig, TrainResult, parse_iterations, train
 from .twins import MemberSpec, Perturbation, make_fleet
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_NAMES",
+    "BackendUnavailableError",
     "BatchStream",
     "ChaosConfig",
     "ConfigError",
@@ -38,6 +41,7 @@ __all__ = [
     "KernelStore",
     "MemberSpec",
     "NonFiniteLossError",
+    "OpsBackend",
     "Perturbation",
     "RunFile",
     "RunFileError",
@@ -48,9 +52,11 @@ __all__ = [
     "count_parameters",
     "entk",
     "gram",
+    "gram_tile",
     "jacobian",
     "jacobian_to_store",
     "kernel_distance",
+    "kernel_pair_products",
     "load_chaos",
     "load_cifar10",
     "load_dataset",

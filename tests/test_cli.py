@@ -108,3 +108,10 @@ def test_data_command_describes_synthetic(capsys, tmp_path):
     assert "500 train / 100 test" in text
     desc = json.loads(js.read_text())
     assert sum(desc["train_per_class"]) == 500 and len(desc["classes"]) == 10
+
+
+def test_ext_status_reports_each_backend():
+    out = _run("ext", "status", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "ext (cpu):" in out.stdout and "triton (cpu):" in out.stdout
+    assert "CUDA_HOME" not in out.stderr  # torch's CUDA-toolkit warning is irrelevant on the CPU
