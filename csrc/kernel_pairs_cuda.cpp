@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <limits>
 
 extern "C" int entk_kernel_pairs_grid(int bf16, int gpad, int diag, int64_t R, int64_t N, int device);
 extern "C" int entk_kernel_pairs_partials(const void* x, int bf16, int64_t R, int64_t N, int64_t st, int64_t sr,
@@ -45,7 +46,8 @@ torch::Tensor kernel_pairs(torch::Tensor x, bool symmetric, int64_t diag_offset)
   auto run = [&](int64_t i0, int64_t ni, int64_t j0, int64_t nj, bool diag, int gpad) {
     const int grid = entk_kernel_pairs_grid(bf16, gpad, diag, R, N, device);
     if (grid < 0) check(-grid, "grid sizing");
-    auto part = torch::empty({grid, gpad, gpad}, f64);
+    // Poisoned: a block that failed to write its partial turns G into NaN instead of garbage.
+    auto part = torch::full({grid, gpad, gpad}, std::numeric_limits<double>::quiet_NaN(), f64);
     check(entk_kernel_pairs_partials(x.data_ptr(), bf16, R, N, x.stride(0), x.stride(1), i0, static_cast<int>(ni),
                                      j0, static_cast<int>(nj), diag, symmetric, diag_offset,
                                      part.data_ptr<double>(), grid, gpad, stream),

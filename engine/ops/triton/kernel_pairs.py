@@ -212,7 +212,8 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int) -
     n_edge = 2 * r if symmetric else (r if tail else 0)
     smem = num_stages * buffers * tp * block_n * x.element_size() if use_dot else 0
     programs = _num_programs(r * n_full + n_edge, x.device, smem, num_warps)
-    part = torch.empty(programs, tp, tp, dtype=torch.float64, device=x.device)
+    # Poisoned: a program that failed to write its partial turns G into NaN instead of garbage.
+    part = torch.full((programs, tp, tp), float("nan"), dtype=torch.float64, device=x.device)
     for i0 in range(0, t, tp):
         for j0 in range(i0, t, tp):
             _kernel_pairs_kernel[(programs,)](
