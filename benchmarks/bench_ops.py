@@ -29,12 +29,9 @@ Run: .venv/bin/python -m pytest benchmarks/bench_ops.py -p no:cacheprovider \\
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
-from _common import sync
+from _common import median_seconds, sync
 
 from engine.ops import BackendUnavailableError, gram_tile, kernel_pair_products
 from engine.ops import ext as ops_ext
@@ -43,33 +40,13 @@ from engine.ops.backend import triton_unavailable_reason
 T = 16
 
 
-def _median_seconds(fn, device, reps: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="module")
 def ceilings(device):
     """Measured ceilings: copy GB/s (read + write) and torch.mm TFLOP/s per dtype."""
     cuda = device.type == "cuda"
     n_copy = (4 << 30 if cuda else 512 << 20) // 4
     bufs = [torch.randn(n_copy, device=device), torch.empty(n_copy, device=device)]
-    copy_s = _median_seconds(lambda: bufs[1].copy_(bufs[0]), device)
+    copy_s = median_seconds(lambda: bufs[1].copy_(bufs[0]), device)
     bufs.clear()
     out = {"copy_GBps": 2 * n_copy * 4 / copy_s / 1e9}
     n = 8192 if cuda else 2048
@@ -77,7 +54,7 @@ def ceilings(device):
         if not cuda and dt == torch.bfloat16:
             continue
         ab = [torch.randn(n, n, device=device, dtype=dt) for _ in range(2)]
-        seconds = _median_seconds(lambda ab=ab: ab[0] @ ab[1], device)
+        seconds = median_seconds(lambda ab=ab: ab[0] @ ab[1], device)
         out[f"mm_TFLOPs_{str(dt).removeprefix('torch.')}"] = 2 * n**3 / seconds / 1e12
     print(f"\nceilings on {device}: " + ", ".join(f"{k}={v:.1f}" for k, v in out.items()))
     return out

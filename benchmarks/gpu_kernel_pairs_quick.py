@@ -2,27 +2,20 @@
 reference, T=16, M=8192, with the copy ceiling measured in the same process. Prints one line per case.
 Run from the repo root: PYTHONPATH=. python3 benchmarks/gpu_kernel_pairs_quick.py"""
 
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import median_seconds
 
 from engine.ops import ext, kernel_pair_products
 
 
-def med(fn, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
+def med(fn):
+    return median_seconds(fn, dev)
 
 
 dev = torch.device("cuda")

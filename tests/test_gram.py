@@ -113,24 +113,32 @@ def test_bad_inputs():
     assert gram(np.ones((2, 3), np.float32)).tolist() == [[3.0, 3.0], [3.0, 3.0]]
 
 
-def _gram_both_backends(source, kind, c, device, **kw):
-    ref = gram(source, kernel=kind, num_outputs=c, backend="torch", device=device, **kw)
-    fast = gram(source, kernel=kind, num_outputs=c, backend="triton", device=device, **kw)
-    return ref, fast
+# (device, C, rows, params, block_rows): small in the CPU interpreter, several tiles and column chunks on CUDA.
+TRITON_CASES = [("cpu", 3, 33, 47, 9), pytest.param("cuda", 10, 1230, 3001, 400, marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("kind", ["full", "traced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backend_out_of_core(tmp_path, kind, dtype):
+@pytest.mark.parametrize("device,c,rows,cols,block_rows", TRITON_CASES)
+def test_triton_backend_out_of_core(tmp_path, kind, dtype, device, c, rows, cols, block_rows):
     """The fused tile op (Triton; the interpreter on the CPU) inside the out-of-core loop."""
-    c = 3
-    J = torch.randn(33, 47).to(dtype)
+    J = torch.randn(rows, cols).to(dtype)
     store = _store(tmp_path, J.float(), dtype=dtype, c=c)
-    ref, fast = _gram_both_backends(store, kind, c, "cpu", block_rows=9, budget_bytes=9 * 20 * 4 * 3)
+    kw = dict(kernel=kind, num_outputs=c, device=device, block_rows=block_rows,
+              budget_bytes=block_rows * (cols // 2) * 4 * 3)
+    ref = gram(store, backend="torch", **kw)
+    fast = gram(store, backend="triton", **kw)
+    assert fast.device.type == device
     assert torch.equal(fast, fast.T)  # diagonal tiles wrote only their upper triangles, then mirrored
     J64 = J.double()
     ref64 = J64 @ J64.T if kind == "full" else _traced_ref(J64, c)
-    assert_close_to_torch(fast, ref, ref64, what=f"triton gram {kind} {dtype}")
+    e_fast, e_torch = rel_err(fast.cpu(), ref64), rel_err(ref.cpu(), ref64)
+    # float32 sums: within 4x of torch's float32 error. bfloat16 on CUDA runs on tensor cores, whose
+    # float32 accumulator truncates at every step: a random walk of about sqrt(P) float32 ulps.
+    floor = torch.finfo(torch.float32).eps * (cols ** 0.5 if dtype == torch.bfloat16 and device == "cuda" else 1)
+    assert e_fast <= 4 * max(e_torch, floor), f"triton gram {kind} {dtype}: {e_fast:.3g} vs torch {e_torch:.3g}"
+    if device == "cuda":  # auto on CUDA is the fused path: the same bits
+        assert torch.equal(gram(store, **kw), fast)
 
 
 def test_triton_backend_refuses_float64_accumulation():
@@ -138,20 +146,3 @@ def test_triton_backend_refuses_float64_accumulation():
         gram(torch.randn(4, 5), dtype=torch.float64, backend="triton")
     with pytest.raises(ConfigError, match="no ext backend"):
         gram(torch.randn(4, 5), backend="ext")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["full", "traced"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backend_on_cuda(tmp_path, kind, dtype):
-    c = 10
-    J = torch.randn(1230, 3001).to(dtype)
-    store = _store(tmp_path, J.float(), dtype=dtype, c=c)
-    ref, fast = _gram_both_backends(store, kind, c, "cuda", block_rows=400, budget_bytes=400 * 1000 * 4 * 3)
-    assert fast.is_cuda and torch.equal(fast, fast.T)
-    J64 = J.double()
-    ref64 = J64 @ J64.T if kind == "full" else _traced_ref(J64, c)
-    assert_close_to_torch(fast.cpu(), ref.cpu(), ref64, what=f"cuda triton gram {kind} {dtype}")
-    # auto on CUDA is the fused path and gives the same result bit for bit
-    auto = gram(store, kernel=kind, num_outputs=c, device="cuda", block_rows=400, budget_bytes=400 * 1000 * 4 * 3)
-    assert torch.equal(auto, fast)

@@ -211,7 +211,7 @@ def test_auto_falls_back_with_a_warning_when_a_fused_backend_breaks(monkeypatch)
 
     monkeypatch.setattr(ops_ext, "available", lambda device="cpu": True)
     monkeypatch.setattr(ops_ext, "load", lambda device="cpu", **k: Broken())
-    monkeypatch.setattr(kp, "triton_unavailable_reason", lambda device: "no")
+    monkeypatch.setattr(kp, "triton_on_cuda", lambda device: False)
     x = torch.randn(3, 20, 20)
     with pytest.warns(UserWarning, match="falling back to the torch reference"):
         g = kernel_pair_products(x, symmetric=True)

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError
 from ..h5raw import from_numpy
 from ..ops import OpsBackend, gram_tile
-from ..ops.backend import parse_backend, triton_unavailable_reason
+from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 
@@ -125,8 +125,7 @@ def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> boo
         return False
     if backend is OpsBackend.TRITON:
         return True
-    # auto: Triton on CUDA only (on the CPU it would run in the interpreter).
-    return device.type == "cuda" and triton_unavailable_reason(device) is None
+    return triton_on_cuda(device)  # auto
 
 
 def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,

@@ -64,6 +64,19 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
             "before importing engine to run them in the (slow) interpreter")
 
 
+def require_triton(op: str, device: torch.device) -> OpsBackend:
+    """``triton`` when it can run on ``device``, else a one-line error naming ``op`` and why."""
+    why = triton_unavailable_reason(device)
+    if why:
+        raise BackendUnavailableError(f"{op}: {why}")
+    return OpsBackend.TRITON
+
+
+def triton_on_cuda(device: torch.device) -> bool:
+    """Whether ``auto`` may pick Triton: on CUDA only (on the CPU it would be the interpreter)."""
+    return device.type == "cuda" and triton_unavailable_reason(device) is None
+
+
 _warned: set[tuple[str, str]] = set()
 
 

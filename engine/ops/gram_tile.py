@@ -25,7 +25,8 @@ from .backend import (
     BackendUnavailableError,
     OpsBackend,
     parse_backend,
-    triton_unavailable_reason,
+    require_triton,
+    triton_on_cuda,
     warn_fallback,
 )
 
@@ -101,15 +102,9 @@ def _backend_for(a: torch.Tensor, backend: OpsBackend) -> OpsBackend:
         raise BackendUnavailableError("gram_tile has no csrc/ implementation (cuBLAS plus the Triton epilogue "
                                       "is the fast path); use torch, triton or auto")
     if backend is OpsBackend.TRITON:
-        why = triton_unavailable_reason(a.device)
-        if why:
-            raise BackendUnavailableError(f"gram_tile: {why}")
-        return backend
+        return require_triton("gram_tile", a.device)
     if backend is OpsBackend.AUTO:
-        # Triton only on CUDA: on the CPU it would run in the interpreter.
-        if a.device.type == "cuda" and triton_unavailable_reason(a.device) is None:
-            return OpsBackend.TRITON
-        return OpsBackend.TORCH
+        return OpsBackend.TRITON if triton_on_cuda(a.device) else OpsBackend.TORCH
     return backend
 
 

@@ -23,10 +23,10 @@ import torch
 
 from ..errors import ConfigError
 from .backend import (
-    BackendUnavailableError,
     OpsBackend,
     parse_backend,
-    triton_unavailable_reason,
+    require_triton,
+    triton_on_cuda,
     warn_fallback,
 )
 
@@ -75,10 +75,7 @@ def _backend_for(x: torch.Tensor, backend: OpsBackend) -> OpsBackend:
     if backend is OpsBackend.TORCH:
         return backend
     if backend is OpsBackend.TRITON:
-        why = triton_unavailable_reason(x.device)
-        if why:
-            raise BackendUnavailableError(f"kernel_pair_products: {why}")
-        return backend
+        return require_triton("kernel_pair_products", x.device)
     if backend is OpsBackend.EXT:
         ext.load(x.device)  # raises BackendUnavailableError with the reason
         return backend
@@ -86,7 +83,7 @@ def _backend_for(x: torch.Tensor, backend: OpsBackend) -> OpsBackend:
     # reference at T=16, M=2048); on an H200, float32 → the CUDA extension (0.97 TB/s symmetric
     # vs Triton's 0.21: Triton's float32 dot runs on CUDA cores), bfloat16 → Triton (1.5 TB/s vs
     # the extension's 0.16: its 2-byte scalar loads).
-    if x.device.type == "cuda" and triton_unavailable_reason(x.device) is None:
+    if triton_on_cuda(x.device):
         if x.dtype == torch.bfloat16 or not ext.available(x.device):
             return OpsBackend.TRITON
         return OpsBackend.EXT
