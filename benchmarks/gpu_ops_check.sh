@@ -26,13 +26,13 @@ PY
 echo "build: $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
-timeout 240 python3 -m pytest -p no:cacheprovider -q -x -m cuda \
+timeout 240 python3 -m pytest -p no:cacheprovider -p no:xdist -q -x -m cuda \
   tests/test_ops_kernel_pairs.py tests/test_ops_triton_kernel_pairs.py tests/test_ops_gram_tile.py \
   tests/test_gram.py tests/test_distance.py 2>&1 | tee "$OUT/tests.log" | tail -n 25
 echo "tests: $(( $(date +%s) - start )) s, exit ${PIPESTATUS[0]}"
 
 start=$(date +%s)
-cd benchmarks && timeout 240 python3 -m pytest -p no:cacheprovider -q -s bench_ops.py \
+cd benchmarks && timeout 240 python3 -m pytest -p no:cacheprovider -p no:xdist -q -s bench_ops.py \
   --benchmark-json="$OLDPWD/$OUT/ops-h200.json" --benchmark-columns=median,iqr,rounds 2>&1 \
   | tee "$OLDPWD/$OUT/bench.log" | grep -E "ceilings|ext backend|^\[|median|passed|failed|Error" | tail -n 40
 echo "bench: $(( $(date +%s) - start )) s"

@@ -72,7 +72,7 @@ def _check_shapes(kernels: Sequence) -> tuple[int, int]:
 
 
 def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | None = None,
-                budget_bytes: int = 64 << 20, device: str | torch.device = "cpu",
+                budget_bytes: int | None = None, device: str | torch.device = "cpu",
                 backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """G_ij = ⟨H_i, H_j⟩_F for T kernels of equal shape ``(M, M')``: float64 ``(T, T)``.
 
@@ -81,8 +81,11 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
         symmetric: the kernels are exactly symmetric (eNTKs from :func:`engine.ntk.gram` and
             every ``KernelStore`` are): read only upper triangles. Their lower triangles are
             then never read, so NaN/Inf there would go unseen: pass False for other matrices.
-        tile_rows: rows per tile (default: T tiles fit in ``budget_bytes``; 64 MB keeps them
-            cache-friendly on the CPU: 0.6 s vs 0.7 s at 1 GB for T=16, M=2048, 2 cores).
+        tile_rows: rows per tile (default: the T tiles fit in ``budget_bytes``).
+        budget_bytes: bytes of one stacked tile. Default 64 MB on the CPU (cache-friendly:
+            0.6 s vs 0.7 s at 1 GB for T=16, M=2048, 2 cores) and 1 GB on CUDA, where a
+            launch must move far more than 64 MB to amortise its start (the H200 reached
+            its best rates on 2-4 GB tiles).
         device: where tiles are reduced (``cuda`` for the GPU kernels).
         backend: ``torch`` (float64 reference) | ``triton`` | ``ext`` | ``auto``.
 
@@ -95,6 +98,8 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
         raise ConfigError(f"symmetric=True needs square kernels, got {m}×{n}")
     t = len(kernels)
     device = torch.device(device)
+    if budget_bytes is None:
+        budget_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)
     dtype = _tile_dtype(kernels)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if tile_rows is None:
