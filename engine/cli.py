@@ -138,6 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="full: (N*C)x(N*C) with row n*C+c; traced: NxN summed over the C outputs")
     p.add_argument("--backend", default="auto", choices=["auto", "structured", "reference"],
                    help="Jacobian backend: structured (fast per-layer rules) or reference (torch.func)")
+    p.add_argument("--ops-backend", default="auto", choices=["auto", "torch", "triton", "ext"],
+                   help="fused Gram tiles and kernel inner products: torch (reference), triton, ext (csrc/), auto")
     p.add_argument("--float64", action="store_true", help="accumulate the Gram in float64 (default: float32)")
     p.add_argument("--budget-gb", type=float, default=2.0,
                    help="memory for Jacobian blocks; larger Jacobians are done by parameter groups (default: 2)")
@@ -264,6 +266,7 @@ def _cmd_ntk(args) -> int:
     t0 = time.perf_counter()
     res = checkpoint_kernels(args.run, args.out, iterations=its, probe=args.probe, probe_seed=args.probe_seed,
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,
+                             ops_backend=args.ops_backend,
                              dtype=torch.float64 if args.float64 else torch.float32,
                              device=resolve_device(args.device), budget_bytes=int(args.budget_gb * 2**30),
                              data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,

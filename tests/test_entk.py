@@ -155,3 +155,12 @@ def test_entk_ntk_cli_traced_and_bad_checkpoint(tiny_run, tmp_path, capsys):
     assert main(["ntk", "--run", str(tiny_run), "--checkpoints", "3", "--out", str(tmp_path / "x.h5"),
                  "--quiet"]) == 2
     assert "[3] are not completed" in capsys.readouterr().err
+
+
+def test_unavailable_ops_backend_fails_before_any_work(tmp_path, monkeypatch):
+    from engine.ntk import checkpoint_kernels
+    from engine.ops import BackendUnavailableError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="CUDA device"):
+        checkpoint_kernels(tmp_path / "missing-run.h5", tmp_path / "k.h5", ops_backend="triton", device="cpu")

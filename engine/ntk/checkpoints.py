@@ -45,13 +45,30 @@ def probe_set(ds: Dataset, n: int, *, seed: int = 0, split: str = "test") -> tup
     return normalize(x, ds.mean, ds.std), y
 
 
+def _check_ops_backend(ops_backend: str, device: torch.device) -> None:
+    from ..ops import ext
+    from ..ops.backend import OpsBackend, parse_backend, require_triton
+
+    b = parse_backend(ops_backend)
+    if b is OpsBackend.TRITON:
+        require_triton("ops backend", device)
+    elif b is OpsBackend.EXT:
+        ext.load(device)
+
+
 def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Sequence[int] | None = None,
                        probe: int = 100, probe_seed: int = 0, probe_split: str = "test",
                        kernel: str = "full", backend: str = "auto", dtype: torch.dtype = torch.float32,
                        store_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                        budget_bytes: int = DEFAULT_BUDGET, data_root: str | None = None,
-                       cache_dir=None, overwrite: bool = False, quiet: bool = False) -> CheckpointKernels:
-    """Compute and store the eNTK of each requested checkpoint of ``run_path``."""
+                       cache_dir=None, overwrite: bool = False, quiet: bool = False,
+                       ops_backend: str = "auto") -> CheckpointKernels:
+    """Compute and store the eNTK of each requested checkpoint of ``run_path``.
+
+    ``backend`` picks the Jacobian backend; ``ops_backend`` the fused Gram tiles and the
+    all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``).
+    """
+    _check_ops_backend(ops_backend, torch.device(device))  # before any long work
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
     done = run.completed_iterations()
@@ -82,7 +99,8 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             run.load_into(model, it)
             model.eval()
             t0 = time.perf_counter()
-            h = entk(model, x, kernel=kernel, backend=backend, dtype=dtype, budget_bytes=budget_bytes)
+            h = entk(model, x, kernel=kernel, backend=backend, dtype=dtype, budget_bytes=budget_bytes,
+                     ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
             seconds[it] = time.perf_counter() - t0
             if not torch.isfinite(h).all():
                 raise ConfigError(f"the eNTK of checkpoint {it} contains NaN/Inf (diverged weights?); "
@@ -92,6 +110,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
         prev = store.distances()
         if prev is None:
             g = kernel_gram(store.kernels(), symmetric=True, budget_bytes=budget_bytes, device=device,
+                            backend=ops_backend,
                             progress=None if not quiet else False)
             dist = distance_from_gram(g)
             w.write("kernel_gram", 0, g)

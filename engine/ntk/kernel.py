@@ -76,7 +76,7 @@ def param_groups(model: torch.nn.Module, *, rows: int, budget_bytes: int,
 def entk(model: torch.nn.Module, inputs: torch.Tensor, *, kernel: str | KernelKind = "full",
          projection: torch.Tensor | None = None, backend: str = "auto",
          dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
-         force_eval: bool = False, progress: bool | None = False) -> torch.Tensor:
+         ops_backend: str = "auto", force_eval: bool = False, progress: bool | None = False) -> torch.Tensor:
     """The empirical NTK of ``model`` on ``inputs`` ``(N, ...)``.
 
     Returns ``(N·C, N·C)`` with row ``n·C + c`` (``kernel="full"``), ``(N, N)``
@@ -84,6 +84,7 @@ def entk(model: torch.nn.Module, inputs: torch.Tensor, *, kernel: str | KernelKi
     ``projection · f`` when a ``(C,)`` ``projection`` is given. Accumulates in
     ``dtype`` (float32 or float64) on the model's device. When the Jacobian does
     not fit ``budget_bytes`` the kernel is accumulated over parameter groups.
+    ``backend`` picks the Jacobian backend, ``ops_backend`` the Gram tiles' (see :func:`gram`).
     """
     kind = _kind(kernel)
     if model.training and not force_eval:
@@ -103,13 +104,14 @@ def entk(model: torch.nn.Module, inputs: torch.Tensor, *, kernel: str | KernelKi
     common = {"backend": backend, "projection": projection, "force_eval": force_eval, "dtype": jdtype}
     if len(groups) == 1:
         J = jacobian(model, inputs, **common)
-        return gram(J, kernel=kind, num_outputs=c, dtype=dtype, device=dev, budget_bytes=budget_bytes)
+        return gram(J, kernel=kind, num_outputs=c, dtype=dtype, device=dev, budget_bytes=budget_bytes,
+                    backend=ops_backend)
     m = inputs.shape[0] if kind is KernelKind.TRACED else rows
     h = torch.zeros(m, m, dtype=dtype, device=dev)
     for g in progress_bar(groups, desc="eNTK parameter groups", enabled=progress, unit="group"):
         J = jacobian(model, inputs, param_names=g, **common)
         gram(J, kernel=kind, num_outputs=c, dtype=dtype, device=dev, out=h, accumulate=True,
-             budget_bytes=budget_bytes)
+             budget_bytes=budget_bytes, backend=ops_backend)
         del J
     return h
 
