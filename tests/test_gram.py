@@ -146,3 +146,16 @@ def test_triton_backend_refuses_float64_accumulation():
         gram(torch.randn(4, 5), dtype=torch.float64, backend="triton")
     with pytest.raises(ConfigError, match="no ext backend"):
         gram(torch.randn(4, 5), backend="ext")
+
+
+def test_fused_blocks_are_padded_to_aligned_rows(tmp_path):
+    """The fused path gets rows of a multiple of 16 elements, zero-padded (products unchanged)."""
+    from engine.ntk.gram import _Source
+
+    J = torch.randn(10, 23)
+    for source in (J, _store(tmp_path, J)):
+        blk = _Source(source, torch.device("cpu"), torch.float32, fused=True).load(2, 7, 3, 20)
+        assert blk.shape == (5, 32) and blk.stride(0) % 16 == 0
+        assert torch.equal(blk[:, :17], J[2:7, 3:20]) and not blk[:, 17:].any()
+        plain = _Source(source, torch.device("cpu"), torch.float32).load(2, 7, 3, 20)
+        assert plain.shape == (5, 17)

@@ -43,7 +43,7 @@ def _kind(kernel: str | KernelKind) -> KernelKind:
 class _Source:
     """Uniform block reads from a tensor, a NumPy array / memmap, or a JacobianStore."""
 
-    def __init__(self, J, device: torch.device, dtype: torch.dtype, keep_bf16: bool = False):
+    def __init__(self, J, device: torch.device, dtype: torch.dtype, fused: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
@@ -57,24 +57,36 @@ class _Source:
         else:
             raise ConfigError(f"Jacobian must be a torch.Tensor, NumPy array or JacobianStore, got {type(J).__name__}")
         self.J, self.device, self.dtype = J, device, dtype
-        # The fused tile op reads bfloat16 blocks as they are (tensor cores, half the transfer).
-        self.keep_bf16 = keep_bf16
+        # The fused tile op reads bfloat16 blocks as they are (tensor cores, half the transfer),
+        # and wants rows 16-element aligned (see _aligned).
+        self.fused = fused
         self.rows, self.cols = J.shape
         self.itemsize = 2 if self.bf16_bits else J.dtype.itemsize if isinstance(J, np.ndarray) \
             else J.element_size()
 
     def _dtype_for(self, t: torch.Tensor) -> torch.dtype:
-        return t.dtype if self.keep_bf16 and t.dtype == torch.bfloat16 else self.dtype
+        return t.dtype if self.fused and t.dtype == torch.bfloat16 else self.dtype
 
     def load(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         if isinstance(self.J, torch.Tensor):
             blk = self.J[r0:r1, c0:c1]
-            return blk.to(self.device, self._dtype_for(blk))
+            return self._aligned(blk.to(self.device, self._dtype_for(blk)))
         a = np.array(self.J[r0:r1, c0:c1])  # copy: page-in happens here, off the main thread
         t = from_numpy(a, str(torch.bfloat16) if self.bf16_bits else None)
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True).to(self._dtype_for(t))
-        return t.to(self._dtype_for(t))
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return self._aligned(t.to(self._dtype_for(t)))
+
+    def _aligned(self, blk: torch.Tensor) -> torch.Tensor:
+        """For the fused op: rows padded with zeros to a multiple of 16 elements (zeros add
+        nothing to the products). Unaligned rows force scalar loads: on an H200 a bfloat16
+        8192 x 8191 tile took 23.5 ms against 1.7 ms at 8192 columns (the copy: ~0.1 ms)."""
+        if not self.fused or (blk.stride(0) % 16 == 0 and blk.shape[1] % 16 == 0 and blk.stride(1) == 1):
+            return blk
+        width = -(-blk.shape[1] // 16) * 16
+        out = torch.zeros(blk.shape[0], width, dtype=blk.dtype, device=blk.device)
+        out[:, :blk.shape[1]] = blk
+        return out
 
 
 def plan_tiles(rows: int, cols: int, *, itemsize: int, budget_bytes: int, multiple: int = 1,
@@ -160,7 +172,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
     requested = parse_backend(backend)
     fused = _fused(requested, dtype, device)
     op_backend = requested.value if fused else "torch"  # auto keeps the op's fallback to the reference
-    src = _Source(J, device, dtype, keep_bf16=fused)
+    src = _Source(J, device, dtype, fused=fused)
     c = int(num_outputs)
     if kind is KernelKind.TRACED and (c < 1 or src.rows % c):
         raise ConfigError(f"traced kernel needs rows ({src.rows}) divisible by num_outputs ({c})")
