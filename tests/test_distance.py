@@ -151,3 +151,19 @@ def test_pairwise_on_cuda(backend):
     ks[3][10, 250] = float("nan")
     with pytest.raises(KernelValueError, match=r"\[3\]"):
         pairwise_kernel_distance(ks, device="cuda", backend=backend)
+
+
+def test_bfloat16_kernels_stored_as_bits(tmp_path):
+    """KernelStore keeps bfloat16 kernels as uint16 bits; they are read as bfloat16 tiles."""
+    ks = [k.bfloat16() for k in _kernels(3, 40)]
+    maps = []
+    for i, k in enumerate(ks):
+        mm = np.lib.format.open_memmap(tmp_path / f"b{i}.npy", mode="w+", dtype=np.uint16, shape=tuple(k.shape))
+        mm[:] = k.view(torch.int16).numpy().view(np.uint16)
+        mm.flush()
+        maps.append(np.load(tmp_path / f"b{i}.npy", mmap_mode="r"))
+    ref = _naive([k.double() for k in ks])
+    for backend in ("torch", "auto"):
+        s = pairwise_kernel_distance(maps, symmetric=True, backend=backend)
+        err, err32 = float((s - ref).abs().max()), float((_naive32(ks).double() - ref).abs().max())
+        assert err <= 4 * max(err32, torch.finfo(torch.float32).eps), (backend, err, err32)
