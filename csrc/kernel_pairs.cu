@@ -51,7 +51,8 @@ __device__ __forceinline__ void flush(float (&acc)[NP], double (*wsum)[NP]) {
 }
 
 // Pairs between kernels [i0, i0 + ni) and [j0, j0 + nj) (the same group when DIAG: i <= j only).
-// GI/GJ are the padded group sizes; kernels past ni/nj are never loaded.
+// GI/GJ are the padded group sizes; the slots past ni/nj hold copies of the last kernel, and the
+// partials of pairs involving them are written but not used.
 template <typename In, int GI, int GJ, bool DIAG>
 __global__ void __launch_bounds__(THREADS) kernel_pairs_kernel(const In* __restrict__ x, int64_t R, int64_t N,
                                                                int64_t st, int64_t sr, int64_t i0, int ni,
@@ -79,12 +80,16 @@ __global__ void __launch_bounds__(THREADS) kernel_pairs_kernel(const In* __restr
     const In* xi = x + i0 * st + r * sr;
     const In* xj = x + j0 * st + r * sr;
     for (int64_t c = cb + threadIdx.x; c < ce; c += THREADS) {
+      // Unpredicated loads: a padded kernel slot (k >= ni) re-reads the last real kernel (an L1
+      // hit) and only feeds pair sums the binding discards. Predicating them instead ran out of
+      // the 7 predicate registers at T = 16 and serialized the remaining loads (SASS: 7 loads
+      // in flight, then one at a time; bfloat16 measured 3x slower than float32 on an H200).
       float a[GI], b[GJ];
 #pragma unroll
-      for (int k = 0; k < GI; ++k) a[k] = k < ni ? load_value(xi + k * st + c) : 0.f;
+      for (int k = 0; k < GI; ++k) a[k] = load_value(xi + (k < ni ? k : ni - 1) * st + c);
       if (!DIAG) {
 #pragma unroll
-        for (int k = 0; k < GJ; ++k) b[k] = k < nj ? load_value(xj + k * st + c) : 0.f;
+        for (int k = 0; k < GJ; ++k) b[k] = load_value(xj + (k < nj ? k : nj - 1) * st + c);
       }
       const float wgt = (symmetric && c + d != r) ? 2.f : 1.f;  // 2 above the diagonal, 1 on it
 #pragma unroll
