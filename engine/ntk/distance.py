@@ -59,6 +59,21 @@ def _rows(k, r0: int, r1: int, c0: int, device: torch.device, dtype: torch.dtype
     return t.to(device, dtype)
 
 
+def _copy_rows(k, r0: int, r1: int, c0: int, dst: torch.Tensor) -> None:
+    """``dst (r1-r0, M-c0) ← k[r0:r1, c0:]``, straight from a tensor, array or memory map (one copy)."""
+    if isinstance(k, torch.Tensor):
+        dst.copy_(k[r0:r1, c0:])
+        return
+    src = np.asarray(k[r0:r1, c0:])
+    if dst.dtype == torch.bfloat16:
+        if src.dtype in (np.uint16, np.int16):  # bfloat16 stored as bits
+            np.copyto(dst.view(torch.int16).numpy(), src.view(np.int16))
+            return
+        dst.copy_(torch.from_numpy(np.ascontiguousarray(src)))
+        return
+    np.copyto(dst.numpy(), src, casting="unsafe")
+
+
 def _check_shapes(kernels: Sequence) -> tuple[int, int]:
     if len(kernels) == 0:
         raise ConfigError("need at least one kernel")
@@ -107,13 +122,26 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
     g = torch.zeros(t, t, dtype=torch.float64, device=device)
     tiles = [(r0, min(r0 + tile_rows, m)) for r0 in range(0, m, tile_rows)]
 
-    def load(tile):
-        r0, r1 = tile
+    # On the CPU two stacked tile buffers are reused (one in use, one being filled by the
+    # prefetch thread): every row is copied once, straight from its source, into memory that
+    # is already mapped. Allocating per tile (np.array + torch.stack) took 121 ms against
+    # 11 ms for the op itself on 16 memory-mapped 2048² kernels (2 cores, symmetric).
+    # On CUDA the caching allocator makes per-tile buffers cheap and the copies are stream-ordered.
+    bufs = [torch.empty(t, tile_rows, n, dtype=dtype) for _ in range(2 if len(tiles) > 1 else 1)] \
+        if device.type == "cpu" else []
+
+    def load(key):
+        i, (r0, r1) = key
         c0 = r0 if symmetric else 0
-        return torch.stack([_rows(k, r0, r1, c0, device, dtype) for k in kernels])
+        if not bufs:
+            return torch.stack([_rows(k, r0, r1, c0, device, dtype) for k in kernels])
+        x = bufs[i % len(bufs)][:, :r1 - r0, :n - c0]
+        for dst, k in zip(x, kernels, strict=True):
+            _copy_rows(k, r0, r1, c0, dst)
+        return x
 
     bar = progress_bar(total=m, desc="kernel distances", enabled=progress, unit="row")
-    for (r0, r1), x in _prefetched(tiles, load):
+    for (_, (r0, r1)), x in _prefetched(list(enumerate(tiles)), load):
         g += kernel_pair_products(x, symmetric=symmetric, diag_offset=0, backend=b)
         bar.update(r1 - r0)
     bar.close()
