@@ -8,7 +8,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=16
 export ENTK_EXT_DIR="${ENTK_EXT_DIR:-/tmp/entk-ext}"
 OUT="${OUT:-benchmarks/results/gpu-run}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"  # absolute: the benchmark step runs from benchmarks/
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 
@@ -33,6 +33,6 @@ echo "tests: $(( $(date +%s) - start )) s, exit ${PIPESTATUS[0]}"
 
 start=$(date +%s)
 cd benchmarks && timeout 240 python3 -m pytest -p no:cacheprovider -p no:xdist -q -s bench_ops.py \
-  --benchmark-json="$OLDPWD/$OUT/ops-h200.json" --benchmark-columns=median,iqr,rounds 2>&1 \
-  | tee "$OLDPWD/$OUT/bench.log" | grep -E "ceilings|ext backend|^\[|median|passed|failed|Error" | tail -n 40
+  --benchmark-json="$OUT/ops-h200.json" --benchmark-columns=median,iqr,rounds 2>&1 \
+  | tee "$OUT/bench.log" | grep -E "ceilings|ext backend|^\[|median|passed|failed|Error" | tail -n 40
 echo "bench: $(( $(date +%s) - start )) s"
