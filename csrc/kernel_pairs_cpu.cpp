@@ -62,9 +62,12 @@ inline void block4x4(const float* buf, int64_t tp, int64_t i0, int64_t j0, int64
     for (int q = 0; q < 4; ++q) acc[(i0 + p) * tp + j0 + q] += scale * static_cast<double>(hsum(s[p][q]));
 }
 
+// Kernel t's row r starts at base[t] + r * row_stride[t]: one stacked (T, R, N) tensor, or T
+// separate matrices (memory maps, views) read in place without stacking them first.
 template <typename In>
-void kernel_pairs_impl(const In* x, int64_t T, int64_t R, int64_t N, int64_t st, int64_t sr, bool symmetric,
-                       int64_t d, double* g /* T x T, zeroed */) {
+void kernel_pairs_impl(const std::vector<const In*>& base, const std::vector<int64_t>& row_stride, int64_t R,
+                       int64_t N, bool symmetric, int64_t d, double* g /* T x T, zeroed */) {
+  const int64_t T = static_cast<int64_t>(base.size());
   const int64_t tp = (T + 3) / 4 * 4;
   // Fixed work split: ~256K elements per row block, at most 4096 blocks (bounded partials memory).
   int64_t rpb = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(N, 1));
@@ -87,9 +90,9 @@ void kernel_pairs_impl(const In* x, int64_t T, int64_t R, int64_t N, int64_t st,
           if (cd >= N) continue;     // the whole row lies below the diagonal
           if (cd >= 0) {             // diagonal element: weight 1, products in float32 like the rest
             for (int64_t i = 0; i < T; ++i) {
-              const float xi = widen<In>(x[i * st + r * sr + cd]);
+              const float xi = widen<In>(base[i][r * row_stride[i] + cd]);
               for (int64_t j = i; j < T; ++j)
-                acc[i * tp + j] += static_cast<double>(xi * widen<In>(x[j * st + r * sr + cd]));
+                acc[i * tp + j] += static_cast<double>(xi * widen<In>(base[j][r * row_stride[j] + cd]));
             }
           }
           c_begin = std::max<int64_t>(0, cd + 1);
@@ -99,7 +102,7 @@ void kernel_pairs_impl(const In* x, int64_t T, int64_t R, int64_t N, int64_t st,
           const int64_t len = std::min(L, N - c0);
           const int64_t padded = (len + V - 1) / V * V;
           for (int64_t t = 0; t < T; ++t) {
-            const In* src = x + t * st + r * sr + c0;
+            const In* src = base[t] + r * row_stride[t] + c0;
             float* dst = buf + t * L;
             for (int64_t k = 0; k < len; ++k) dst[k] = widen<In>(src[k]);
             for (int64_t k = len; k < padded; ++k) dst[k] = 0.f;
@@ -117,24 +120,40 @@ void kernel_pairs_impl(const In* x, int64_t T, int64_t R, int64_t N, int64_t st,
     for (int64_t j = 0; j < i; ++j) g[i * T + j] = g[j * T + i];
 }
 
-torch::Tensor kernel_pairs(torch::Tensor x, bool symmetric, int64_t diag_offset) {
-  TORCH_CHECK(x.device().is_cpu(), "kernel_pairs (C++): x must be on the CPU");
-  TORCH_CHECK(x.dim() == 3, "kernel_pairs (C++): x must be (T, R, N)");
-  TORCH_CHECK(x.stride(2) == 1 || x.size(2) <= 1, "kernel_pairs (C++): x must have unit column stride");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "kernel_pairs (C++): x must be float32 or bfloat16");
-  const int64_t T = x.size(0), R = x.size(1), N = x.size(2);
+template <typename In>
+torch::Tensor run(const std::vector<torch::Tensor>& xs, bool symmetric, int64_t diag_offset) {
+  const int64_t T = static_cast<int64_t>(xs.size());
+  std::vector<const In*> base(T);
+  std::vector<int64_t> row_stride(T);
+  for (int64_t t = 0; t < T; ++t) {
+    base[t] = reinterpret_cast<const In*>(xs[t].data_ptr());
+    row_stride[t] = xs[t].stride(0);
+  }
   auto g = torch::zeros({T, T}, torch::dtype(torch::kFloat64));
   {
     pybind11::gil_scoped_release nogil;
-    if (x.scalar_type() == at::kFloat)
-      kernel_pairs_impl<float>(x.data_ptr<float>(), T, R, N, x.stride(0), x.stride(1), symmetric, diag_offset,
-                               g.data_ptr<double>());
-    else
-      kernel_pairs_impl<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), T, R, N,
-                                  x.stride(0), x.stride(1), symmetric, diag_offset, g.data_ptr<double>());
+    kernel_pairs_impl<In>(base, row_stride, xs[0].size(0), xs[0].size(1), symmetric, diag_offset,
+                          g.data_ptr<double>());
   }
   return g;
+}
+
+torch::Tensor kernel_pairs_list(std::vector<torch::Tensor> xs, bool symmetric, int64_t diag_offset) {
+  TORCH_CHECK(!xs.empty(), "kernel_pairs (C++): need at least one kernel");
+  const auto dtype = xs[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "kernel_pairs (C++): kernels must be float32 or bfloat16");
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu(), "kernel_pairs (C++): kernels must be on the CPU");
+    TORCH_CHECK(x.dim() == 2 && x.sizes() == xs[0].sizes(), "kernel_pairs (C++): kernels must be (R, N), all alike");
+    TORCH_CHECK(x.scalar_type() == dtype, "kernel_pairs (C++): kernels must share one dtype");
+    TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "kernel_pairs (C++): kernels must have unit column stride");
+  }
+  return dtype == at::kFloat ? run<float>(xs, symmetric, diag_offset) : run<uint16_t>(xs, symmetric, diag_offset);
+}
+
+torch::Tensor kernel_pairs(torch::Tensor x, bool symmetric, int64_t diag_offset) {
+  TORCH_CHECK(x.dim() == 3, "kernel_pairs (C++): x must be (T, R, N)");
+  return kernel_pairs_list(x.unbind(0), symmetric, diag_offset);  // views: no copy
 }
 
 }  // namespace
@@ -143,4 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "entk fused ops, C++/OpenMP CPU implementation";
   m.def("kernel_pairs", &kernel_pairs, "All-pairs Frobenius inner products of a (T, R, N) kernel tile",
         pybind11::arg("x"), pybind11::arg("symmetric"), pybind11::arg("diag_offset"));
+  m.def("kernel_pairs_list", &kernel_pairs_list,
+        "The same for T separate (R, N) matrices, read in place (memory maps, views)", pybind11::arg("xs"),
+        pybind11::arg("symmetric"), pybind11::arg("diag_offset"));
 }

@@ -223,3 +223,21 @@ def test_auto_falls_back_with_a_warning_when_a_fused_backend_breaks(monkeypatch)
     assert torch.equal(g, kernel_pairs_reference(x, symmetric=True))
     with pytest.raises(RuntimeError, match="simulated"):
         kernel_pair_products(x, backend="ext")
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_sequence_of_separate_kernels_equals_the_stack(backend):
+    """T separate (R, N) views (e.g. memory maps) give exactly the stacked tile's result."""
+    _ext_or_skip()
+    mats = [torch.randn(90, 121) for _ in range(4)]
+    views = [m[5:70, 9:] for m in mats]  # row stride 121, unit column stride
+    for sym in (False, True):
+        a = kernel_pair_products(views, symmetric=sym, diag_offset=4, backend=backend)
+        b = kernel_pair_products(torch.stack(views), symmetric=sym, diag_offset=4, backend=backend)
+        assert torch.equal(a, b), (backend, sym)
+    bf = [v.bfloat16() for v in views]
+    assert torch.equal(kernel_pair_products(bf, backend=backend), kernel_pair_products(torch.stack(bf), backend=backend))
+    with pytest.raises(ConfigError, match="share shape"):
+        kernel_pair_products([views[0], views[1][:3]], backend=backend)
+    with pytest.raises(ConfigError, match="sequence"):
+        kernel_pair_products([], backend=backend)

@@ -19,6 +19,8 @@ entry of its kernel at least), which callers report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import ConfigError
@@ -92,28 +94,55 @@ def _backend_for(x: torch.Tensor, backend: OpsBackend) -> OpsBackend:
     return OpsBackend.TORCH
 
 
-def kernel_pair_products(x: torch.Tensor, *, symmetric: bool = False, diag_offset: int = 0,
-                         backend: str | OpsBackend = "auto") -> torch.Tensor:
+def _as_list(x) -> list[torch.Tensor]:
+    xs = list(x)
+    if not xs or not all(isinstance(k, torch.Tensor) and k.ndim == 2 for k in xs):
+        raise ConfigError("kernels must be a (T, R, N) tensor or a non-empty sequence of (R, N) tensors")
+    if len({(tuple(k.shape), k.dtype, k.device) for k in xs}) != 1:
+        raise ConfigError("the kernel tiles of a sequence must share shape, dtype and device")
+    return xs
+
+
+def kernel_pair_products(x: torch.Tensor | Sequence[torch.Tensor], *, symmetric: bool = False,
+                         diag_offset: int = 0, backend: str | OpsBackend = "auto") -> torch.Tensor:
     """G_ij = Σ_{r,c} w(r, c) x[i, r, c] x[j, r, c] for a tile of T kernels.
 
     Args:
         x: ``(T, R, N)`` float32 or bfloat16, on the CPU or a CUDA device; any strides
-            (the fused backends read rows with unit column stride and copy otherwise).
+            (the fused backends read rows with unit column stride and copy otherwise). Or a
+            sequence of T ``(R, N)`` tensors (views into separate kernels, memory maps): the
+            CPU extension reads them in place; the other backends stack them first.
         symmetric: weight 0/1/2 below/on/above the diagonal (see the module docstring);
             otherwise every element has weight 1.
         diag_offset: global column of tile column 0 minus global row of tile row 0.
         backend: ``torch`` | ``triton`` | ``ext`` | ``auto``.
 
     Returns:
-        ``(T, T)`` float64 on ``x.device``, exactly symmetric.
+        ``(T, T)`` float64 on the kernels' device, exactly symmetric.
     """
+    xs = None if isinstance(x, torch.Tensor) else _as_list(x)
+    probe = x if xs is None else xs[0][None]  # dtype, device and rank, for the checks
     requested = b = parse_backend(backend)
-    if x.dtype == torch.float64 and b is OpsBackend.AUTO:
+    if probe.dtype == torch.float64 and b is OpsBackend.AUTO:
         b = OpsBackend.TORCH  # float64 kernels: only the reference keeps their precision
-    _check(x, (*DTYPES, torch.float64) if b is OpsBackend.TORCH else DTYPES)
-    b = _backend_for(x, b)
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        return torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    _check(probe, (*DTYPES, torch.float64) if b is OpsBackend.TORCH else DTYPES)
+    b = _backend_for(probe, b)
+    t, r, n = (x.shape if xs is None else (len(xs), *xs[0].shape))
+    if r == 0 or n == 0:
+        return torch.zeros(t, t, dtype=torch.float64, device=probe.device)
+    if xs is not None and b is OpsBackend.EXT and probe.device.type == "cpu":
+        from . import ext
+
+        views = [k if k.stride(1) == 1 else k.contiguous() for k in xs]
+        try:
+            return ext.load(probe.device).kernel_pairs_list(views, bool(symmetric), int(diag_offset))
+        except Exception as e:
+            if requested is not OpsBackend.AUTO:
+                raise
+            warn_fallback("kernel_pair_products", b, e)
+            b = OpsBackend.TORCH
+    if xs is not None:
+        x = torch.stack(xs)
     if b is OpsBackend.TORCH:
         return kernel_pairs_reference(x, symmetric=symmetric, diag_offset=diag_offset)
     xc = x if x.stride(2) == 1 else x.contiguous()
