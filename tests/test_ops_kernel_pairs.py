@@ -236,7 +236,8 @@ def test_sequence_of_separate_kernels_equals_the_stack(backend):
         b = kernel_pair_products(torch.stack(views), symmetric=sym, diag_offset=4, backend=backend)
         assert torch.equal(a, b), (backend, sym)
     bf = [v.bfloat16() for v in views]
-    assert torch.equal(kernel_pair_products(bf, backend=backend), kernel_pair_products(torch.stack(bf), backend=backend))
+    stacked = kernel_pair_products(torch.stack(bf), backend=backend)
+    assert torch.equal(kernel_pair_products(bf, backend=backend), stacked)
     with pytest.raises(ConfigError, match="share shape"):
         kernel_pair_products([views[0], views[1][:3]], backend=backend)
     with pytest.raises(ConfigError, match="sequence"):
