@@ -20,25 +20,20 @@ def _kernels(t, m, symmetric=True):
     return out
 
 
-def _naive(kernels):
+def _naive(kernels, dtype=torch.float64):
+    """1 − cos over every pair with plain torch ops in ``dtype``: float64 is the reference,
+    float32 the same-precision yardstick for the fused backends."""
     t = len(kernels)
-    s = torch.zeros(t, t, dtype=torch.float64)
+    s = torch.zeros(t, t, dtype=dtype)
     for i in range(t):
         for j in range(t):
-            a, b = kernels[i].double(), kernels[j].double()
+            a, b = kernels[i].to(dtype), kernels[j].to(dtype)
             s[i, j] = 1 - (a * b).sum() / (a.norm() * b.norm())
     return s
 
 
 def _naive32(kernels):
-    """Plain torch at float32: the same-precision yardstick for the fused backends."""
-    t = len(kernels)
-    s = torch.zeros(t, t, dtype=torch.float32)
-    for i in range(t):
-        for j in range(t):
-            a, b = kernels[i].float(), kernels[j].float()
-            s[i, j] = 1 - (a * b).sum() / (a.norm() * b.norm())
-    return s
+    return _naive(kernels, torch.float32)
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 17])

@@ -130,32 +130,26 @@ def kernel_pair_products(x: torch.Tensor | Sequence[torch.Tensor], *, symmetric:
     t, r, n = (x.shape if xs is None else (len(xs), *xs[0].shape))
     if r == 0 or n == 0:
         return torch.zeros(t, t, dtype=torch.float64, device=probe.device)
-    if xs is not None and b is OpsBackend.EXT and probe.device.type == "cpu":
-        from . import ext
-
-        views = [k if k.stride(1) == 1 else k.contiguous() for k in xs]
-        try:
-            return ext.load(probe.device).kernel_pairs_list(views, bool(symmetric), int(diag_offset))
-        except Exception as e:
-            if requested is not OpsBackend.AUTO:
-                raise
-            warn_fallback("kernel_pair_products", b, e)
-            b = OpsBackend.TORCH
-    if xs is not None:
-        x = torch.stack(xs)
+    if xs is not None and not (b is OpsBackend.EXT and probe.device.type == "cpu"):
+        x, xs = torch.stack(xs), None  # only the CPU extension reads separate matrices in place
     if b is OpsBackend.TORCH:
         return kernel_pairs_reference(x, symmetric=symmetric, diag_offset=diag_offset)
-    xc = x if x.stride(2) == 1 else x.contiguous()
     try:
         if b is OpsBackend.TRITON:
             from .triton.kernel_pairs import kernel_pairs_triton
 
+            xc = x if x.stride(2) == 1 else x.contiguous()
             return kernel_pairs_triton(xc, symmetric=symmetric, diag_offset=diag_offset)
         from . import ext
 
-        return ext.load(x.device).kernel_pairs(xc, bool(symmetric), int(diag_offset))
+        mod = ext.load(probe.device)
+        if xs is not None:
+            views = [k if k.stride(1) == 1 else k.contiguous() for k in xs]
+            return mod.kernel_pairs_list(views, bool(symmetric), int(diag_offset))
+        return mod.kernel_pairs(x if x.stride(2) == 1 else x.contiguous(), bool(symmetric), int(diag_offset))
     except Exception as e:
         if requested is not OpsBackend.AUTO:
             raise
         warn_fallback("kernel_pair_products", b, e)
-        return kernel_pairs_reference(x, symmetric=symmetric, diag_offset=diag_offset)
+        return kernel_pairs_reference(x if xs is None else torch.stack(xs), symmetric=symmetric,
+                                      diag_offset=diag_offset)
