@@ -162,3 +162,29 @@ def test_bfloat16_kernels_stored_as_bits(tmp_path):
         s = pairwise_kernel_distance(maps, symmetric=True, backend=backend)
         err, err32 = float((s - ref).abs().max()), float((_naive32(ks).double() - ref).abs().max())
         assert err <= 4 * max(err32, torch.finfo(torch.float32).eps), (backend, err, err32)
+
+
+@pytest.mark.parametrize("m,r0,r1", [(37, 0, 37), (37, 5, 20), (1000, 333, 517), (48, 32, 48), (17, 16, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_staged_cuda_tiles_are_aligned_and_place_the_diagonal(m, r0, r1, dtype):
+    """The CUDA path's tile staging (run here on the CPU): rows start on 16-element
+    boundaries, the padding is zeros, and with its diag_offset the staged tile contributes
+    exactly what the unaligned tile [r0, r1) × [r0, m) does."""
+    from engine.ntk.distance import ROW_ALIGN, _staged
+    from engine.ops.kernel_pairs import kernel_pairs_reference
+
+    ks = [k.to(dtype) for k in _kernels(3, m)]
+    sources = [ks[0], ks[1].float().numpy() if dtype == torch.float32 else ks[1], ks[2]]
+    x, off = _staged(sources, r0, r1, r0, torch.device("cpu"), dtype)
+    assert x.dtype == dtype and x.shape[:2] == (3, r1 - r0)
+    assert x.stride(1) % ROW_ALIGN == 0 and x.shape[2] % ROW_ALIGN == 0
+    c0 = r0 + off
+    assert 0 <= r0 - c0 < ROW_ALIGN and c0 % ROW_ALIGN == 0
+    assert torch.equal(x[:, :, m - c0:], torch.zeros_like(x[:, :, m - c0:]))
+    for i, k in enumerate(ks):
+        assert torch.equal(x[i, :, : m - c0], k[r0:r1, c0:])
+    unaligned = torch.stack([k[r0:r1, r0:] for k in ks])
+    # Both float64: only the summation order differs (zeros and skipped elements reorder it).
+    torch.testing.assert_close(kernel_pairs_reference(x, symmetric=True, diag_offset=off),
+                               kernel_pairs_reference(unaligned, symmetric=True, diag_offset=0),
+                               rtol=m * torch.finfo(torch.float64).eps, atol=0)

@@ -9,6 +9,7 @@ from _tolerance import assert_close_to_torch, rel_err
 
 from engine.errors import ConfigError
 from engine.ntk.gram import gram, plan_tiles
+from engine.ops.tf32x3 import tf32x3
 from engine.store import JacobianStore
 
 
@@ -133,6 +134,12 @@ def test_triton_backend_out_of_core(tmp_path, kind, dtype, device, c, rows, cols
     J64 = J.double()
     ref64 = J64 @ J64.T if kind == "full" else _traced_ref(J64, c)
     e_fast, e_torch = rel_err(fast.cpu(), ref64), rel_err(ref.cpu(), ref64)
+    if device == "cuda" and dtype == torch.float32:
+        # float32 runs as tf32x3 on the tensor cores: its emulation is the same-precision yardstick.
+        def op(p, q):
+            h = p @ q.T
+            return h if kind == "full" else h.view(rows // c, c, rows // c, c).diagonal(dim1=1, dim2=3).sum(-1)
+        e_torch = max(e_torch, rel_err(tf32x3(op, J, J), ref64))
     # float32 sums: within 4x of torch's float32 error. bfloat16 on CUDA runs on tensor cores, whose
     # float32 accumulator truncates at every step: a random walk of about sqrt(P) float32 ulps.
     floor = torch.finfo(torch.float32).eps * (cols ** 0.5 if dtype == torch.bfloat16 and device == "cuda" else 1)

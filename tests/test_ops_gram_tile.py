@@ -15,6 +15,7 @@ import torch
 from engine.errors import ConfigError
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.gram_tile import gram_tile
+from engine.ops.tf32x3 import tf32x3
 from tests._tolerance import assert_close_to_torch
 
 POISON = -0x0021_5253  # int32 bits 0xFFDEADAD: a quiet NaN whose payload differs from torch's NaN
@@ -85,6 +86,10 @@ def test_matches_float64_reference(device, backend, dtype, shape, want, upper, a
     a64, b64 = a.double(), b.double()
     full32, full64 = a32 @ b32.T, a64 @ b64.T
     traced32, traced64 = _traced_of(a32, b32, c), _traced_of(a64, b64, c)
+    if backend == "triton" and dtype == torch.float32 and device == "cuda":
+        # On tensor cores float32 runs as tf32x3: its emulation is the same-precision yardstick.
+        full32 = tf32x3(lambda p, q: p @ q.T, a32, b32)
+        traced32 = tf32x3(lambda p, q: _traced_of(p, q, c), a32, b32)
 
     tri_full = torch.ones(na * c, nb * c, dtype=torch.bool).triu() if upper else torch.ones(na * c, nb * c).bool()
     tri_traced = torch.ones(na, nb, dtype=torch.bool).triu() if upper else torch.ones(na, nb).bool()

@@ -10,8 +10,10 @@ import os
 import pytest
 import torch
 
+import engine.ops.triton.kernel_pairs as kp
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.kernel_pairs import kernel_pair_products, kernel_pairs_reference, weights
+from engine.ops.tf32x3 import tf32x3
 from tests._tolerance import assert_close_to_torch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -32,11 +34,17 @@ def _seeded() -> tuple[torch.Generator, int]:
 
 
 def _torch_same_precision(x: torch.Tensor, symmetric: bool, diag_offset: int) -> torch.Tensor:
-    """Plain torch in float32 (bfloat16 upcast: its products are exact in float32, as in the kernel)."""
+    """Plain torch in float32 (bfloat16 upcast: its products are exact in float32, as in the
+    kernel); where the kernel's float32 dot runs on tensor cores (CUDA, T > 8) the tf32x3
+    emulation of the same products (weights 1 and 2 commute with the split)."""
     t = x.shape[0]
     x32 = x.float()
     xw = x32 * weights(x.shape[1], x.shape[2], diag_offset, device=x.device, dtype=torch.float32) if symmetric else x32
-    return xw.reshape(t, -1) @ x32.reshape(t, -1).T
+    def mm(p, q):
+        return p.reshape(t, -1) @ q.reshape(t, -1).T
+    if x.is_cuda and x.dtype == torch.float32 and t > 8 and kp.FP32_DOT == "tf32x3":
+        return tf32x3(mm, xw, x32)
+    return mm(xw, x32)
 
 
 def _check(x: torch.Tensor, symmetric: bool, diag_offset: int, what: str) -> torch.Tensor:
@@ -74,7 +82,6 @@ def test_non_contiguous_views(device, mode):
 @pytest.mark.parametrize("t", [17, 40])
 def test_kernel_blocks_beyond_one_pass(device, t, monkeypatch):
     """T above the per-pass block (64 normally; 16 here to stay cheap) goes block pair by block pair."""
-    import engine.ops.triton.kernel_pairs as kp
 
     monkeypatch.setattr(kp, "T_BLOCK", 16)
     gen, seed = _seeded()
@@ -128,7 +135,6 @@ def test_deterministic(device, dtype):
 def test_whole_and_edge_segments(device, dtype, monkeypatch):
     """16-column segments on wide tiles: whole segments on, above and below the diagonal, the
     segment the diagonal crosses (also when it starts exactly on it) and the tail segment."""
-    import engine.ops.triton.kernel_pairs as kp
 
     monkeypatch.setattr(kp, "_config", lambda *args: (16, 4, 2))
     gen, seed = _seeded()
@@ -136,3 +142,64 @@ def test_whole_and_edge_segments(device, dtype, monkeypatch):
         x = torch.randn(t, r, n, generator=gen).to(dtype).to(device)
         for mode in ((False, 0), (True, 0), (True, 3), (True, 16), (True, -16), (True, -21)):
             _check(x, *mode, what=f"T={t} R,N={(r, n)} mode={mode} {dtype} seed={seed}")
+
+
+def _live_segments(rows: int, n: int, off: int, b: int, symmetric: bool) -> list[tuple[int, int]]:
+    """Brute force: the whole segments (row, k) phase 1 must visit, in row-major order."""
+    return [(r, k) for r in range(rows) for k in range(n // b) if not symmetric or k * b + off > r]
+
+
+def test_phase1_visits_exactly_the_live_segments_in_order():
+    """The staircase map (float64 square root, ±1 correction) against brute force: no dead
+    segment, none twice, none missed, for head rows, partial bands and clipped staircases."""
+    count = 0
+    for rows in (1, 5, 16, 17, 40):
+        for n in (1, 7, 16, 33, 100):
+            for b in (4, 16):
+                for off in range(-45, 46, 4):
+                    for symmetric in (False, True):
+                        rr = max(0, min(rows, n + off)) if symmetric else rows
+                        if rr == 0:
+                            continue
+                        p = kp._plan(rr, n, off, b, symmetric)
+                        got = [kp._phase1_segment_py(s, p, off, b) if symmetric else divmod(s, p["n_full"])
+                               for s in range(p["n_phase1"])]
+                        assert got == _live_segments(rr, n, off, b, symmetric), (rows, n, b, off, symmetric)
+                        count += 1
+    assert count > 1000
+
+
+@pytest.mark.parametrize("rows,n,b,off", [(200_000, 200_000, 16, 0), (50_000, 3_000_000, 128, -7),
+                                          (70_001, 70_001, 128, 33)])
+def test_phase1_map_at_large_indices(rows, n, b, off):
+    """Where float64 rounding could bite: every band boundary ±1 and random indices map to a
+    segment whose rank (counted independently) is the index itself."""
+    p = kp._plan(rows, n, off, b, True)
+    n1 = p["n_full"] - 1
+
+    def rank(r: int, k: int) -> int:
+        if r < p["head"]:
+            return r * p["n_full"] + k
+        u = r - off
+        first = u // b + 1  # the row's first live segment
+        assert first <= k < p["n_full"], (r, k)
+        return p["head"] * p["n_full"] + kp._staircase_count(u, n1, b) - p["f0"] + (k - first)
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    idx = set(torch.randint(0, p["n_phase1"], (2000,), generator=gen).tolist())
+    for q in range(0, n1 + 1, max(1, n1 // 500)):
+        s = p["head"] * p["n_full"] + kp._staircase_count(q * b, n1, b) - p["f0"]
+        idx.update(v for v in (s - 1, s, s + 1) if 0 <= v < p["n_phase1"])
+    idx.update({0, p["n_phase1"] - 1})
+    for s in sorted(idx):
+        assert rank(*kp._phase1_segment_py(s, p, off, b)) == s, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_staircase_in_the_kernel(device, dtype, monkeypatch):
+    """The kernel's own map: 4-column segments make many bands, partial ones and head rows."""
+    monkeypatch.setattr(kp, "_config", lambda *args: (4, 4, 2))
+    gen, seed = _seeded()
+    x = torch.randn(3, 23, 37, generator=gen).to(dtype).to(device)
+    for off in (-30, -4, 0, 1, 4, 13, 23):
+        _check(x, True, off, what=f"diag_offset={off} {dtype} seed={seed}")

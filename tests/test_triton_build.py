@@ -47,3 +47,15 @@ def test_bfloat16_products_use_tensor_cores(compiled):
             assert c["mma"], c
         if c["kernel"] == "_gram_tile_kernel" and c["dtype"] == "*bf16":
             assert c["wgmma"], f"the Gram tile should use Hopper's wgmma: {c}"
+
+
+def test_float32_dots_use_tf32_tensor_cores(compiled):
+    """tf32x3 must really reach the tensor cores (tf32 mma); "ieee" must not touch them."""
+    seen = set()
+    for c in compiled:
+        if c["dtype"] != "*fp32" or not (c["kernel"] == "_gram_tile_kernel" or c["constexprs"].get("USE_DOT")):
+            continue
+        precision = c["constexprs"]["PRECISION"]
+        seen.add(precision)
+        assert c["tf32_mma"] == (precision == "tf32x3"), c
+    assert seen == {"tf32x3", "ieee"}, seen

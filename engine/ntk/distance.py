@@ -60,6 +60,31 @@ def _rows(k, r0: int, r1: int, c0: int, device: torch.device, dtype: torch.dtype
     return t.to(device, dtype)
 
 
+ROW_ALIGN = 16  # elements: rows of a staged tile start on 64-byte (float32) boundaries
+
+
+def _staged(kernels: Sequence, r0: int, r1: int, c0: int, device: torch.device, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, int]:
+    """Rows [r0, r1), columns from about c0 of every kernel, stacked on ``device`` as one
+    ``(T, r1 − r0, N)`` tile whose rows start on ``ROW_ALIGN``-element boundaries, with the
+    ``diag_offset`` that places it (kernel_pair_products' convention).
+
+    The first column is c0 rounded down to ROW_ALIGN and the row length is padded with zeros
+    to a multiple of it (zeros add nothing to any product). Why: Triton vectorises a load
+    only when it can prove the row stride a multiple of 16 elements; on an H200 a bfloat16
+    tile with N = 8191 read at 2.1 TB/s against 3.8 with N = 8192. The extra columns lie
+    below the diagonal in symmetric mode and are never read by the kernels.
+    """
+    c0a = c0 - c0 % ROW_ALIGN
+    width = _check_shapes(kernels)[1] - c0a
+    padded = -(-width // ROW_ALIGN) * ROW_ALIGN
+    x = torch.empty(len(kernels), r1 - r0, padded, device=device, dtype=dtype)
+    x[:, :, width:] = 0
+    for i, k in enumerate(kernels):
+        x[i, :, :width] = _rows(k, r0, r1, c0a, device, dtype)
+    return x, c0a - r0
+
+
 def _view(k, r0: int, r1: int, c0: int, dtype: torch.dtype) -> torch.Tensor:
     """``k[r0:r1, c0:]`` as a CPU tensor, without a copy where the source allows (tensors of the
     tile dtype, NumPy arrays and memory maps, bfloat16 stored as uint16 bits)."""
@@ -132,18 +157,18 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
     # and the C++ kernel reads them in place: 16 ms for 16 memory-mapped 2048² kernels
     # (symmetric, 2 cores) against 114 ms when the tiles were first copied into a stack and
     # 11 ms for the op alone. OS readahead serves cold files (rows are read in file order).
-    # On CUDA the tile is stacked and moved to the device (the caching allocator makes the
-    # per-tile buffers cheap; copies are stream-ordered).
+    # On CUDA the tile is stacked on the device with 16-element-aligned rows (`_staged`; the
+    # caching allocator makes the per-tile buffers cheap; copies are stream-ordered).
     def load(key):
         _, (r0, r1) = key
         c0 = r0 if symmetric else 0
         if device.type == "cpu":
-            return [_view(k, r0, r1, c0, dtype) for k in kernels]
-        return torch.stack([_rows(k, r0, r1, c0, device, dtype) for k in kernels])
+            return [_view(k, r0, r1, c0, dtype) for k in kernels], c0 - r0
+        return _staged(kernels, r0, r1, c0, device, dtype)
 
     bar = progress_bar(total=m, desc="kernel distances", enabled=progress, unit="row")
-    for (_, (r0, r1)), x in _prefetched(list(enumerate(tiles)), load):
-        g += kernel_pair_products(x, symmetric=symmetric, diag_offset=0, backend=b)
+    for (_, (r0, r1)), (x, diag_offset) in _prefetched(list(enumerate(tiles)), load):
+        g += kernel_pair_products(x, symmetric=symmetric, diag_offset=diag_offset, backend=b)
         bar.update(r1 - r0)
     bar.close()
     bad = ~torch.isfinite(torch.diagonal(g))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -55,11 +56,18 @@ for dtype in (torch.float32, torch.bfloat16):
     for t in (3, 16, 17, 64, 70):
         for sym in (False, True):
             kp.kernel_pairs_triton(torch.zeros(t, 40, 300, dtype=dtype), symmetric=sym, diag_offset=0)
+            if dtype == torch.float32 and t == 16:  # the alternative float32 dot the benchmarks compare
+                kp.kernel_pairs_triton(torch.zeros(t, 40, 300, dtype=dtype), symmetric=sym, diag_offset=0,
+                                       fp32_dot="ieee")
     for want in ("full", "traced", "both"):
         for upper in (False, True):
             a = torch.zeros(60, 64, dtype=dtype)
             gt.gram_tile_triton(a, a, want=want, num_outputs=3, out=None, traced=None, accumulate=True,
                                 upper=upper)
+    if dtype == torch.float32:
+        a = torch.zeros(60, 64, dtype=dtype)
+        gt.gram_tile_triton(a, a, want="full", num_outputs=1, out=None, traced=None, accumulate=False,
+                            upper=False, fp32_dot="ieee")
 
 target = GPUTarget("cuda", 90, 32)
 for kernel, sig, constexprs, options, names in calls.values():
@@ -68,5 +76,7 @@ for kernel, sig, constexprs, options, names in calls.values():
     ptx = compiled.asm["ptx"]
     print(json.dumps({"kernel": kernel.fn.__name__, "constexprs": constexprs, "options": options,
                       "dtype": sig[names[0]], "shared": compiled.metadata.shared,
-                      "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx}), flush=True)
+                      "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx,
+                      "tf32_mma": bool(re.search(r"mma[^\n]*tf32", ptx)),
+                      "ptx_lines": ptx.count("\n")}), flush=True)
 sys.exit(0)

@@ -17,8 +17,11 @@ With ``upper`` only elements with column ≥ row are stored (masked), and progra
 entirely below the diagonal are skipped; nothing below the diagonal is ever loaded or
 stored. ``accumulate`` loads the existing value under the same mask.
 
-float32 inputs use ``input_precision="ieee"`` (torch.mm's default float32 precision, not
-tf32); bfloat16 inputs go to the tensor cores with float32 accumulation. Tensor cores
+float32 inputs use ``input_precision="tf32x3"`` by default (``FP32_DOT``): three tf32
+tensor-core passes over the split x = hi + lo (hi·hi + hi·lo + lo·hi), error per product a
+few float32 ulps (derived and emulated in :mod:`engine.ops.tf32x3`); ``"ieee"`` (torch.mm's
+default float32 precision) runs on CUDA-core FMAs and measured 41% of cuBLAS's sgemm on an
+H200. bfloat16 inputs go to the tensor cores with float32 accumulation. Tensor cores
 accumulate with truncation, so for long P a bfloat16 tile is less exact than torch's
 float32 matmul of the upcast inputs (H200, 8192² × 8192: 9.1e-6 against 9.6e-7 relative;
 cuBLAS's bfloat16 GEMM shares this and then rounds its output to bfloat16)."""
@@ -32,9 +35,10 @@ import triton.language as tl
 from ..backend import triton_interpreted
 
 GROUP_N = 8  # L2 swizzle: consecutive programs share a band of 8 a-row tiles
+FP32_DOT = "tf32x3"  # float32 dot form: "tf32x3" (tensor cores, ~float32 error) or "ieee" (CUDA-core FMAs)
 
 
-def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device):
+def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device, precision: str = "ieee"):
     """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) for H200: the largest tile that
     still gives every SM a program (a 512 × 512 traced kernel is only 16 tiles of 128²).
 
@@ -44,9 +48,15 @@ def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device):
     measured 21 TFLOP/s against 14 for 64×64 (cuBLAS sgemm: 51). A row stride that is not
     a multiple of 16 elements (odd P, contiguous) makes every load scalar: bfloat16
     8192² × 8191 ran at 47 TFLOP/s (cuBLAS: 136) — pad P if that matters.
+    float32 "tf32x3" runs three tf32 tensor-core passes (H200 dense tf32: ~495 TFLOP/s, so
+    ~165 for the three, against ~67 for float32 FMAs): it gets the bfloat16 kernel's large
+    tiles at half the K depth, as its operands and their hi/lo split are 4 bytes wide
+    (sm_90 AOT build: shared memory in tests/test_triton_build.py). Not yet timed.
     """
     if dtype == torch.bfloat16:
         cands = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
+    elif precision == "tf32x3":
+        cands = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 32, 32, 4, 3)]
     else:
         cands = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 32, 32, 4, 3)]
     if device.type != "cuda":
@@ -60,7 +70,8 @@ def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device):
 
 @triton.jit
 def _dot_rows(a_ptr, b_ptr, a_rows, b_rows, a_ok, b_ok, P, sa0, sa1, sb0, sb1,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     """a[a_rows] @ b[b_rows]ᵀ over all P columns, float32. a_rows (BN,), b_rows (BM,) int64.
 
     Whole K-blocks first with row-only masks (constant along K, so the loads stay
@@ -78,7 +89,7 @@ def _dot_rows(a_ptr, b_ptr, a_rows, b_rows, a_ok, b_ok, P, sa0, sa1, sb0, sb1,
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     if p_main < P:
         kk = p_main + k
         k_ok = kk < P
@@ -87,14 +98,15 @@ def _dot_rows(a_ptr, b_ptr, a_rows, b_rows, a_ok, b_ok, P, sa0, sa1, sb0, sb1,
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _gram_tile_kernel(a_ptr, b_ptr, out_ptr, Na, Nb, P, C, sa0, sa1, sb0, sb1, so0, so1,
                       ACCUMULATE: tl.constexpr, UPPER: tl.constexpr, UPCAST: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """out[n, m] (+)= Σ_c a[n·C + c] · b[m·C + c]; a: (Na·C, P), b: (Nb·C, P), out: (Na, Nb) float32.
 
     C = 1 is the full kernel (a plain tiled matmul). 1-D grid of cdiv(Na, BLOCK_N) ·
@@ -122,7 +134,7 @@ def _gram_tile_kernel(a_ptr, b_ptr, out_ptr, Na, Nb, P, C, sa0, sa1, sb0, sb1, s
             # One float32 add per channel rather than chaining every channel through the
             # tensor cores' truncating accumulator (C·P/16 steps for bfloat16).
             acc += _dot_rows(a_ptr, b_ptr, n * C + c, m * C + c, n_ok, m_ok, P, sa0, sa1, sb0, sb1,
-                             BLOCK_N, BLOCK_M, BLOCK_K, UPCAST)
+                             BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
         mask = n_ok[:, None] & m_ok[None, :]
         if UPPER:
             mask = mask & (m[None, :] >= n[:, None])
@@ -133,8 +145,13 @@ def _gram_tile_kernel(a_ptr, b_ptr, out_ptr, Na, Nb, P, C, sa0, sa1, sb0, sb1, s
 
 
 def gram_tile_triton(a: torch.Tensor, b: torch.Tensor, *, want: str, num_outputs: int,
-                     out: torch.Tensor | None, traced: torch.Tensor | None, accumulate: bool, upper: bool):
-    """Validated inputs (see :func:`engine.ops.gram_tile.gram_tile`) → ``(full | None, traced | None)``."""
+                     out: torch.Tensor | None, traced: torch.Tensor | None, accumulate: bool, upper: bool,
+                     fp32_dot: str = FP32_DOT):
+    """Validated inputs (see :func:`engine.ops.gram_tile.gram_tile`) → ``(full | None, traced | None)``.
+
+    fp32_dot: the float32 dot form, ``"tf32x3"`` or ``"ieee"`` (module docstring)."""
+    if fp32_dot not in ("tf32x3", "ieee"):
+        raise ValueError(f"fp32_dot must be 'tf32x3' or 'ieee', got {fp32_dot!r}")
     c = int(num_outputs)
     ra, rb = a.shape[0], b.shape[0]
     want_full, want_traced = want in ("full", "both"), want in ("traced", "both")
@@ -147,16 +164,17 @@ def gram_tile_triton(a: torch.Tensor, b: torch.Tensor, *, want: str, num_outputs
     if ra == 0 or rb == 0:
         return full_out, traced_out
     if want_full:
-        _launch(a, b, full_out, 1, accumulate, upper)
+        _launch(a, b, full_out, 1, accumulate, upper, fp32_dot)
     if want_traced:
-        _launch(a, b, traced_out, c, accumulate, upper)
+        _launch(a, b, traced_out, c, accumulate, upper, fp32_dot)
     return full_out, traced_out
 
 
-def _launch(a, b, out, c, accumulate, upper):
+def _launch(a, b, out, c, accumulate, upper, fp32_dot):
     """out (+)= the C-traced product of a and b (C = 1: the full product)."""
     na, nb, p = a.shape[0] // c, b.shape[0] // c, a.shape[1]
-    block_n, block_m, block_k, num_warps, num_stages = _config(a.dtype, na, nb, a.device)
+    precision = fp32_dot if a.dtype == torch.float32 else "ieee"
+    block_n, block_m, block_k, num_warps, num_stages = _config(a.dtype, na, nb, a.device, precision)
     # The interpreter does bfloat16 arithmetic on the raw uint16 bits; upcasting first is
     # exact and the accumulation is float32 either way.
     upcast = a.dtype == torch.bfloat16 and triton_interpreted()
@@ -164,4 +182,5 @@ def _launch(a, b, out, c, accumulate, upper):
     _gram_tile_kernel[grid](
         a, b, out, na, nb, p, c, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=bool(accumulate), UPPER=bool(upper), UPCAST=upcast,
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, GROUP=GROUP_N, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, GROUP=GROUP_N, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages)
