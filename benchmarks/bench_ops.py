@@ -11,7 +11,8 @@ fraction of the ceiling):
   * ``kernel-pairs-<dtype>-T16-M<M>`` (kernel 1; CPU M=2048, CUDA M=8192): T=16 random
     symmetric kernels stacked (T, M, M); members ``kernel_pair_products(symmetric=True)``
     with backends ``torch`` (float64 reference, role reference), ``ext`` (C++ or CUDA),
-    ``triton`` (CUDA only), ``ext`` with ``symmetric=False`` (reads everything), and a
+    ``triton`` (CUDA only; float32 as tf32x3, ``triton-ieee`` as CUDA-core FMAs), ``ext`` and
+    ``triton`` with ``symmetric=False`` (``-full``: reads everything), and a
     naive float32 loop over the 136 pairs (``torch.dot``; role peer: what one would write).
     Bytes = what the op must read once: T·M(M+1)/2 elements symmetric, T·M² otherwise.
     **Targets: CPU ext ≥ 2x the reference; H200 ≥ 80% of copy bandwidth.**
@@ -19,8 +20,9 @@ fraction of the ceiling):
     Jacobian blocks a, b of R × P (bf16: 8192 × 8192; fp32: 4096 × 8192), out float32 R × R.
     Members: ``torch.mm(a, b.T)`` (role reference: cuBLAS, output in the input dtype),
     torch.mm plus a separate ``out +=`` epilogue (the unfused path), ``gram_tile`` full
-    with accumulate, ``gram_tile`` on a diagonal tile (``upper=True``: FLOPs counted as
-    the full tile's, so its rate shows the saving), and ``want="both"`` with C = 10.
+    with accumulate (float32: the default tf32x3 dot; ``gram_tile-ieee``: CUDA-core FMAs),
+    ``gram_tile`` on a diagonal tile (``upper=True``: FLOPs counted as the full tile's, so
+    its rate shows the saving), and ``want="both"`` with C = 10.
     FLOPs = 2·R·R·P. **Target: ≥ 85% of torch.mm at the same precision.**
 
 Run: .venv/bin/python -m pytest benchmarks/bench_ops.py -p no:cacheprovider \\
@@ -65,22 +67,24 @@ def _symmetric_kernels(m: int, dtype, device) -> torch.Tensor:
     return ((x + x.transpose(1, 2)) / 2).to(dtype).contiguous()
 
 
-def _kp_members(device):
+def _kp_members(device, dtype):
     members = ["torch", "ext", "ext-full", "naive-pairs"]
     if device.type == "cuda":
-        members.insert(2, "triton")
+        members += ["triton", "triton-full"] + (["triton-ieee"] if dtype == torch.float32 else [])
     return members
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("member", ["torch", "ext", "triton", "ext-full", "naive-pairs"])
+@pytest.mark.parametrize("member", ["torch", "ext", "triton", "triton-ieee", "ext-full", "triton-full",
+                                    "naive-pairs"])
 def test_kernel_pairs(benchmark, device, ceilings, member, dtype):
-    if member not in _kp_members(device):
-        pytest.skip("Triton on the CPU runs in its interpreter: not a performance path")
+    if member not in _kp_members(device, dtype):
+        pytest.skip("Triton on the CPU runs in its interpreter: not a performance path; "
+                    "triton-ieee is the float32 FMA form")
     m = 8192 if device.type == "cuda" else 2048
     x = _symmetric_kernels(m, dtype, device)
     itemsize = x.element_size()
-    sym = member != "ext-full"
+    sym = not member.endswith("-full")
     elements = T * (m * (m + 1) // 2 if sym else m * m)
     if member == "naive-pairs":
         flat = x.reshape(T, -1)
@@ -92,8 +96,13 @@ def test_kernel_pairs(benchmark, device, ceilings, member, dtype):
                     g[i, j] = g[j, i] = torch.dot(flat[i], flat[j]).double()
             return g
         elements = T * (T + 1) * m * m  # two kernels read per pair
+    elif member == "triton-ieee":
+        from engine.ops.triton.kernel_pairs import kernel_pairs_triton
+
+        def fn():
+            return kernel_pairs_triton(x, symmetric=sym, diag_offset=0, fp32_dot="ieee")
     else:
-        backend = "ext" if member == "ext-full" else member
+        backend = member.removesuffix("-full")
         try:
             kernel_pair_products(x[:, :7, :7], backend=backend)
         except BackendUnavailableError as e:
@@ -116,11 +125,14 @@ def test_kernel_pairs(benchmark, device, ceilings, member, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("member", ["torch.mm", "torch.mm+epilogue", "gram_tile", "gram_tile-upper",
-                                    "gram_tile-both-C10"])
+@pytest.mark.parametrize("member", ["torch.mm", "torch.mm+epilogue", "gram_tile", "gram_tile-ieee",
+                                    "gram_tile-upper", "gram_tile-both-C10"])
 def test_gram_tile(benchmark, device, ceilings, member, dtype):
     if device.type != "cuda" or triton_unavailable_reason(device) is not None:
         pytest.skip("gram_tile's fast path is Triton on CUDA; on the CPU it runs in the interpreter")
+    if member == "gram_tile-ieee" and dtype != torch.float32:
+        pytest.skip("the ieee/tf32x3 choice is float32's")
+    from engine.ops.triton.gram_tile import gram_tile_triton
     r, p = (8192, 8192) if dtype == torch.bfloat16 else (4096, 8192)
     a = torch.randn(r, p, device=device, dtype=dtype)
     b = torch.randn(r, p, device=device, dtype=dtype)
@@ -130,6 +142,8 @@ def test_gram_tile(benchmark, device, ceilings, member, dtype):
         "torch.mm": lambda: a @ b.T,
         "torch.mm+epilogue": lambda: out.add_(a @ b.T),
         "gram_tile": lambda: gram_tile(a, b, out=out, accumulate=True, backend="triton"),
+        "gram_tile-ieee": lambda: gram_tile_triton(a, b, want="full", num_outputs=1, out=out, traced=None,
+                                                   accumulate=True, upper=False, fp32_dot="ieee"),
         "gram_tile-upper": lambda: gram_tile(a, a, out=out, accumulate=True, upper=True, backend="triton"),
         "gram_tile-both-C10": lambda: gram_tile(a, b, want="both", num_outputs=10, out=out, traced=traced,
                                                 accumulate=True, backend="triton"),

@@ -2,11 +2,15 @@
 # One prepared device check for the fused ops (engine.ops, csrc/): run on a GPU machine from the
 # repository root, with nothing installed beyond torch/triton/h5py/pytest/pytest-benchmark.
 #   1. build the CUDA extension (timed), 2. correctness of every backend on CUDA (the cuda-marked
-#   tests of the ops, Gram and distance suites), 3. the benchmark table with measured ceilings.
-# Writes logs and the benchmark JSON under $OUT (default: benchmarks/results/gpu-run). ~5 min on an H200.
+#   tests of the ops, Gram and distance suites), 3. the benchmark table with measured ceilings,
+#   4. the launch-configuration sweep (benchmarks/gpu_tune_ops.py; TUNE=0 skips it).
+# Writes logs, the benchmark JSON and tune.jsonl under $OUT (default: benchmarks/results/gpu-run).
+# ~5 min on an H200 without the sweep, ~8 with it (each step has its own timeout, so a slow
+# step cannot eat the others' time, and everything written so far comes back).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=16
 export ENTK_EXT_DIR="${ENTK_EXT_DIR:-/tmp/entk-ext}"
+ROOT="$PWD"
 OUT="${OUT:-benchmarks/results/gpu-run}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"  # absolute: the benchmark step runs from benchmarks/
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -36,3 +40,10 @@ cd benchmarks && timeout 240 python3 -m pytest -p no:cacheprovider -p no:xdist -
   --benchmark-json="$OUT/ops-h200.json" --benchmark-columns=median,iqr,rounds 2>&1 \
   | tee "$OUT/bench.log" | grep -E "ceilings|ext backend|^\[|median|passed|failed|Error" | tail -n 40
 echo "bench: $(( $(date +%s) - start )) s"
+
+if [ "${TUNE:-1}" != "0" ]; then
+  start=$(date +%s)
+  cd "$ROOT"
+  timeout 200 python3 benchmarks/gpu_tune_ops.py --out "$OUT/tune.jsonl" 2>&1 | tee "$OUT/tune.log" | tail -n 45
+  echo "tune: $(( $(date +%s) - start )) s"
+fi
