@@ -20,3 +20,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# The GPU machine's Triton (3.6; it cannot install anything), beside the venv's own, so that
+# tests/test_triton_build.py compiles every kernel against both versions ahead of time.
+gpu_triton=.venv/triton-gpu-image
+if [ ! -d "$gpu_triton/triton" ]; then
+  if ! .venv/bin/python -m pip install --quiet --no-deps --target "$gpu_triton" "triton==3.6.0" \
+       >>.venv/install.log 2>&1; then
+    rm -rf "$gpu_triton"
+    echo "entk: could not install triton 3.6.0; the compile check against the GPU image's Triton will skip" >&2
+  fi
+fi

@@ -1,4 +1,5 @@
-"""The Triton kernels must compile for Hopper even where there is no GPU.
+"""The Triton kernels must compile for Hopper even where there is no GPU, with this venv's
+Triton and with the GPU image's (3.6).
 
 The CPU interpreter checks what the kernels compute, not that they compile: a type error
 in a dot, an unsupported op or a tile that overflows shared memory only shows on a GPU.
@@ -20,14 +21,28 @@ HELPER = Path(__file__).parent / "helpers" / "triton_aot_sm90.py"
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on an H100/H200
 
 
-@pytest.fixture(scope="module")
-def compiled():
+# The GPU machine runs Triton 3.6 and cannot install anything; scripts/env.sh puts that
+# version beside the venv's own so the kernels are compiled against both.
+GPU_IMAGE_TRITON = Path(os.environ.get("ENTK_GPU_IMAGE_TRITON",
+                                       Path(__file__).parents[1] / ".venv" / "triton-gpu-image"))
+
+
+@pytest.fixture(scope="module", params=["venv", "gpu-image"])
+def compiled(request, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param == "gpu-image":
+        if not (GPU_IMAGE_TRITON / "triton").is_dir():
+            pytest.skip(f"no Triton of the GPU image at {GPU_IMAGE_TRITON} (scripts/env.sh installs it)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GPU_IMAGE_TRITON), env.get("PYTHONPATH")]))
+        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     res = subprocess.run([sys.executable, str(HELPER)], capture_output=True, text=True, timeout=900, env=env)
     if res.returncode != 0 and "No module named 'triton.backends" in res.stderr:
         pytest.skip("this Triton has no CUDA backend to compile for")
     assert res.returncode == 0, res.stderr[-3000:]
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    if request.param == "gpu-image":
+        assert {c["triton"] for c in lines} == {"3.6.0"}, "the GPU image's Triton was not the one used"
+    return lines
 
 
 def test_every_launch_configuration_compiles_for_sm90(compiled):

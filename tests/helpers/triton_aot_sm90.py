@@ -74,7 +74,8 @@ for kernel, sig, constexprs, options, names in calls.values():
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=target, options=options)
     ptx = compiled.asm["ptx"]
-    print(json.dumps({"kernel": kernel.fn.__name__, "constexprs": constexprs, "options": options,
+    print(json.dumps({"kernel": kernel.fn.__name__, "triton": triton.__version__,
+                      "constexprs": constexprs, "options": options,
                       "dtype": sig[names[0]], "shared": compiled.metadata.shared,
                       "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx,
                       "tf32_mma": bool(re.search(r"mma[^\n]*tf32", ptx)),
