@@ -5,7 +5,7 @@
 #   tests of the ops, Gram and distance suites), 3. the benchmark table with measured ceilings,
 #   4. the launch-configuration sweep (benchmarks/gpu_tune_ops.py; TUNE=0 skips it).
 # Writes logs, the benchmark JSON and tune.jsonl under $OUT (default: benchmarks/results/gpu-run).
-# ~5 min on an H200 without the sweep, ~8 with it (each step has its own timeout, so a slow
+# ~5 min on an H200 without the sweep, ~8-9 with it (each step has its own timeout, so a slow
 # step cannot eat the others' time, and everything written so far comes back).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=16
@@ -44,6 +44,6 @@ echo "bench: $(( $(date +%s) - start )) s"
 if [ "${TUNE:-1}" != "0" ]; then
   start=$(date +%s)
   cd "$ROOT"
-  timeout 200 python3 benchmarks/gpu_tune_ops.py --out "$OUT/tune.jsonl" 2>&1 | tee "$OUT/tune.log" | tail -n 45
+  timeout 240 python3 benchmarks/gpu_tune_ops.py --out "$OUT/tune.jsonl" 2>&1 | tee "$OUT/tune.log" | tail -n 45
   echo "tune: $(( $(date +%s) - start )) s"
 fi
