@@ -195,11 +195,15 @@ def test_phase1_map_at_large_indices(rows, n, b, off):
         assert rank(*kp._phase1_segment_py(s, p, off, b)) == s, s
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_staircase_in_the_kernel(device, dtype, monkeypatch):
-    """The kernel's own map: 4-column segments make many bands, partial ones and head rows."""
+def test_staircase_in_the_kernel(device, dtype, wide, monkeypatch):
+    """The kernel's own map: 4-column segments make many bands, partial ones and head rows;
+    in int32 index arithmetic (the usual case) and int64 (tiles past 2³¹ segments)."""
     monkeypatch.setattr(kp, "_config", lambda *args: (4, 4, 2))
+    if wide:
+        monkeypatch.setattr(kp, "NARROW_LIMIT", 0)
     gen, seed = _seeded()
     x = torch.randn(3, 23, 37, generator=gen).to(dtype).to(device)
-    for off in (-30, -4, 0, 1, 4, 13, 23):
+    for off in (-30, -4, 0, 1, 4, 13, 23) if not wide else (-9, 0, 5):
         _check(x, True, off, what=f"diag_offset={off} {dtype} seed={seed}")

@@ -72,6 +72,7 @@ SMEM_BUDGET = 160 * 1024   # per SM, for the pipelined segment loads of the resi
 PROGRAM_SMEM = 128 * 1024  # per program
 MAX_PROGRAMS_PER_SM = 8    # measured: 4 and 16 were no faster (bfloat16, T = 16)
 CPU_PROGRAMS = 3     # the interpreter runs programs one by one; a few still exercise the striding
+NARROW_LIMIT = 2**31 - 1  # index arithmetic is int32 while every intermediate stays below this
 FP32_DOT = "tf32x3"  # float32 dot form: "tf32x3" (tensor cores, ~float32 error) or "ieee" (CUDA-core FMAs)
 TF32X3_SMEM_TILES = 2  # shared-memory tiles the tf32x3 split adds (sm_90 AOT builds: 1-2 at TP ≤ 32, 3 at 64)
 
@@ -149,13 +150,16 @@ def _phase1_segment_py(s: int, p: dict, diag_offset: int, block_n: int) -> tuple
 
 @triton.jit
 def _stairs_before(q, n1, BLOCK_N: tl.constexpr):
-    """_staircase_count(q · BLOCK_N) for int64 q."""
+    """_staircase_count(q · BLOCK_N)."""
     return BLOCK_N * (q * n1 - q * (q - 1) // 2)
 
 
 @triton.jit
-def _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(row, first column) of phase-1 segment s (int64): see `_phase1_segment_py`."""
+def _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WIDE: tl.constexpr):
+    """(row, first column) of phase-1 segment s: see `_phase1_segment_py`. Index arithmetic is
+    int32 unless WIDE (the launcher's bound on every intermediate): 64-bit integer division is
+    several times dearer on a GPU, and it sits in front of every segment's loads."""
     r = s // n_full
     k = s % n_full
     if SYMMETRIC:
@@ -163,7 +167,10 @@ def _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC: tl.constexpr, B
         sp = tl.maximum(s - head * n_full, 0) + f0
         c = (s * 0 + 2 * n1 + 1).to(tl.float64)  # n_full may arrive as a constexpr 1
         disc = tl.maximum(c * c - 8.0 * sp.to(tl.float64) / BLOCK_N, 0.0)
-        q = ((c - tl.sqrt(disc)) * 0.5).to(tl.int64)
+        if WIDE:
+            q = ((c - tl.sqrt(disc)) * 0.5).to(tl.int64)
+        else:
+            q = ((c - tl.sqrt(disc)) * 0.5).to(tl.int32)
         q = tl.where(_stairs_before(q + 1, n1, BLOCK_N) <= sp, q + 1, q)
         q = tl.where(_stairs_before(q, n1, BLOCK_N) > sp, q - 1, q)
         rem = sp - _stairs_before(q, n1, BLOCK_N)
@@ -213,7 +220,7 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
                          head, f0, n_phase1, n_edge,
                          SYMMETRIC: tl.constexpr, TAIL: tl.constexpr, SAME: tl.constexpr, TP: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """One program's share of the segments.
 
     x_ptr: (T, R, N) with unit column stride; kernels ti0 + [0, TP) against tj0 + [0, TP)
@@ -240,9 +247,12 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
     else:
         acc = tl.zeros((TP, TP, BLOCK_N), dtype=tl.float64)
     for seg in range(pid, n_phase1, step):
-        r, c0 = _phase1_segment((pid * 0 + seg).to(tl.int64), n_full, head, f0, diag_offset, SYMMETRIC, BLOCK_N)
+        s = pid * 0 + seg  # a tensor even where the interpreter hands out Python ints
+        if WIDE:
+            s = s.to(tl.int64)
+        r, c0 = _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC, BLOCK_N, WIDE)
         cols = c0 + col
-        off = (r * stride_r + cols)[None, :]
+        off = (r.to(tl.int64) * stride_r + cols)[None, :]
         acc = _add_segment(acc, a_rows + off, b_rows + off, a_ok, b_ok, r, cols, diag_offset,
                            SYMMETRIC, False, SAME, USE_DOT, UPCAST, PRECISION)
     for e in range(pid, n_edge, step):
@@ -313,6 +323,9 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
         return g
     p = _plan(r, n, int(diag_offset), block_n, bool(symmetric))
     n_edge = r * p["edge_per_row"]
+    n1 = max(p["n_full"] - 1, 0)
+    wide = max(p["n_phase1"] + n_edge + p["f0"] + p["head"] * p["n_full"], block_n * (n1 + 2) ** 2,
+               n + block_n) > NARROW_LIMIT
     smem = (num_stages + extra) * buffers * tp * block_n * x.element_size() if use_dot else 0
     programs = _num_programs(p["n_phase1"] + n_edge, x.device, smem, num_warps)
     # Poisoned: a program that failed to write its partial turns G into NaN instead of garbage.
@@ -323,7 +336,8 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
                 x, part, t, n, x.stride(0), x.stride(1), int(diag_offset), i0, j0, p["n_full"],
                 p["head"], p["f0"], p["n_phase1"], n_edge,
                 SYMMETRIC=bool(symmetric), TAIL=n % block_n != 0, SAME=i0 == j0, TP=tp, BLOCK_N=block_n,
-                USE_DOT=use_dot, UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+                USE_DOT=use_dot, UPCAST=upcast, PRECISION=precision, WIDE=wide, num_warps=num_warps,
+                num_stages=num_stages)
             ni, nj = min(tp, t - i0), min(tp, t - j0)
             g[i0:i0 + ni, j0:j0 + nj] = part.sum(0)[:ni, :nj]
     return _mirror(g)
