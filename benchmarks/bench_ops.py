@@ -11,7 +11,8 @@ fraction of the ceiling):
   * ``kernel-pairs-<dtype>-T16-M<M>`` (kernel 1; CPU M=2048, CUDA M=8192): T=16 random
     symmetric kernels stacked (T, M, M); members ``kernel_pair_products(symmetric=True)``
     with backends ``torch`` (float64 reference, role reference), ``ext`` (C++ or CUDA),
-    ``triton`` (CUDA only; float32 as tf32x3, ``triton-ieee`` as CUDA-core FMAs), ``ext`` and
+    ``triton`` (CUDA only; float32 as two-pass tf32x3, ``triton-tf32x3-triton`` as Triton's
+    three-pass, ``triton-ieee`` as CUDA-core FMAs), ``ext`` and
     ``triton`` with ``symmetric=False`` (``-full``: reads everything), and a
     naive float32 loop over the 136 pairs (``torch.dot``; role peer: what one would write).
     Bytes = what the op must read once: T·M(M+1)/2 elements symmetric, T·M² otherwise.
@@ -70,13 +71,14 @@ def _symmetric_kernels(m: int, dtype, device) -> torch.Tensor:
 def _kp_members(device, dtype):
     members = ["torch", "ext", "ext-full", "naive-pairs"]
     if device.type == "cuda":
-        members += ["triton", "triton-full"] + (["triton-ieee"] if dtype == torch.float32 else [])
+        members += ["triton", "triton-full"] + (["triton-ieee", "triton-tf32x3-triton"]
+                                                if dtype == torch.float32 else [])
     return members
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("member", ["torch", "ext", "triton", "triton-ieee", "ext-full", "triton-full",
-                                    "naive-pairs"])
+@pytest.mark.parametrize("member", ["torch", "ext", "triton", "triton-ieee", "triton-tf32x3-triton", "ext-full",
+                                    "triton-full", "naive-pairs"])
 def test_kernel_pairs(benchmark, device, ceilings, member, dtype):
     if member not in _kp_members(device, dtype):
         pytest.skip("Triton on the CPU runs in its interpreter: not a performance path; "
@@ -96,11 +98,13 @@ def test_kernel_pairs(benchmark, device, ceilings, member, dtype):
                     g[i, j] = g[j, i] = torch.dot(flat[i], flat[j]).double()
             return g
         elements = T * (T + 1) * m * m  # two kernels read per pair
-    elif member == "triton-ieee":
+    elif member in ("triton-ieee", "triton-tf32x3-triton"):
         from engine.ops.triton.kernel_pairs import kernel_pairs_triton
 
+        form = member.removeprefix("triton-")
+
         def fn():
-            return kernel_pairs_triton(x, symmetric=sym, diag_offset=0, fp32_dot="ieee")
+            return kernel_pairs_triton(x, symmetric=sym, diag_offset=0, fp32_dot=form)
     else:
         backend = member.removesuffix("-full")
         try:

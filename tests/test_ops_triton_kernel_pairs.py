@@ -207,3 +207,41 @@ def test_staircase_in_the_kernel(device, dtype, wide, monkeypatch):
     x = torch.randn(3, 23, 37, generator=gen).to(dtype).to(device)
     for off in (-30, -4, 0, 1, 4, 13, 23) if not wide else (-9, 0, 5):
         _check(x, True, off, what=f"diag_offset={off} {dtype} seed={seed}")
+
+
+@pytest.mark.parametrize("form", kp.FP32_DOTS)
+def test_every_float32_dot_form(device, form, monkeypatch):
+    """The two-pass tf32x3 (diagonal kernel blocks), Triton's three-pass tf32x3 and ieee, with
+    blocks of 16 so that T = 21 has diagonal and off-diagonal block pairs."""
+    monkeypatch.setattr(kp, "T_BLOCK", 16)
+    gen, seed = _seeded()
+    x = torch.randn(21, 19, 45, generator=gen).to(device)
+    for symmetric, off in ((False, 0), (True, 0), (True, -6)):
+        g = kp.kernel_pairs_triton(x, symmetric=symmetric, diag_offset=off, fp32_dot=form)
+        assert torch.equal(g, g.T)
+        ref = kernel_pairs_reference(x, symmetric=symmetric, diag_offset=off)
+        assert_close_to_torch(g.cpu(), _torch_same_precision(x, symmetric, off).cpu(), ref.cpu(),
+                              what=f"{form} sym={symmetric} off={off} seed={seed}")
+    with pytest.raises(ValueError, match="fp32_dot must be one of"):
+        kp.kernel_pairs_triton(x, symmetric=False, diag_offset=0, fp32_dot="tf32")
+
+
+def test_in_kernel_tf32_rounding_matches_the_reference(device):
+    """The kernel's integer-op rounding against engine.ops.tf32x3.tf32_round, bit for bit."""
+    import triton
+    import triton.language as tl
+
+    from engine.ops.tf32x3 import tf32_round
+
+    @triton.jit
+    def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, kp._tf32_round(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+    gen, seed = _seeded()
+    x = torch.randn(3000, generator=gen) * torch.exp(torch.randn(3000, generator=gen).clamp(-3, 3) * 10)
+    halves = (torch.arange(100, dtype=torch.int32) * 0x2000 + 0x3F80_1000).view(torch.float32)
+    x = torch.cat([x, halves, -halves, torch.tensor([0.0, -0.0, 1.0])]).to(device)
+    y = torch.full_like(x, float("nan"))
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.view(torch.int32), tf32_round(x).view(torch.int32)), f"seed={seed}"

@@ -34,12 +34,15 @@ the dot's own accumulator, but not across the float64 conversion.
 Two inner-product forms:
 
 * ``tl.dot`` of the block with its transpose, T padded to TP ≥ 16 (the padded rows are
-  masked and never read) — always for bfloat16, and for float32 when T > 8. float32 uses
-  ``input_precision="tf32x3"`` by default (``FP32_DOT``): three tensor-core passes over
-  the round-to-nearest tf32 split x = hi + lo (hi·hi + hi·lo + lo·hi), whose error per
-  product is a few float32 ulps (`engine.ops.tf32x3` derives the bound and emulates it).
-  ``"ieee"`` runs the dot as CUDA-core FMAs instead: float32-exact products, but at
-  T = 16 that is 8 FLOP per byte read, and it measured 0.44 TB/s (10% of copy) on an H200.
+  masked and never read) — always for bfloat16, and for float32 when T > 8. float32 runs
+  as tf32x3 by default (``FP32_DOT``): tensor-core products over the round-to-nearest tf32
+  split x = hi + lo (hi·hi + hi·lo + lo·hi), whose error per product is a few float32 ulps
+  (`engine.ops.tf32x3` derives the bound and emulates it). On a kernel block against itself
+  hi·lo and lo·hi are transposes of each other, so two passes suffice (`_add_segment`,
+  SPLIT2; sm_90 build: 128 mma instead of 192, 32 KiB of shared memory instead of 40-48);
+  other block pairs use Triton's three-pass ``"tf32x3"``. ``"ieee"`` runs the dot as
+  CUDA-core FMAs instead: float32-exact products, but at T = 16 that is 8 FLOP per byte
+  read, and it measured 0.44 TB/s (10% of copy) on an H200.
 * float32 with T ≤ 8: a broadcast product (TP, TP, BLOCK_N), TP = next power of two ≥ T,
   accumulated elementwise in float64 and reduced once at the end — TP² FMAs per column
   instead of the 256 a padded 16 × 16 dot would cost, and no per-segment reduction.
@@ -73,7 +76,8 @@ PROGRAM_SMEM = 128 * 1024  # per program
 MAX_PROGRAMS_PER_SM = 8    # measured: 4 and 16 were no faster (bfloat16, T = 16)
 CPU_PROGRAMS = 3     # the interpreter runs programs one by one; a few still exercise the striding
 NARROW_LIMIT = 2**31 - 1  # index arithmetic is int32 while every intermediate stays below this
-FP32_DOT = "tf32x3"  # float32 dot form: "tf32x3" (tensor cores, ~float32 error) or "ieee" (CUDA-core FMAs)
+FP32_DOTS = ("tf32x3", "tf32x3-triton", "ieee")  # float32 dot forms (module docstring)
+FP32_DOT = "tf32x3"  # the default: tensor cores at about float32's error
 TF32X3_SMEM_TILES = 2  # shared-memory tiles the tf32x3 split adds (sm_90 AOT builds: 1-2 at TP ≤ 32, 3 at 64)
 
 
@@ -182,12 +186,27 @@ def _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC: tl.constexpr, B
 
 
 @triton.jit
-def _add_segment(acc, a_ptrs, b_ptrs, a_mask, b_mask, r, cols, diag_offset, DOUBLE: tl.constexpr,
+def _tf32_round(x):
+    """float32 → nearest tf32 value, ties away from zero (PTX cvt.rna.tf32.f32), by integer ops
+    that the CPU interpreter runs too; `engine.ops.tf32x3.tf32_round` is its reference."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _add_segment(acc, accm, a_ptrs, b_ptrs, a_mask, b_mask, r, cols, diag_offset, DOUBLE: tl.constexpr,
                  WEIGHTED: tl.constexpr, SAME: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """acc + the (weighted, if WEIGHTED; doubled, if DOUBLE) products of one (TP, BLOCK_N)
-    segment: (TP, TP) float64 for the dot form, (TP, TP, BLOCK_N) float64 for the broadcast
-    form. Masked elements are never read.
+                 PRECISION: tl.constexpr, SPLIT2: tl.constexpr):
+    """(acc, accm) + the (weighted, if WEIGHTED; doubled, if DOUBLE) products of one
+    (TP, BLOCK_N) segment: (TP, TP) float64 for the dot form, (TP, TP, BLOCK_N) float64 for
+    the broadcast form. Masked elements are never read.
+
+    SPLIT2 (float32, one kernel block against itself): tf32x3 in two tensor-core passes
+    instead of three. With x = hi + lo, G = hi·hiᵀ + hi·loᵀ + lo·hiᵀ, and the last term is
+    the transpose of the middle one because both sides are the same kernels (per-element
+    weights included: they scale hi exactly). acc collects hi·hiᵀ, accm collects hi·loᵀ, and
+    the program adds accmᵀ once at the end. Same products as Triton's tf32x3, summed in
+    float64 across segments, at two thirds of the tensor-core work.
 
     Whole segments above the diagonal apply their uniform weight 2 after the products, so
     the loaded tile goes straight into tl.dot. Multiplying the loaded tile by per-element
@@ -206,13 +225,25 @@ def _add_segment(acc, a_ptrs, b_ptrs, a_mask, b_mask, r, cols, diag_offset, DOUB
         # ×2 is exact in any float format; unread elements are 0 already.
         w = tl.where(cols + diag_offset > r, 2.0, 1.0).to(xa.dtype)
         xa = xa * w[None, :]
-    if USE_DOT:
+    if SPLIT2:
+        hb = _tf32_round(xb)
+        lb = xb - hb  # exact; the tf32 mma reads it truncated, as Triton's tf32x3 does
+        if WEIGHTED:
+            ha = _tf32_round(xa)
+        else:
+            ha = hb
+        prod = tl.dot(ha, tl.trans(hb), input_precision="tf32").to(tl.float64)
+        cross = tl.dot(ha, tl.trans(lb), input_precision="tf32").to(tl.float64)
+        if DOUBLE:
+            cross = cross * 2.0
+        accm = accm + cross
+    elif USE_DOT:
         prod = tl.dot(xa, tl.trans(xb), input_precision=PRECISION).to(tl.float64)
     else:
         prod = (xa[:, None, :] * xb[None, :, :]).to(tl.float64)
     if DOUBLE:
         prod = prod * 2.0
-    return acc + prod
+    return acc + prod, accm
 
 
 @triton.jit
@@ -220,7 +251,7 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
                          head, f0, n_phase1, n_edge,
                          SYMMETRIC: tl.constexpr, TAIL: tl.constexpr, SAME: tl.constexpr, TP: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                         PRECISION: tl.constexpr, WIDE: tl.constexpr, SPLIT2: tl.constexpr):
     """One program's share of the segments.
 
     x_ptr: (T, R, N) with unit column stride; kernels ti0 + [0, TP) against tj0 + [0, TP)
@@ -246,6 +277,7 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
         acc = tl.zeros((TP, TP), dtype=tl.float64)
     else:
         acc = tl.zeros((TP, TP, BLOCK_N), dtype=tl.float64)
+    accm = tl.zeros((TP, TP), dtype=tl.float64)  # SPLIT2's hi·loᵀ
     for seg in range(pid, n_phase1, step):
         s = pid * 0 + seg  # a tensor even where the interpreter hands out Python ints
         if WIDE:
@@ -253,8 +285,8 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
         r, c0 = _phase1_segment(s, n_full, head, f0, diag_offset, SYMMETRIC, BLOCK_N, WIDE)
         cols = c0 + col
         off = (r.to(tl.int64) * stride_r + cols)[None, :]
-        acc = _add_segment(acc, a_rows + off, b_rows + off, a_ok, b_ok, r, cols, diag_offset,
-                           SYMMETRIC, False, SAME, USE_DOT, UPCAST, PRECISION)
+        acc, accm = _add_segment(acc, accm, a_rows + off, b_rows + off, a_ok, b_ok, r, cols, diag_offset,
+                                 SYMMETRIC, False, SAME, USE_DOT, UPCAST, PRECISION, SPLIT2)
     for e in range(pid, n_edge, step):
         if SYMMETRIC:
             if TAIL:
@@ -277,9 +309,11 @@ def _kernel_pairs_kernel(x_ptr, part_ptr, T, N, stride_t, stride_r, diag_offset,
         if SYMMETRIC:
             m = m & (cols + diag_offset >= r)
         off = (r.to(tl.int64) * stride_r + cols)[None, :]
-        acc = _add_segment(acc, a_rows + off, b_rows + off, a_ok & m[None, :], b_ok & m[None, :], r, cols,
-                           diag_offset, False, SYMMETRIC, SAME, USE_DOT, UPCAST, PRECISION)
-    if USE_DOT:
+        acc, accm = _add_segment(acc, accm, a_rows + off, b_rows + off, a_ok & m[None, :], b_ok & m[None, :], r,
+                                 cols, diag_offset, False, SYMMETRIC, SAME, USE_DOT, UPCAST, PRECISION, SPLIT2)
+    if SPLIT2:
+        g = acc + accm + tl.trans(accm)
+    elif USE_DOT:
         g = acc
     else:
         g = tl.sum(acc, axis=2)
@@ -301,17 +335,21 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
                         ) -> torch.Tensor:
     """``(T, R, N)`` float32/bfloat16 with ``x.stride(2) == 1`` → ``(T, T)`` float64, exactly symmetric.
 
-    fp32_dot: the float32 dot form, ``"tf32x3"`` or ``"ieee"`` (module docstring).
+    fp32_dot: the float32 dot form (module docstring): ``"tf32x3"`` (two tensor-core passes
+    on diagonal kernel blocks, `_add_segment`), ``"tf32x3-triton"`` (Triton's three-pass
+    tf32x3 throughout) or ``"ieee"`` (CUDA-core FMAs).
     """
     assert x.stride(2) == 1 and x.shape[1] >= 1 and x.shape[2] >= 1, "caller guarantees unit column stride, R, N ≥ 1"
-    if fp32_dot not in ("tf32x3", "ieee"):
-        raise ValueError(f"fp32_dot must be 'tf32x3' or 'ieee', got {fp32_dot!r}")
+    if fp32_dot not in FP32_DOTS:
+        raise ValueError(f"fp32_dot must be one of {FP32_DOTS}, got {fp32_dot!r}")
     t, r, n = x.shape
     # The interpreter does bfloat16 arithmetic on the raw uint16 bits (wrong values), so there
     # bfloat16 is upcast to float32 first: exact, and the sums are float32 anyway.
     upcast = x.dtype == torch.bfloat16 and triton_interpreted()
     use_dot = x.dtype == torch.bfloat16 or t > 8
-    precision = fp32_dot if x.dtype == torch.float32 else "ieee"
+    # "tf32x3": two passes (SPLIT2) on diagonal kernel blocks, Triton's three elsewhere.
+    split2 = use_dot and x.dtype == torch.float32 and fp32_dot == "tf32x3"
+    precision = {"tf32x3-triton": "tf32x3"}.get(fp32_dot, fp32_dot) if x.dtype == torch.float32 else "ieee"
     tp = min(T_BLOCK, max(16 if use_dot else 1, triton.next_power_of_2(t)))
     buffers = 1 if t <= tp else 2  # a second kernel block is loaded when T > T_BLOCK
     extra = TF32X3_SMEM_TILES if use_dot and precision == "tf32x3" else 0
@@ -336,8 +374,8 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
                 x, part, t, n, x.stride(0), x.stride(1), int(diag_offset), i0, j0, p["n_full"],
                 p["head"], p["f0"], p["n_phase1"], n_edge,
                 SYMMETRIC=bool(symmetric), TAIL=n % block_n != 0, SAME=i0 == j0, TP=tp, BLOCK_N=block_n,
-                USE_DOT=use_dot, UPCAST=upcast, PRECISION=precision, WIDE=wide, num_warps=num_warps,
-                num_stages=num_stages)
+                USE_DOT=use_dot, UPCAST=upcast, PRECISION=precision, WIDE=wide,
+                SPLIT2=split2 and i0 == j0, num_warps=num_warps, num_stages=num_stages)
             ni, nj = min(tp, t - i0), min(tp, t - j0)
             g[i0:i0 + ni, j0:j0 + nj] = part.sum(0)[:ni, :nj]
     return _mirror(g)
