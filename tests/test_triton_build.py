@@ -74,3 +74,19 @@ def test_float32_dots_use_tf32_tensor_cores(compiled):
         seen.add(precision)
         assert c["tf32_mma"] == (precision == "tf32x3"), c
     assert seen == {"tf32x3", "ieee"}, seen
+
+
+# The Gram tile's accumulate epilogue holds the prior tile beside the accumulator once per
+# tile (128 × 256: 2 × 128 registers per thread); ptxas spills about 400 bytes there.
+EPILOGUE_SPILL_ALLOWANCE = 512
+
+
+def test_no_register_spills_in_the_main_loops(compiled):
+    """ptxas -v on every configuration: spills in a streaming loop cost local-memory traffic on
+    every iteration, so kernel 1 and the Gram tile's K loop must have none."""
+    for c in compiled:
+        epilogue_only = c["kernel"] == "_gram_tile_kernel" and c["constexprs"].get("ACCUMULATE") \
+            and c["constexprs"].get("SINGLE")
+        limit = EPILOGUE_SPILL_ALLOWANCE if epilogue_only else 0
+        assert c["spill_bytes"] <= limit, c
+    assert any(c["kernel"] == "_gram_tile_kernel" and not c["constexprs"].get("ACCUMULATE") for c in compiled)

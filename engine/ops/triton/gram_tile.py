@@ -38,7 +38,8 @@ GROUP_N = 8  # L2 swizzle: consecutive programs share a band of 8 a-row tiles
 FP32_DOT = "tf32x3"  # float32 dot form: "tf32x3" (tensor cores, ~float32 error) or "ieee" (CUDA-core FMAs)
 
 
-def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device, precision: str = "ieee"):
+def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device, precision: str = "ieee",
+            single: bool = True):
     """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) for H200: the largest tile that
     still gives every SM a program (a 512 × 512 traced kernel is only 16 tiles of 128²).
 
@@ -52,8 +53,15 @@ def _config(dtype: torch.dtype, na: int, nb: int, device: torch.device, precisio
     ~165 for the three, against ~67 for float32 FMAs): it gets the bfloat16 kernel's large
     tiles at half the K depth, as its operands and their hi/lo split are 4 bytes wide
     (sm_90 AOT build: shared memory in tests/test_triton_build.py). Not yet timed.
+    The traced kernel (C > 1) keeps a channel accumulator beside each dot's own: by the sm_90
+    ptxas reports every tile larger than 64 × 64 spilled in its main loop (bfloat16
+    128 × 128 × 64: 28-56 bytes; float32 tf32x3 128 × 128 × 32: 260-356; 128 × 256, as the
+    full kernel's first choice: 3 KB), 64 × 64 did not (183-225 registers). It costs 1/C of
+    the full kernel's FLOPs, so it takes 64 × 64 tiles.
     """
-    if dtype == torch.bfloat16:
+    if not single:
+        cands = [(64, 64, 64, 4, 3) if dtype == torch.bfloat16 else (64, 64, 32, 4, 3)]
+    elif dtype == torch.bfloat16:
         cands = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
     elif precision == "tf32x3":
         cands = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (32, 32, 32, 4, 3)]
@@ -106,8 +114,9 @@ def _dot_rows(a_ptr, b_ptr, a_rows, b_rows, a_ok, b_ok, P, sa0, sa1, sb0, sb1,
 def _gram_tile_kernel(a_ptr, b_ptr, out_ptr, Na, Nb, P, C, sa0, sa1, sb0, sb1, so0, so1,
                       ACCUMULATE: tl.constexpr, UPPER: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, SINGLE: tl.constexpr):
     """out[n, m] (+)= Σ_c a[n·C + c] · b[m·C + c]; a: (Na·C, P), b: (Nb·C, P), out: (Na, Nb) float32.
+    SINGLE: C == 1.
 
     C = 1 is the full kernel (a plain tiled matmul). 1-D grid of cdiv(Na, BLOCK_N) ·
     cdiv(Nb, BLOCK_M) programs in grouped order (GROUP row tiles share their b tiles in L2).
@@ -129,12 +138,19 @@ def _gram_tile_kernel(a_ptr, b_ptr, out_ptr, Na, Nb, P, C, sa0, sa1, sb0, sb1, s
         m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         n_ok = n < Na
         m_ok = m < Nb
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for c in range(0, C):
-            # One float32 add per channel rather than chaining every channel through the
-            # tensor cores' truncating accumulator (C·P/16 steps for bfloat16).
-            acc += _dot_rows(a_ptr, b_ptr, n * C + c, m * C + c, n_ok, m_ok, P, sa0, sa1, sb0, sb1,
-                             BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+        if SINGLE:
+            # C = 1: the dot's own accumulator is the result. A second tile-sized accumulator
+            # beside it doubles the live registers (128 × 256 at 8 warps: 2 × 128 per thread)
+            # and made ptxas spill 4.4 KB per thread in the sm_90 build.
+            acc = _dot_rows(a_ptr, b_ptr, n, m, n_ok, m_ok, P, sa0, sa1, sb0, sb1,
+                            BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for c in range(0, C):
+                # One float32 add per channel rather than chaining every channel through the
+                # tensor cores' truncating accumulator (C·P/16 steps for bfloat16).
+                acc += _dot_rows(a_ptr, b_ptr, n * C + c, m * C + c, n_ok, m_ok, P, sa0, sa1, sb0, sb1,
+                                 BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
         mask = n_ok[:, None] & m_ok[None, :]
         if UPPER:
             mask = mask & (m[None, :] >= n[:, None])
@@ -174,7 +190,7 @@ def _launch(a, b, out, c, accumulate, upper, fp32_dot):
     """out (+)= the C-traced product of a and b (C = 1: the full product)."""
     na, nb, p = a.shape[0] // c, b.shape[0] // c, a.shape[1]
     precision = fp32_dot if a.dtype == torch.float32 else "ieee"
-    block_n, block_m, block_k, num_warps, num_stages = _config(a.dtype, na, nb, a.device, precision)
+    block_n, block_m, block_k, num_warps, num_stages = _config(a.dtype, na, nb, a.device, precision, c == 1)
     # The interpreter does bfloat16 arithmetic on the raw uint16 bits; upcasting first is
     # exact and the accumulation is float32 either way.
     upcast = a.dtype == torch.bfloat16 and triton_interpreted()
@@ -182,5 +198,5 @@ def _launch(a, b, out, c, accumulate, upper, fp32_dot):
     _gram_tile_kernel[grid](
         a, b, out, na, nb, p, c, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=bool(accumulate), UPPER=bool(upper), UPCAST=upcast,
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, GROUP=GROUP_N, PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, GROUP=GROUP_N, PRECISION=precision, SINGLE=c == 1,
         num_warps=num_warps, num_stages=num_stages)

@@ -94,10 +94,17 @@ def _config(tp: int, use_dot: bool, elem_bytes: int, buffers: int, extra_tiles: 
     builds (tests/test_triton_build.py reports them and checks the 227 KiB limit).
     Broadcast form: the (TP, TP, BLOCK_N) float64 accumulator holds 1024·TP elements
     (≤ 32 float64 registers/thread), so BLOCK_N shrinks as TP grows.
+    float32 dot (tf32x3): by the sm_90 ptxas reports (tests/test_triton_build.py), the split
+    operands make registers the limit. 4 warps and 128 columns hold TP = 16 at 168 registers;
+    TP = 32 spilled at 128 columns (116-680 bytes), not at 64; TP = 64 spilled at 4 warps,
+    not at 8 warps with 64 columns (172-212 registers), or 32 columns for two kernel blocks.
     """
     if not use_dot:
         return 1024 // tp, (8 if tp == 8 else 4), 4
-    block_n, stages = (256 if tp == 64 else 128), 4
+    if elem_bytes == 4:
+        return {16: (128, 4, 4), 32: (64, 4, 4)}.get(tp, (64 if buffers == 1 else 32, 8, 3))
+    # Two kernel blocks (T > 64) at 256 columns spilled 636 bytes in the symmetric sm_90 build.
+    block_n, stages = (256 if tp == 64 and buffers == 1 else 128), 4
     while (stages + extra_tiles) * buffers * tp * block_n * elem_bytes > PROGRAM_SMEM:
         if stages > 2:
             stages -= 1
