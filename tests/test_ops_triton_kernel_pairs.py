@@ -200,12 +200,15 @@ def test_phase1_map_at_large_indices(rows, n, b, off):
 def test_staircase_in_the_kernel(device, dtype, wide, monkeypatch):
     """The kernel's own map: 4-column segments make many bands, partial ones and head rows;
     in int32 index arithmetic (the usual case) and int64 (tiles past 2³¹ segments)."""
-    monkeypatch.setattr(kp, "_config", lambda *args: (4, 4, 2))
+    # On a GPU a dot needs K ≥ 16: 16-column segments there, on a proportionally larger tile.
+    scale = 1 if device == "cpu" else 4
+    monkeypatch.setattr(kp, "_config", lambda *args: (4 * scale, 4, 2))
     if wide:
         monkeypatch.setattr(kp, "NARROW_LIMIT", 0)
     gen, seed = _seeded()
-    x = torch.randn(3, 23, 37, generator=gen).to(dtype).to(device)
-    for off in (-30, -4, 0, 1, 4, 13, 23) if not wide else (-9, 0, 5):
+    x = torch.randn(3, 23 * scale, 37 * scale, generator=gen).to(dtype).to(device)
+    offsets = (-30, -4, 0, 1, 4, 13, 23) if not wide else (-9, 0, 5)
+    for off in (o * scale + (scale > 1) for o in offsets):  # odd offsets on the GPU too
         _check(x, True, off, what=f"diag_offset={off} {dtype} seed={seed}")
 
 
