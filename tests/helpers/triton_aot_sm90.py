@@ -69,6 +69,13 @@ for dtype in (torch.float32, torch.bfloat16):
                 for form in ("ieee", "tf32x3-triton"):
                     kp.kernel_pairs_triton(torch.zeros(t, 40, 320, dtype=dtype), symmetric=sym, diag_offset=0,
                                            fp32_dot=form)
+    # The small segments the CUDA-marked tests force (tests/test_ops_triton_kernel_pairs.py).
+    real_config = kp._config
+    kp._config = lambda *args: (16, 4, 2)
+    for t in (3, 9):
+        for sym in (False, True):
+            kp.kernel_pairs_triton(torch.zeros(t, 40, 96, dtype=dtype), symmetric=sym, diag_offset=1)
+    kp._config = real_config
     for want in ("full", "traced", "both"):
         for upper in (False, True):
             a = torch.zeros(96, 128, dtype=dtype)
