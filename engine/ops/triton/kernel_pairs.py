@@ -78,10 +78,12 @@ CPU_PROGRAMS = 3     # the interpreter runs programs one by one; a few still exe
 NARROW_LIMIT = 2**31 - 1  # index arithmetic is int32 while every intermediate stays below this
 FP32_DOTS = ("tf32x3", "tf32x3-triton", "ieee")  # float32 dot forms (module docstring)
 FP32_DOT = "tf32x3"  # the default: tensor cores at about float32's error
-TF32X3_SMEM_TILES = 2  # shared-memory tiles the tf32x3 split adds (sm_90 AOT builds: 1-2 at TP ≤ 32, 3 at 64)
+# Shared-memory tiles the tf32x3 split adds beside the pipelined loads, for the occupancy
+# estimate (sm_90 builds, tests/test_triton_build.py: 0-2).
+TF32X3_SMEM_TILES = 2
 
 
-def _config(tp: int, use_dot: bool, elem_bytes: int, buffers: int, extra_tiles: int = 0) -> tuple[int, int, int]:
+def _config(tp: int, use_dot: bool, elem_bytes: int, buffers: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for H200.
 
     Dot form: the pipelined loads take num_stages · buffers (TP, BLOCK_N) tiles of shared
@@ -89,9 +91,7 @@ def _config(tp: int, use_dot: bool, elem_bytes: int, buffers: int, extra_tiles: 
     a float32 sum at 128 terms (8 truncating tensor-core steps for bfloat16); at T = 64 a
     256-column segment measured 4.28 TB/s (bfloat16) against 3.29 for 128. Stages, then
     columns, are cut until the tiles fit PROGRAM_SMEM (T = 64 float32: 4 × 64 KiB would
-    exceed the 227 KiB an H200 program may have). ``extra_tiles``: the tf32x3 dot stages
-    its hi/lo operands in shared memory too, 1-3 more (TP, BLOCK_N) tiles in the sm_90
-    builds (tests/test_triton_build.py reports them and checks the 227 KiB limit).
+    exceed the 227 KiB an H200 program may have).
     Broadcast form: the (TP, TP, BLOCK_N) float64 accumulator holds 1024·TP elements
     (≤ 32 float64 registers/thread), so BLOCK_N shrinks as TP grows.
     float32 dot (tf32x3): by the sm_90 ptxas reports (tests/test_triton_build.py), the split
@@ -105,7 +105,7 @@ def _config(tp: int, use_dot: bool, elem_bytes: int, buffers: int, extra_tiles: 
         return {16: (128, 4, 4), 32: (64, 4, 4)}.get(tp, (64 if buffers == 1 else 32, 8, 3))
     # Two kernel blocks (T > 64) at 256 columns spilled 636 bytes in the symmetric sm_90 build.
     block_n, stages = (256 if tp == 64 and buffers == 1 else 128), 4
-    while (stages + extra_tiles) * buffers * tp * block_n * elem_bytes > PROGRAM_SMEM:
+    while stages * buffers * tp * block_n * elem_bytes > PROGRAM_SMEM:
         if stages > 2:
             stages -= 1
         else:
@@ -360,7 +360,7 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
     tp = min(T_BLOCK, max(16 if use_dot else 1, triton.next_power_of_2(t)))
     buffers = 1 if t <= tp else 2  # a second kernel block is loaded when T > T_BLOCK
     extra = TF32X3_SMEM_TILES if use_dot and precision == "tf32x3" else 0
-    block_n, num_warps, num_stages = _config(tp, use_dot, x.element_size(), buffers, extra)
+    block_n, num_warps, num_stages = _config(tp, use_dot, x.element_size(), buffers)
     if symmetric:
         r = max(0, min(r, n + int(diag_offset)))  # rows from n + diag_offset on lie wholly below the diagonal
     g = torch.zeros(t, t, dtype=torch.float64, device=x.device)
