@@ -33,3 +33,12 @@ def median_seconds(fn, device: torch.device, reps: int = 10, warmup: int = 2) ->
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def copy_bytes_per_second(device: torch.device, nbytes: int) -> float:
+    """The memory-bound ceiling: a device-to-device copy of ``nbytes`` float32, counted as
+    bytes read plus bytes written, median of the timed repeats."""
+    n = nbytes // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    seconds = median_seconds(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / seconds

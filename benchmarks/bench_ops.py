@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _common import median_seconds, sync
+from _common import copy_bytes_per_second, median_seconds, sync
 
 from engine.ops import BackendUnavailableError, gram_tile, kernel_pair_products
 from engine.ops import ext as ops_ext
@@ -47,11 +47,7 @@ T = 16
 def ceilings(device):
     """Measured ceilings: copy GB/s (read + write) and torch.mm TFLOP/s per dtype."""
     cuda = device.type == "cuda"
-    n_copy = (4 << 30 if cuda else 512 << 20) // 4
-    bufs = [torch.randn(n_copy, device=device), torch.empty(n_copy, device=device)]
-    copy_s = median_seconds(lambda: bufs[1].copy_(bufs[0]), device)
-    bufs.clear()
-    out = {"copy_GBps": 2 * n_copy * 4 / copy_s / 1e9}
+    out = {"copy_GBps": copy_bytes_per_second(device, 4 << 30 if cuda else 512 << 20) / 1e9}
     n = 8192 if cuda else 2048
     for dt in (torch.float32, torch.bfloat16):
         if not cuda and dt == torch.bfloat16:

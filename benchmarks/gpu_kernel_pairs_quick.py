@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import median_seconds
+from _common import copy_bytes_per_second, median_seconds
 
 from engine.ops import ext, kernel_pair_products
 
@@ -26,10 +26,7 @@ try:
     print(f"cuda ext ready in {time.perf_counter() - t0:.1f} s", flush=True)
 except Exception as e:
     print("CUDA EXT FAILED:", e, flush=True)
-src = torch.randn(1 << 30, device=dev)
-dst = torch.empty_like(src)
-copy = 2 * src.numel() * 4 / med(lambda: dst.copy_(src)) / 1e12
-src = dst = None
+copy = copy_bytes_per_second(dev, 4 << 30) / 1e12
 print(f"copy ceiling {copy:.2f} TB/s (read+write)", flush=True)
 T, M = 16, 8192
 for dtype in (torch.float32, torch.bfloat16):

@@ -37,7 +37,7 @@ if args.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from _common import median_seconds  # noqa: E402
+from _common import copy_bytes_per_second, median_seconds  # noqa: E402
 
 import engine.ops.triton.gram_tile as gt  # noqa: E402
 import engine.ops.triton.kernel_pairs as kp  # noqa: E402
@@ -64,10 +64,7 @@ def med(fn) -> float:
 if args.dry_run:
     copy_bps = 1.0
 else:
-    src = torch.randn(1 << 30, device=dev)
-    dst = torch.empty_like(src)
-    copy_bps = 2 * src.numel() * 4 / med(lambda: dst.copy_(src))
-    del src, dst
+    copy_bps = copy_bytes_per_second(dev, 4 << 30)
 print(f"{torch.cuda.get_device_name() if not args.dry_run else 'cpu (dry run)'}, copy {copy_bps / 1e12:.2f} TB/s",
       flush=True)
 

@@ -7,8 +7,6 @@ On a machine without CUDA the Triton kernels run in the interpreter (tests/conft
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from engine.errors import ConfigError
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.gram_tile import gram_tile
 from engine.ops.tf32x3 import tf32x3
+from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
 
 POISON = -0x0021_5253  # int32 bits 0xFFDEADAD: a quiet NaN whose payload differs from torch's NaN
@@ -24,10 +23,6 @@ BACKENDS = ["torch", "triton"]
 # (C, samples in a, samples in b, P): C = 1 is the common case; odd sizes straddle tile edges.
 SHAPES = [(1, 130, 67, 129), (3, 13, 7, 7), (10, 9, 5, 1), (3, 45, 45, 40)]
 
-
-def _seeded() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
 
 
 def _poisoned(rows: int, cols: int, device: str) -> torch.Tensor:
@@ -73,7 +68,7 @@ def _check_output(got, prior, written, ref64, same_precision, what):
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "acc"])
 def test_matches_float64_reference(device, backend, dtype, shape, want, upper, accumulate):
     _skip_unless_runnable(backend, device)
-    gen, seed = _seeded()
+    gen, seed = seeded()
     c, na, nb, p = shape
     nb = na if upper else nb
     a = torch.randn(na * c, p, generator=gen).to(dtype)
@@ -122,7 +117,7 @@ def test_matches_float64_reference(device, backend, dtype, shape, want, upper, a
 @pytest.mark.parametrize("upper", [False, True], ids=["rect", "upper"])
 def test_allocates_missing_outputs_with_zeros_below_diagonal(device, backend, upper):
     _skip_unless_runnable(backend, device)
-    gen, seed = _seeded()
+    gen, seed = seeded()
     c, n = 3, 11
     a = torch.randn(n * c, 17, generator=gen).to(device)
     full, traced = gram_tile(a, a, want="both", num_outputs=c, upper=upper, backend=backend)
@@ -140,7 +135,7 @@ def test_many_small_tiles(monkeypatch):
     import engine.ops.triton.gram_tile as gt
 
     monkeypatch.setattr(gt, "_config", lambda *args: (16, 16, 16, 1, 1))
-    gen, seed = _seeded()
+    gen, seed = seeded()
     for c, n, upper in ((1, 150, True), (1, 150, False), (2, 70, True)):
         a = torch.randn(n * c, 37, generator=gen)
         out, traced = _poisoned(n * c, n * c, "cpu"), _poisoned(n, n, "cpu")

@@ -7,18 +7,13 @@ exactly PTX's cvt.rna.tf32.f32 and its error must obey the bound derived in its 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from engine.ops.tf32x3 import PRODUCT_REL_BOUND, split, tf32_round, tf32_truncate, tf32x3
-
-
-def _seeded() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
+from tests._random import seeded
 
 
 def _rna11(v: float) -> float:
@@ -32,7 +27,7 @@ def _rna11(v: float) -> float:
 
 
 def test_round_is_nearest_ties_away_and_exactly_tf32():
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(4000, generator=gen) * torch.exp(torch.randn(4000, generator=gen).clamp(-4, 4) * 8)
     # Exact halfway cases: low 13 bits = 0x1000, both signs.
     halves = (torch.randint(0, 2**16, (500,), generator=gen, dtype=torch.int32) * 0x2000 + 0x3F80_1000)
@@ -46,7 +41,7 @@ def test_round_is_nearest_ties_away_and_exactly_tf32():
 
 
 def test_truncate_drops_low_bits_toward_zero():
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(5000, generator=gen)
     t = tf32_truncate(x)
     assert (t.view(torch.int32) & 0x1FFF).eq(0).all()
@@ -55,7 +50,7 @@ def test_truncate_drops_low_bits_toward_zero():
 
 
 def test_split_parts_bound():
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(5000, generator=gen)
     hi, lo = split(x)
     assert torch.equal(tf32_round(hi), hi) and torch.equal(tf32_truncate(lo), lo)
@@ -67,7 +62,7 @@ def test_split_parts_bound():
 def test_products_within_the_derived_bound(shape):
     """Entry by entry: |tf32x3 − exact| ≤ (PRODUCT_REL_BOUND + γ_K)·(|a||b|)_ij, γ_K = K·2⁻²⁴
     the worst-case float32 accumulation (Higham); and far tighter than one tf32 pass."""
-    gen, seed = _seeded()
+    gen, seed = seeded()
     n, m, k = shape
     a, b = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
     got = tf32x3(lambda p, q: p @ q.T, a, b).double()
@@ -82,7 +77,7 @@ def test_products_within_the_derived_bound(shape):
 
 def test_error_is_float32_class():
     """On a long random dot the emulated error is within a small factor of float32's own."""
-    gen, seed = _seeded()
+    gen, seed = seeded()
     a, b = torch.randn(96, 8192, generator=gen), torch.randn(96, 8192, generator=gen)
     exact = a.double() @ b.double().T
     rel = lambda c: float((c.double() - exact).norm() / exact.norm())  # noqa: E731

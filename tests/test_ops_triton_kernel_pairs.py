@@ -5,8 +5,6 @@ On a machine without CUDA the kernel runs in the Triton interpreter (tests/conft
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ import engine.ops.triton.kernel_pairs as kp
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.kernel_pairs import kernel_pair_products, kernel_pairs_reference, weights
 from engine.ops.tf32x3 import tf32x3
+from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -27,10 +26,6 @@ def device(request) -> str:
         pytest.skip(why)
     return request.param
 
-
-def _seeded() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
 
 
 def _torch_same_precision(x: torch.Tensor, symmetric: bool, diag_offset: int) -> torch.Tensor:
@@ -61,14 +56,14 @@ def _check(x: torch.Tensor, symmetric: bool, diag_offset: int, what: str) -> tor
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"sym{m[1]:+d}" if m[0] else "full")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_matches_float64_reference(device, t, rn, mode, dtype):
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(t, *rn, generator=gen).to(dtype).to(device)
     _check(x, *mode, what=f"T={t} R,N={rn} mode={mode} {dtype} seed={seed}")
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"sym{m[1]:+d}" if m[0] else "full")
 def test_non_contiguous_views(device, mode):
-    gen, seed = _seeded()
+    gen, seed = seeded()
     t, r, n = 5, 37, 45
     # A tile cut out of bigger kernels (row stride ≠ N) …
     big = torch.randn(t + 2, r + 9, n + 20, generator=gen).to(device)
@@ -84,20 +79,20 @@ def test_kernel_blocks_beyond_one_pass(device, t, monkeypatch):
     """T above the per-pass block (64 normally; 16 here to stay cheap) goes block pair by block pair."""
 
     monkeypatch.setattr(kp, "T_BLOCK", 16)
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(t, 9, 21, generator=gen).to(device)
     for mode in MODES[:2]:
         _check(x, *mode, what=f"T={t} blocks of 16 mode={mode} seed={seed}")
 
 
 def test_seventy_kernels(device):
-    gen, seed = _seeded()
+    gen, seed = seeded()
     _check(torch.randn(70, 5, 19, generator=gen).to(device), True, 2, what=f"T=70 seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_nan_on_or_above_diagonal_propagates(device, dtype):
-    gen, _ = _seeded()
+    gen, _ = seeded()
     for symmetric, (r, c) in ((False, (20, 3)), (True, (6, 6)), (True, (2, 30))):
         x = torch.randn(3, 33, 45, generator=gen).to(dtype)
         x[1, r, c] = float("nan")
@@ -109,7 +104,7 @@ def test_nan_on_or_above_diagonal_propagates(device, dtype):
 @pytest.mark.parametrize("diag_offset", [0, 3, -5])
 def test_elements_below_diagonal_are_not_read(device, diag_offset):
     """A NaN strictly below the diagonal has weight 0; G stays finite only if it is never loaded."""
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(3, 40, 130, generator=gen)
     for r, c in ((39, 0), (20, 20 - diag_offset - 1), (1, 1 - diag_offset - 1)):
         if 0 <= c < x.shape[2]:
@@ -123,7 +118,7 @@ def test_elements_below_diagonal_are_not_read(device, diag_offset):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_deterministic(device, dtype):
-    gen, _ = _seeded()
+    gen, _ = seeded()
     x = torch.randn(17, 45, 70, generator=gen).to(dtype).to(device)
     for symmetric in (False, True):
         g1 = kernel_pair_products(x, symmetric=symmetric, diag_offset=-3, backend="triton")
@@ -137,7 +132,7 @@ def test_whole_and_edge_segments(device, dtype, monkeypatch):
     segment the diagonal crosses (also when it starts exactly on it) and the tail segment."""
 
     monkeypatch.setattr(kp, "_config", lambda *args: (16, 4, 2))
-    gen, seed = _seeded()
+    gen, seed = seeded()
     for t, (r, n) in ((2, (21, 37)), (9, (13, 100)), (3, (20, 16))):
         x = torch.randn(t, r, n, generator=gen).to(dtype).to(device)
         for mode in ((False, 0), (True, 0), (True, 3), (True, 16), (True, -16), (True, -21)):
@@ -185,7 +180,7 @@ def test_phase1_map_at_large_indices(rows, n, b, off):
         assert first <= k < p["n_full"], (r, k)
         return p["head"] * p["n_full"] + kp._staircase_count(u, n1, b) - p["f0"] + (k - first)
 
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen, _ = seeded()
     idx = set(torch.randint(0, p["n_phase1"], (2000,), generator=gen).tolist())
     for q in range(0, n1 + 1, max(1, n1 // 500)):
         s = p["head"] * p["n_full"] + kp._staircase_count(q * b, n1, b) - p["f0"]
@@ -205,7 +200,7 @@ def test_staircase_in_the_kernel(device, dtype, wide, monkeypatch):
     monkeypatch.setattr(kp, "_config", lambda *args: (4 * scale, 4, 2))
     if wide:
         monkeypatch.setattr(kp, "NARROW_LIMIT", 0)
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(3, 23 * scale, 37 * scale, generator=gen).to(dtype).to(device)
     offsets = (-30, -4, 0, 1, 4, 13, 23) if not wide else (-9, 0, 5)
     for off in (o * scale + (scale > 1) for o in offsets):  # odd offsets on the GPU too
@@ -217,7 +212,7 @@ def test_every_float32_dot_form(device, form, monkeypatch):
     """The two-pass tf32x3 (diagonal kernel blocks), Triton's three-pass tf32x3 and ieee, with
     blocks of 16 so that T = 21 has diagonal and off-diagonal block pairs."""
     monkeypatch.setattr(kp, "T_BLOCK", 16)
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(21, 19, 45, generator=gen).to(device)
     for symmetric, off in ((False, 0), (True, 0), (True, -6)):
         g = kp.kernel_pairs_triton(x, symmetric=symmetric, diag_offset=off, fp32_dot=form)
@@ -241,7 +236,7 @@ def test_in_kernel_tf32_rounding_matches_the_reference(device):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(y_ptr + i, kp._tf32_round(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
 
-    gen, seed = _seeded()
+    gen, seed = seeded()
     x = torch.randn(3000, generator=gen) * torch.exp(torch.randn(3000, generator=gen).clamp(-3, 3) * 10)
     halves = (torch.arange(100, dtype=torch.int32) * 0x2000 + 0x3F80_1000).view(torch.float32)
     x = torch.cat([x, halves, -halves, torch.tensor([0.0, -0.0, 1.0])]).to(device)
