@@ -8,6 +8,11 @@ subclass the built-in exception a caller would naturally catch (``ValueError``,
 
 from __future__ import annotations
 
+import enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=enum.Enum)
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -37,3 +42,14 @@ class NonFiniteLossError(EngineError, RuntimeError):
         self.loss = loss
         where = f"; checkpoints written so far are kept in {out}" if out else ""
         super().__init__(f"non-finite loss {loss} at step {step}{where}")
+
+
+def parse_enum(enum_cls: type[E], value: object, what: str) -> E:
+    """``enum_cls(value)``, or a one-line ``ConfigError`` naming ``what`` and the valid values."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(str(m.value) for m in enum_cls)
+        raise ConfigError(f"{what} must be one of {valid}, got {value!r}") from None

@@ -3,7 +3,7 @@
 from .config import TrainConfig
 from .runfile import RunFile
 from .schedule import SCHEDULES, lr_at, lr_table, parse_iterations
-from .trainer import TrainResult, evaluate, load_momentum, make_optimizer, momentum_state, train
+from .trainer import TrainResult, evaluate, load_momentum, make_optimizer, momentum_state, sgd_step, train
 
 __all__ = [
     "SCHEDULES",
@@ -17,5 +17,6 @@ __all__ = [
     "make_optimizer",
     "momentum_state",
     "parse_iterations",
+    "sgd_step",
     "train",
 ]

@@ -71,6 +71,22 @@ def load_momentum(model: torch.nn.Module, opt: torch.optim.Optimizer,
 
 
 @torch.no_grad()
+def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+             lr: float) -> torch.Tensor:
+    """One training step at learning rate ``lr``; returns the batch loss (detached, on the device).
+
+    The trainer and the loop fleet both step through here: a twin's base member is
+    bit-identical to ``entk train`` only because the two run the very same operations.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              mean, std, device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on uint8 images ``x``."""
@@ -183,14 +199,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
         bar = progress(range(start, cfg.steps), total=cfg.steps, initial=start,
                        desc=f"train {cfg.model}", enabled=None if not quiet else False, unit="step")
         for t in bar:
-            for g in opt.param_groups:
-                g["lr"] = float(lrs[t])
             xb, yb = stream.batch(t)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses[t] = loss.detach()
+            losses[t] = sgd_step(model, opt, xb, yb, float(lrs[t]))
             it = t + 1
             if it in ckpt_set or it % check_every == 0 or it == cfg.steps:
                 last = check_and_log(it)

@@ -37,7 +37,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.stream import BatchStream
 from ..errors import ConfigError
-from ..train import TrainConfig, load_momentum, make_optimizer, momentum_state
+from ..train import TrainConfig, load_momentum, make_optimizer, momentum_state, sgd_step
 from ..train.schedule import lr_at
 from .perturb import Perturbation, perturb_
 
@@ -140,13 +140,7 @@ class LoopFleet(Fleet):
         for k, (m, opt) in enumerate(zip(self.models, self.opts, strict=True)):
             if not self.spawned[k]:
                 continue
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = F.cross_entropy(m(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            self.last_loss[k] = loss.detach()
+            self.last_loss[k] = sgd_step(m, opt, xb, yb, lr)
 
     def state(self, k):
         return {n: v.detach().clone() for n, v in self.models[k].state_dict().items()}
