@@ -152,17 +152,22 @@ def _budget(budget_bytes: object) -> int:
 # inputs and the per-sample function
 
 
+def _like(x: tuple | list, items: Iterable) -> tuple | list:
+    """``items`` in the container type of ``x`` (tuple, list or named tuple)."""
+    return x._make(items) if hasattr(x, "_make") else type(x)(items)
+
+
 def _slice(x: Inputs, s: int, e: int, device: torch.device) -> Inputs:
     if isinstance(x, torch.Tensor):
         return x[s:e].to(device)
-    return type(x)(t[s:e].to(device) for t in x)
+    return _like(x, (t[s:e].to(device) for t in x))
 
 
 def _one_batch(x: Inputs) -> Inputs:
     """A single sample (inside vmap) as a batch of one, in the caller's structure."""
     if isinstance(x, torch.Tensor):
         return x.unsqueeze(0)
-    return type(x)(t.unsqueeze(0) for t in x)
+    return _like(x, (t.unsqueeze(0) for t in x))
 
 
 def _check_output(out: object, c: int | None) -> int:
@@ -231,7 +236,7 @@ def _plan(n1: int, n2: int | None, shape: KernelShape, rows: int, widest: tuple[
     if operands * one > budget:
         each = ", for each of the two row blocks of a tile" if operands == 2 else ""
         raise ConfigError(f"budget_bytes={budget} is too small: one sample of the widest parameter {name!r} "
-                          f"({wcols} columns × {rows} output rows × {elem_bytes} B{each}) needs "
+                          f"({wcols} columns × {rows} output rows × {elem_bytes} B held per element{each}) needs "
                           f"{operands * one} bytes")
     if whole * one <= budget:              # every row in one block (per side): one Jacobian pass per chunk
         return n1, (n2 or n1), budget // (whole * per_col)
