@@ -299,7 +299,8 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
             component); the kernels sum to the full one.
         compute_dtype: ``torch.float32`` (contract in the Jacobian's own precision: float64
             params give a float64 kernel) or ``torch.bfloat16`` (bfloat16 copies of the
-            Jacobian blocks, float32 accumulation; float32 kernel).
+            Jacobian blocks, float32 accumulation; float32 kernel. On the CPU, bfloat16
+            ``torch.mm`` accumulates in float32 but rounds each chunk's tile to bfloat16).
         budget_bytes: bound on the Jacobian blocks held at once (not counting the activations
             inside ``vmap``); below one sample of the widest parameter it is refused up front.
         progress: a progress bar over (row block, parameter chunk) steps.
