@@ -1,0 +1,379 @@
+"""eNTKs of a function of a parameter dict: the entry point for other frontends, and the plain
+torch.func reference of every kernel shape.
+
+``apply_fn(params, x) -> (N, C)`` with ``params`` a dict name -> tensor, torch.func style::
+
+    H = entk_fn(lambda p, x: torch.func.functional_call(model, p, (x,)),
+                dict(model.named_parameters()), x_train, x_test, kernel="traced")
+
+Per row block of inputs and per chunk of parameters, ``vmap(jacrev(...))`` forms the
+per-sample Jacobian block ``J_p,a`` (``vmap(grad(...))`` for pNTK: one VJP per sample) and
+contracts it at once into the kernel tile, ``tile += J_p,a J_p,bᵀ``; the whole Jacobian is
+never held. Only the parameters are differentiated; inputs may be integer token ids or tuples.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch.func import grad, jacrev, vmap
+
+from ..errors import ConfigError, parse_enum
+from ..progress import progress as progress_bar
+
+DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian blocks held at once
+
+
+class KernelShape(enum.StrEnum):
+    FULL = "full"          # (N1·C, N2·C), row n·C + c
+    TRACED = "traced"      # (N1, N2), Σ_c H_cc
+    DIAGONAL = "diagonal"  # (N, C, C), per-sample blocks only
+    PNTK = "pntk"          # (N1, N2), kernel of Σ_c f_c / √C
+
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def layer_of(name: str) -> str:
+    """The module path of a parameter name ("layer1.0.conv1" for "layer1.0.conv1.weight");
+    a top-level parameter is its own group."""
+    return name.rpartition(".")[0] or name
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _leaves(x: Inputs, what: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        leaves = [x]
+    elif isinstance(x, tuple | list):
+        if not x:
+            raise ConfigError(f"{what} is an empty {type(x).__name__}; expected a tensor or a tuple of tensors")
+        leaves = list(x)
+        for i, t in enumerate(leaves):
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"{what}[{i}] must be a tensor batched on dim 0, got {type(t).__name__}")
+    else:
+        raise ConfigError(f"{what} must be a tensor or a tuple of tensors batched on dim 0, got {type(x).__name__}")
+    for i, t in enumerate(leaves):
+        label = what if isinstance(x, torch.Tensor) else f"{what}[{i}]"
+        if t.ndim == 0:
+            raise ConfigError(f"{label} must be batched on dim 0, got a 0-d tensor")
+    return leaves
+
+
+def _batch_size(x: Inputs, what: str) -> int:
+    leaves = _leaves(x, what)
+    n = leaves[0].shape[0]
+    for i, t in enumerate(leaves[1:], 1):
+        if t.shape[0] != n:
+            raise ConfigError(f"{what}[{i}] has batch size {t.shape[0]} but {what}[0] has {n}; "
+                              "tuple inputs must agree on dim 0")
+    if n == 0:
+        raise ConfigError(f"{what} has no samples (batch size 0)")
+    return int(n)
+
+
+def _check_same_structure(x1: Inputs, x2: Inputs) -> None:
+    l1, l2 = _leaves(x1, "x1"), _leaves(x2, "x2")
+    if isinstance(x1, torch.Tensor) != isinstance(x2, torch.Tensor) or len(l1) != len(l2):
+        s1 = "a tensor" if isinstance(x1, torch.Tensor) else f"a {type(x1).__name__} of {len(l1)} tensors"
+        s2 = "a tensor" if isinstance(x2, torch.Tensor) else f"a {type(x2).__name__} of {len(l2)} tensors"
+        raise ConfigError(f"x2 must have the structure of x1 ({s1}), got {s2}")
+    for i, (a, b) in enumerate(zip(l1, l2, strict=True)):
+        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+            sfx = "" if isinstance(x1, torch.Tensor) else f"[{i}]"
+            raise ConfigError(f"x2{sfx} must have per-sample shape {tuple(a.shape[1:])} and dtype {a.dtype} "
+                              f"like x1{sfx}, got {tuple(b.shape[1:])} and {b.dtype}")
+
+
+def _check_params(params: object) -> dict[str, torch.Tensor]:
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"params must be a dict of name -> tensor (torch.func style), got {type(params).__name__}")
+    if not params:
+        raise ConfigError("params is empty; expected a dict of name -> tensor, e.g. dict(model.named_parameters())")
+    for k, v in params.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"params keys must be parameter names (str), got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"params[{k!r}] must be a tensor, got {type(v).__name__}")
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _select(params: dict[str, torch.Tensor], param_names: Iterable[str] | str | None) -> list[str]:
+    if param_names is None:
+        names = list(params)
+    else:
+        wanted = [param_names] if isinstance(param_names, str) else list(param_names)
+        if not wanted:
+            raise ConfigError("param_names is empty; give at least one parameter name (or None for all)")
+        unknown = [n for n in wanted if n not in params]
+        if unknown:
+            valid = list(params)
+            more = f", ... ({len(valid)} in all)" if len(valid) > 5 else ""
+            raise ConfigError(f"unknown parameter name(s) {', '.join(map(repr, unknown[:3]))} in param_names; "
+                              f"valid names: {', '.join(map(repr, valid[:5]))}{more}")
+        dup = sorted({n for n in wanted if wanted.count(n) > 1})
+        if dup:
+            raise ConfigError(f"param_names lists {dup[0]!r} more than once")
+        keep = set(wanted)
+        names = [n for n in params if n in keep]  # the dict's order: groups come out in model order
+    for n in names:
+        if not params[n].is_floating_point():
+            raise ConfigError(f"params[{n!r}] is {params[n].dtype}; only floating-point tensors can be "
+                              "differentiated (leave buffers out of params, or out of param_names)")
+    devices = {params[n].device for n in names}
+    if len(devices) > 1:
+        raise ConfigError(f"the differentiated params live on several devices ({sorted(map(str, devices))}); "
+                          "move them to one")
+    return names
+
+
+def _compute_dtype(dtype: object) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"compute_dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _budget(budget_bytes: object) -> int:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float) \
+            or not math.isfinite(budget_bytes) or budget_bytes < 1:
+        raise ConfigError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
+    return int(budget_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the per-sample function
+
+
+def _like(x: tuple | list, items: Iterable) -> tuple | list:
+    """``items`` in the container type of ``x`` (tuple, list or named tuple)."""
+    return x._make(items) if hasattr(x, "_make") else type(x)(items)
+
+
+def _slice(x: Inputs, s: int, e: int, device: torch.device) -> Inputs:
+    if isinstance(x, torch.Tensor):
+        return x[s:e].to(device)
+    return _like(x, (t[s:e].to(device) for t in x))
+
+
+def _one_batch(x: Inputs) -> Inputs:
+    """A single sample (inside vmap) as a batch of one, in the caller's structure."""
+    if isinstance(x, torch.Tensor):
+        return x.unsqueeze(0)
+    return _like(x, (t.unsqueeze(0) for t in x))
+
+
+def _check_output(out: object, c: int | None) -> int:
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"apply_fn must return an (N, C) tensor, got {type(out).__name__}")
+    if out.ndim != 2 or out.shape[0] != 1 or (c is not None and out.shape[1] != c):
+        want = f"(1, {c})" if c is not None else "(1, C)"
+        raise ConfigError(f"apply_fn must return (N, C) outputs; on one sample it returned shape "
+                          f"{tuple(out.shape)}, expected {want}")
+    if not out.is_floating_point():
+        raise ConfigError(f"apply_fn must return floating-point outputs, got {out.dtype}")
+    return int(out.shape[1])
+
+
+def _num_outputs(apply_fn: Callable, params: dict[str, torch.Tensor], x: Inputs, device: torch.device) -> int:
+    with torch.no_grad():
+        return _check_output(apply_fn(params, _slice(x, 0, 1, device)), None)
+
+
+def _jacobian_block(apply_fn: Callable, fixed: dict[str, torch.Tensor], chunk: dict[str, torch.Tensor],
+                    xb: Inputs, c: int, pntk: bool) -> torch.Tensor:
+    """Per-sample Jacobian of the outputs w.r.t. ``chunk``: ``(b, C, cols)``, or ``(b, 1, cols)``
+    for pNTK (the gradient of Σ_c f_c / √C, one VJP per sample)."""
+    def f(p, x):
+        out = apply_fn({**fixed, **p}, _one_batch(x))
+        _check_output(out, c)
+        return out[0].sum() / math.sqrt(c) if pntk else out[0]
+
+    jac = vmap(grad(f) if pntk else jacrev(f), in_dims=(None, 0))(chunk, xb)
+    b = next(iter(jac.values())).shape[0]
+    rows = 1 if pntk else c
+    parts = [jac[n].reshape(b, rows, -1) for n in chunk]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def _chunks(names: list[str], params: dict[str, torch.Tensor], cap: int, per_layer: bool) -> list[list[str]]:
+    """Consecutive parameters whose columns fit ``cap``; never across groups when per layer."""
+    chunks: list[list[str]] = []
+    cols = 0
+    for n in names:
+        k = params[n].numel()
+        if not chunks or cols + k > cap or (per_layer and layer_of(n) != layer_of(chunks[-1][0])):
+            chunks.append([])
+            cols = 0
+        chunks[-1].append(n)
+        cols += k
+    return chunks
+
+
+def _plan(n1: int, n2: int | None, shape: KernelShape, rows: int, widest: tuple[str, int],
+          elem_bytes: int, budget: int) -> tuple[int, int, int]:
+    """(row block of x1, row block of x2, column cap) so the Jacobian blocks in use fit ``budget``."""
+    name, wcols = widest
+    per_col = rows * elem_bytes            # bytes per sample per column
+    one = wcols * per_col                  # one sample of the widest parameter
+    if shape is KernelShape.DIAGONAL:
+        operands, whole = 1, n1
+    elif n2 is None:
+        operands, whole = (1 if n1 == 1 else 2), n1
+    else:
+        operands, whole = 2, n1 + n2
+    if operands * one > budget:
+        each = ", for each of the two row blocks of a tile" if operands == 2 else ""
+        raise ConfigError(f"budget_bytes={budget} is too small: one sample of the widest parameter {name!r} "
+                          f"({wcols} columns × {rows} output rows × {elem_bytes} B held per element{each}) needs "
+                          f"{operands * one} bytes")
+    if whole * one <= budget:              # every row in one block (per side): one Jacobian pass per chunk
+        return n1, (n2 or n1), budget // (whole * per_col)
+    br = budget // (operands * one)
+    b1, b2 = min(n1, br), min(n2 or n1, br)
+    held = b1 if operands == 1 else b1 + b2
+    return b1, b2, budget // (held * per_col)
+
+
+# ---------------------------------------------------------------------------------------------
+# contraction
+
+
+def _as_rows(j: torch.Tensor, shape: KernelShape) -> torch.Tensor:
+    """Rows of one tile operand: full/pntk (b·rows, cols); traced (b, C·cols)."""
+    b = j.shape[0]
+    return j.reshape(b, -1) if shape is KernelShape.TRACED else j.reshape(-1, j.shape[2])
+
+
+def _mm_nt(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    if a.dtype == torch.bfloat16 and a.is_cuda:
+        return torch.mm(a, b.T, out_dtype=acc)  # float32 out of the tensor cores' float32 accumulators
+    return torch.mm(a, b.T).to(acc)              # CPU: accumulates in float32 (oneDNN), rounds the tile
+
+
+def _bmm_nt(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return torch.bmm(a, a.transpose(1, 2)).to(acc)
+
+
+def _mirror_upper(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
+    """Copy the upper triangle onto the lower one in place (exact symmetry), tile by tile."""
+    m = h.shape[0]
+    for r0 in range(0, m, tile):
+        r1 = min(r0 + tile, m)
+        d = h[r0:r1, r0:r1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        if r1 < m:
+            h[r1:, r0:r1] = h[r0:r1, r1:].T
+    return h
+
+
+def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, x2: Inputs | None = None, *,
+            kernel: str | KernelShape = "full", param_names: Iterable[str] | None = None, per_layer: bool = False,
+            compute_dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
+            progress: bool | None = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The empirical NTK of ``apply_fn`` w.r.t. ``params`` on ``x1`` (against ``x2``).
+
+    Args:
+        apply_fn: ``apply_fn(params, x) -> (N, C)``; it receives a dict with every key of
+            ``params`` and ``x`` in the structure of ``x1`` (a batch of rows of it).
+        params: name -> floating-point tensor, e.g. ``dict(model.named_parameters())``.
+        x1, x2: a tensor of any dtype (integer token ids too) or a tuple of tensors, batched on
+            dim 0 (N1, N2 samples). ``x2=None``: the symmetric kernel of ``x1``; only the upper
+            triangle of row blocks is computed and it is mirrored (exactly symmetric).
+        kernel: ``"full"`` → ``(N1·C, N2·C)``, row n·C + c; ``"traced"`` → ``(N1, N2)``, Σ_c H_cc;
+            ``"diagonal"`` → ``(N1, C, C)`` per-sample blocks, no cross-sample terms (``x2`` must
+            be None); ``"pntk"`` → ``(N1, N2)``, the kernel of Σ_c f_c / √C (Mohamadi et al. 2023).
+        param_names: differentiate only these keys of ``params`` (the rest are held fixed).
+        per_layer: return ``{module path: kernel}`` (group = the parameter name less its last
+            component); the kernels sum to the full one.
+        compute_dtype: ``torch.float32`` (contract in the Jacobian's own precision: float64
+            params give a float64 kernel) or ``torch.bfloat16`` (bfloat16 copies of the
+            Jacobian blocks, float32 accumulation; float32 kernel. On the CPU, bfloat16
+            ``torch.mm`` accumulates in float32 but rounds each chunk's tile to bfloat16).
+        budget_bytes: bound on the Jacobian blocks held at once (not counting the activations
+            inside ``vmap``); below one sample of the widest parameter it is refused up front.
+        progress: a progress bar over (row block, parameter chunk) steps.
+
+    Returns:
+        The kernel on the parameters' device, or a dict of kernels with ``per_layer``.
+    """
+    shape = parse_enum(KernelShape, kernel, "kernel")
+    if not callable(apply_fn):
+        raise ConfigError(f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}")
+    params = _check_params(params)
+    names = _select(params, param_names)
+    n1 = _batch_size(x1, "x1")
+    n2 = None
+    if x2 is not None:
+        if shape is KernelShape.DIAGONAL:
+            raise ConfigError("kernel='diagonal' gives per-sample blocks of one input set; x2 must be None")
+        n2 = _batch_size(x2, "x2")
+        _check_same_structure(x1, x2)
+    cdtype = _compute_dtype(compute_dtype)
+    budget = _budget(budget_bytes)
+    if not isinstance(per_layer, bool):
+        raise ConfigError(f"per_layer must be True or False, got {per_layer!r}")
+
+    device = params[names[0]].device
+    jdtype = torch.float64 if any(params[n].dtype == torch.float64 for n in names) else torch.float32
+    acc = torch.float32 if cdtype == torch.bfloat16 else jdtype
+    c = _num_outputs(apply_fn, params, x1, device)
+    pntk = shape is KernelShape.PNTK
+    rows = 1 if pntk else c
+    # Bytes per Jacobian element held: vmap's output and its concatenation (+ the bfloat16 copy).
+    elem_bytes = 2 * jdtype.itemsize + (2 if cdtype == torch.bfloat16 else 0)
+    widest = max(((n, params[n].numel()) for n in names), key=lambda t: t[1])
+    b1, b2, cap = _plan(n1, n2, shape, rows, widest, elem_bytes, budget)
+    chunks = _chunks(names, params, max(cap, widest[1]), per_layer)
+    groups = list(dict.fromkeys(layer_of(n) for n in names)) if per_layer else [""]
+
+    m1 = n1 * c if shape is KernelShape.FULL else n1
+    if shape is KernelShape.DIAGONAL:
+        out = {g: torch.zeros(n1, c, c, dtype=acc, device=device) for g in groups}
+    else:
+        m2 = m1 if n2 is None else (n2 * c if shape is KernelShape.FULL else n2)
+        out = {g: torch.zeros(m1, m2, dtype=acc, device=device) for g in groups}
+    unit = c if shape is KernelShape.FULL else 1  # kernel rows per sample
+    blocks1 = [(s, min(s + b1, n1)) for s in range(0, n1, b1)]
+    blocks2 = blocks1 if n2 is None else [(s, min(s + b2, n2)) for s in range(0, n2, b2)]
+    xs2 = x1 if n2 is None else x2
+
+    def operand(x: Inputs, s: int, e: int, chunk: list[str]) -> torch.Tensor:
+        fixed = {k: v for k, v in params.items() if k not in chunk}
+        j = _jacobian_block(apply_fn, fixed, {k: params[k] for k in chunk}, _slice(x, s, e, device), c, pntk)
+        j = j.to(cdtype if cdtype == torch.bfloat16 else acc)
+        return j if shape is KernelShape.DIAGONAL else _as_rows(j, shape)
+
+    bar = progress_bar(total=len(blocks1) * len(chunks), desc="entk_fn", enabled=progress, unit="step")
+    with torch.no_grad():  # no autograd graph for the caller's tensors; the transforms run their own
+        for i, (a0, a1) in enumerate(blocks1):
+            for chunk in chunks:
+                dst = out[layer_of(chunk[0]) if per_layer else ""]
+                a = operand(x1, a0, a1, chunk)
+                if shape is KernelShape.DIAGONAL:
+                    dst[a0:a1] += _bmm_nt(a, acc)
+                    bar.update()
+                    continue
+                for j in range(i if n2 is None else 0, len(blocks2)):
+                    s0, s1 = blocks2[j]
+                    b = a if (n2 is None and j == i) else operand(xs2, s0, s1, chunk)
+                    dst[a0 * unit:a1 * unit, s0 * unit:s1 * unit] += _mm_nt(a, b, acc)
+                bar.update()
+    bar.close()
+    for h in out.values():
+        if shape is KernelShape.DIAGONAL:
+            h.copy_(torch.triu(h) + torch.triu(h, 1).transpose(1, 2))
+        elif n2 is None:
+            _mirror_upper(h)
+    return out if per_layer else out[""]
