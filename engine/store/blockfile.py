@@ -2,7 +2,7 @@
 
 A long job (a Jacobian streamed block by block, the kernels of many checkpoints)
 is described by a ``job`` dict. The file is created once with every dataset
-preallocated and contiguous (``engine.h5raw``), and the disk space reserved, so
+preallocated and contiguous (``engine.store.h5raw``), and the disk space reserved, so
 a full disk is reported before the work starts. Each unit of work is written as
 raw bytes at fixed offsets and then flagged complete in ``/units/complete``;
 rerunning the same job skips completed units. Opening a file that holds a
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import RunFileError
-from ..h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy
+from .h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy
 
 
 class StoreError(RunFileError):

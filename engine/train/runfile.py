@@ -2,7 +2,7 @@
 
 Layout (documented in ``docs/FORMAT.md``): the schedule of checkpoint
 iterations is known when a run starts, so the file is created once with every
-dataset preallocated (``engine.h5raw``); checkpoint ``k`` is row ``k`` of
+dataset preallocated (``engine.store.h5raw``); checkpoint ``k`` is row ``k`` of
 ``/state/<name>`` (parameters and buffers by ``state_dict`` name) and
 ``/optim/<name>`` (SGD momentum buffers), and ``/checkpoints/complete[k]`` is
 set to 1 only after the row's bytes are on disk. A run killed mid-write leaves
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import RunFileError
-from ..h5raw import (
+from ..store.h5raw import (
     RawWriter,
     create_preallocated,
     dataset_offset,
