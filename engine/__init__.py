@@ -21,8 +21,8 @@ from .errors import (
 from .models import MODEL_NAMES, build_model, count_parameters
 from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
 from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products
-from .store import JacobianStore, KernelStore, StoreError
-from .train import RunFile, TrainConfig, TrainResult, parse_iterations, train
+from .store import JacobianStore, KernelStore, RunFile, StoreError
+from .train import TrainConfig, TrainResult, parse_iterations, train
 from .twins import MemberSpec, Perturbation, make_fleet
 
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ import torch
 from engine.data import load_synthetic
 from engine.errors import ConfigError, NonFiniteLossError, RunFileError
 from engine.models import build_model
-from engine.train import RunFile, TrainConfig, train
+from engine.store import RunFile
+from engine.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

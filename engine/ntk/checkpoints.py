@@ -18,8 +18,8 @@ from ..data import Dataset, load_dataset, normalize
 from ..errors import ConfigError
 from ..models import build_model
 from ..progress import progress as progress_bar
-from ..store import KernelStore, kernel_name
-from ..train import RunFile, TrainConfig
+from ..store import KernelStore, RunFile, kernel_name
+from ..train import TrainConfig
 from .distance import distance_from_gram, kernel_gram
 from .kernel import DEFAULT_BUDGET, entk, num_outputs, probe_hash
 

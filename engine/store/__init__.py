@@ -1,7 +1,8 @@
-"""Storage of long jobs: memory-mapped, resumable HDF5 files (layouts in docs/FORMAT.md)."""
+"""Every file format of the engine, on one crash-safe block-file layer (layouts in docs/FORMAT.md)."""
 
-from .blockfile import BlockFile, StoreError
+from .blockfile import BlockFile, BlockWriter, StoreError
 from .jacobian_store import JacobianStore
 from .kernel_store import KernelStore, kernel_name
+from .runfile import RunFile
 
-__all__ = ["BlockFile", "JacobianStore", "KernelStore", "StoreError", "kernel_name"]
+__all__ = ["BlockFile", "BlockWriter", "JacobianStore", "KernelStore", "RunFile", "StoreError", "kernel_name"]

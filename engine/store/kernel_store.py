@@ -26,6 +26,7 @@ class KernelStore(BlockFile):
     """
 
     FORMAT = "entk-kernels"
+    NOUN = "entk kernel file"
 
     @classmethod
     def create_for(cls, path: str | Path, *, job: Mapping, iterations: Sequence[int], size: int,

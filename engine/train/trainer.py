@@ -18,8 +18,8 @@ from ..determinism import resolve_device, set_deterministic
 from ..errors import ConfigError, NonFiniteLossError, RunFileError
 from ..models import build_model
 from ..progress import progress
+from ..store import RunFile
 from .config import TrainConfig
-from .runfile import RunFile
 from .schedule import lr_at
 
 # Fields that may differ between the run that created a file and the one resuming it:
