@@ -17,11 +17,11 @@ import torch
 from ..data import Dataset, load_dataset, normalize
 from ..errors import ConfigError
 from ..models import build_model
+from ..ntk import distance_from_gram, entk, kernel_gram, num_outputs, probe_hash
+from ..ntk.kernel import DEFAULT_BUDGET
 from ..progress import progress as progress_bar
 from ..store import KernelStore, RunFile, kernel_name
 from ..train import TrainConfig
-from .distance import distance_from_gram, kernel_gram
-from .kernel import DEFAULT_BUDGET, entk, num_outputs, probe_hash
 
 
 @dataclass
