@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import RunFileError
+from .data_record import data_mismatch
 from .h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy, torch_dtype_of
 
 
@@ -108,6 +109,11 @@ class StoreFile:
                                           dataset_offset(obj) if obj.size else -1, str(tag))
 
     @classmethod
+    def check_output(cls, path: str | Path, *, overwrite: bool = False) -> None:
+        """Raise the one-line error :meth:`_create` would, before any long work."""
+        check_output_path(Path(path), _a(cls.NOUN), overwrite=overwrite)
+
+    @classmethod
     def _create(cls, path: str | Path, build: Callable[[h5py.File], None], *, overwrite: bool = False):
         """Lay the file out with ``build(f)`` under a temporary name, reserve its disk space, rename it
         into place and open it."""
@@ -184,6 +190,7 @@ class BlockFile(StoreFile):
 
     def _load(self, f: h5py.File) -> None:
         self.job: dict = json.loads(f.attrs["job"])
+        self.data: dict | None = json.loads(f.attrs["data"]) if "data" in f.attrs else None
         self._index(f, "data")
         self.datasets = {k.removeprefix("data/"): v for k, v in self.datasets.items()}
         self.attrs = {name: dict(ds.attrs) for name, ds in f["data"].items()}
@@ -191,15 +198,21 @@ class BlockFile(StoreFile):
     @classmethod
     def create(cls, path: str | Path, *, job: Mapping, n_units: int,
                datasets: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-               attrs: Mapping[str, Mapping] | None = None, overwrite: bool = False):
-        """Create the file with storage for every dataset; reserve its disk space."""
+               attrs: Mapping[str, Mapping] | None = None, data: Mapping | None = None,
+               overwrite: bool = False):
+        """Create the file with storage for every dataset; reserve its disk space.
+
+        ``data`` is the record of the data the job uses (``data_record``), kept beside the job.
+        """
         def build(f: h5py.File) -> None:
             f.attrs["job"] = json.dumps(_jsonable(job), sort_keys=True)
+            if data is not None:
+                f.attrs["data"] = json.dumps(_jsonable(data), sort_keys=True)
             units = f.create_group("units")
             create_preallocated(units, "complete", (n_units,), np.uint8, fill=0)
-            data = f.create_group("data")
+            grp = f.create_group("data")
             for name, (shape, dtype) in datasets.items():
-                ds = create_preallocated(data, name, tuple(shape), numpy_dtype(dtype))
+                ds = create_preallocated(grp, name, tuple(shape), numpy_dtype(dtype))
                 ds.attrs["torch_dtype"] = str(dtype)
                 for k, v in (attrs or {}).get(name, {}).items():
                     ds.attrs[k] = v
@@ -207,8 +220,12 @@ class BlockFile(StoreFile):
         return cls._create(path, build, overwrite=overwrite)
 
     @classmethod
-    def open_or_create(cls, path: str | Path, *, job: Mapping, overwrite: bool = False, **create_kwargs):
-        """Resume the job in ``path`` if it holds this job, else create it."""
+    def open_or_create(cls, path: str | Path, *, job: Mapping, data: Mapping | None = None,
+                       overwrite: bool = False, **create_kwargs):
+        """Resume the job in ``path`` if it holds this job (on the same ``data``, when given), else create it.
+
+        The data is compared by fingerprint, not by path: a job may resume on data that moved.
+        """
         path = Path(path)
         if path.exists() and not path.is_dir() and not overwrite:
             f = cls(path)
@@ -217,8 +234,13 @@ class BlockFile(StoreFile):
             if diff:
                 raise StoreError(f"{path} holds a different job (differs in {', '.join(diff)}); "
                                  f"pass overwrite (--overwrite) or choose another output")
+            if data is not None:
+                bad = data_mismatch(path, f.data, data, what="holds a job computed",
+                                    fix="pass overwrite (--overwrite) or choose another output")
+                if bad:
+                    raise StoreError(bad)
             return f
-        return cls.create(path, job=job, overwrite=overwrite, **create_kwargs)
+        return cls.create(path, job=job, data=data, overwrite=overwrite, **create_kwargs)
 
 
 class BlockWriter:

@@ -46,6 +46,7 @@ class RunFile(StoreFile):
     def _load(self, f: h5py.File) -> None:
         self.config: dict = json.loads(f.attrs["config"])
         self.meta: dict = json.loads(f.attrs.get("meta", "{}"))
+        self.data: dict | None = json.loads(f.attrs["data"]) if "data" in f.attrs else None
         self.iterations = f["checkpoints/iteration"][...].astype(np.int64)
         self.steps = int(f.attrs["steps"])
         self.state_names: list[str] = list(json.loads(f["state"].attrs["names"]))
@@ -59,13 +60,14 @@ class RunFile(StoreFile):
     @classmethod
     def create(cls, path: str | Path, *, config: Mapping, steps: int,
                iterations: Sequence[int], state: Mapping[str, torch.Tensor],
-               param_names: Sequence[str], meta: Mapping | None = None,
+               param_names: Sequence[str], meta: Mapping | None = None, data: Mapping | None = None,
                overwrite: bool = False) -> RunFile:
         """Create the file with storage for every scheduled checkpoint; reserve its disk space.
 
         ``state`` gives the name, shape and dtype of every stored tensor
         (a model's ``state_dict()``); ``param_names`` are the trainable ones,
-        which also get a momentum slot under ``/optim``.
+        which also get a momentum slot under ``/optim``; ``data`` is the record of the
+        training data (``data_record``).
         """
         iterations = sorted(set(int(i) for i in iterations))
         if not iterations:
@@ -75,6 +77,8 @@ class RunFile(StoreFile):
         def build(f: h5py.File) -> None:
             f.attrs["config"] = json.dumps(dict(config), sort_keys=True)
             f.attrs["meta"] = json.dumps(dict(meta or {}), sort_keys=True)
+            if data is not None:
+                f.attrs["data"] = json.dumps(dict(data), sort_keys=True)
             f.attrs["steps"] = int(steps)
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             ck = f.create_group("checkpoints")

@@ -18,13 +18,15 @@ from ..determinism import resolve_device, set_deterministic
 from ..errors import ConfigError, NonFiniteLossError, RunFileError
 from ..models import build_model
 from ..progress import progress
-from ..store import RunFile
+from ..store import RunFile, data_mismatch, data_record
 from .config import TrainConfig
 from .schedule import lr_at
 
 # Fields that may differ between the run that created a file and the one resuming it:
-# they do not change the bits of any checkpoint.
+# they do not change the bits of any checkpoint. The data may move (data_root), but what
+# it is is checked: its fingerprint must be the one the run file records.
 _RESUME_FREE = {"data_root", "eval_train", "eval_batch_size"}
+_FIX = "pass overwrite (--overwrite) or choose another --out"
 
 
 @dataclass
@@ -139,10 +141,16 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
         run = RunFile(out)
         diff = [k for k in cfg.differences(run.config) if k not in _RESUME_FREE]
         if diff:
-            raise RunFileError(f"{out} holds a run with a different config ({', '.join(diff)}); "
-                               f"pass overwrite (--overwrite) or choose another --out")
+            raise RunFileError(f"{out} holds a run with a different config ({', '.join(diff)}); {_FIX}")
+    elif out is not None:
+        RunFile.check_output(out, overwrite=overwrite)
     set_deterministic(cfg.deterministic)
     ds = dataset if dataset is not None else prepare_data(cfg, cache_dir=cache_dir, quiet=quiet)
+    data = data_record(ds)
+    if run is not None:
+        bad = data_mismatch(out, run.data, data, what="holds a run trained", fix=_FIX)
+        if bad:
+            raise RunFileError(bad)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=ds.num_classes).to(dev)
@@ -158,7 +166,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
     if out is not None and run is None:
         run = RunFile.create(out, config=cfg.to_dict(), steps=cfg.steps, iterations=cfg.checkpoints,
                              state=model.state_dict(), param_names=[n for n, _ in model.named_parameters()],
-                             meta=meta, overwrite=overwrite)
+                             meta=meta, data=data, overwrite=overwrite)
 
     start, resumed_from = 0, None
     if run is not None:
