@@ -16,6 +16,7 @@ from .errors import (
     DataNotFoundError,
     EngineError,
     NonFiniteLossError,
+    NonFiniteStateError,
     RunFileError,
 )
 from .jobs import checkpoint_kernels
@@ -42,6 +43,7 @@ __all__ = [
     "KernelStore",
     "MemberSpec",
     "NonFiniteLossError",
+    "NonFiniteStateError",
     "OpsBackend",
     "Perturbation",
     "RunFile",

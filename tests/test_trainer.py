@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.data import load_synthetic
-from engine.errors import ConfigError, NonFiniteLossError, RunFileError
+from engine.errors import ConfigError, NonFiniteLossError, NonFiniteStateError, RunFileError
 from engine.models import build_model
 from engine.store import RunFile
 from engine.train import TrainConfig, train
@@ -100,6 +100,19 @@ def test_nonfinite_loss_names_step_and_keeps_checkpoints(tmp_path, tiny):
     assert 0 in done and all(it <= ei.value.step for it in done)
     for it in done:
         assert all(torch.isfinite(v.float()).all() for v in run.load_state(it).values())
+
+
+def test_diverged_weights_are_not_stored_as_a_checkpoint(tmp_path, tiny):
+    """Issue 11 defect c (--lr 1e6 --checkpoints 0,5,10,20): every loss up to step 5 is finite
+    (the last about 7e31) but the weights are not; checkpoint 5 must not be written, 0 is kept."""
+    cfg = _cfg(lr=1e6, steps=20, checkpoints=[0, 5, 10, 20])
+    with pytest.raises(NonFiniteStateError, match=r"non-finite after step 5 \(in conv1\.weight.*kept in") as ei:
+        train(cfg, out=tmp_path / "div.h5", dataset=tiny, device="cpu", quiet=True)
+    assert isinstance(ei.value, NonFiniteLossError) and "\n" not in str(ei.value) and ei.value.step == 5
+    run = RunFile(tmp_path / "div.h5")
+    assert np.isfinite(run.loss_log()[:5]).all()  # the loss check alone lets this run through
+    assert run.completed_iterations() == [0]
+    assert all(torch.isfinite(v.float()).all() for v in run.load_state(0).values())
 
 
 def test_config_errors_before_work(tmp_path):

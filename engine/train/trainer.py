@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data import Dataset, load_dataset
 from ..data.stream import BatchStream, normalize
 from ..determinism import resolve_device, set_deterministic
-from ..errors import ConfigError, NonFiniteLossError, RunFileError
+from ..errors import ConfigError, NonFiniteLossError, NonFiniteStateError, RunFileError
 from ..models import build_model
 from ..progress import progress
 from ..store import RunFile, data_mismatch, data_record
@@ -88,6 +88,15 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tenso
     return loss.detach()
 
 
+def nonfinite(tensors: dict[str, torch.Tensor | None]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity (one host sync)."""
+    floats = [(n, v) for n, v in tensors.items() if v is not None and v.is_floating_point()]
+    if not floats:
+        return []
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+    return [n for (n, _), good in zip(floats, ok, strict=True) if not good]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              mean, std, device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
@@ -131,6 +140,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf; checkpoints before it are kept.
+        NonFiniteStateError: (a NonFiniteLossError) the weights, buffers or momentum became
+            NaN/inf at a checkpoint; that checkpoint is not written, those before it are kept.
     """
     cfg.validate()
     dev = resolve_device(device)
@@ -213,8 +224,13 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
             if it in ckpt_set or it % check_every == 0 or it == cfg.steps:
                 last = check_and_log(it)
                 bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-                if writer is not None and it in ckpt_set:
-                    writer.write_checkpoint(it, model.state_dict(), momentum_state(model, opt), last)
+                if it in ckpt_set:
+                    state, mom = model.state_dict(), momentum_state(model, opt)
+                    bad = nonfinite(state) + [f"momentum of {n}" for n in nonfinite(mom)]
+                    if bad:  # a finite loss does not make finite weights (lr 1e6: loss 7e32, weights inf)
+                        raise NonFiniteStateError(it, bad, last, str(out) if out else None)
+                    if writer is not None:
+                        writer.write_checkpoint(it, state, mom, last)
         bar.close()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
