@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import h5py
 import pytest
 import torch
@@ -21,12 +23,17 @@ def _cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def whole():
+    return prepare_data(_cfg(n_train=None, n_test=None))  # the default synthetic data (about 5 s)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, whole):
     """A finished run on a seeded subset of the default synthetic data, and that dataset."""
     cfg = _cfg()
-    ds = prepare_data(cfg)
+    ds = whole.subset(200, 60, seed=3)
     path = tmp_path_factory.mktemp("run") / "run.h5"
-    train(cfg, out=path, device="cpu", quiet=True)
+    train(cfg, out=path, dataset=ds, device="cpu", quiet=True)
     return path, ds
 
 
@@ -69,18 +76,17 @@ def test_resume_of_a_file_without_fingerprint_is_refused(run, tmp_path):
         train(_cfg(), out=out, dataset=ds, device="cpu", quiet=True)
 
 
-def test_ntk_probes_come_from_the_runs_subset(run, tmp_path):
+def test_ntk_probes_come_from_the_runs_subset(run, whole, tmp_path):
     """Defect e: the probes are drawn from the run's own test subset, not the whole split."""
     path, ds = run
-    res = checkpoint_kernels(path, tmp_path / "k.h5", probe=6, device="cpu", quiet=True)
+    res = checkpoint_kernels(path, tmp_path / "k.h5", probe=6, device="cpu", quiet=True)  # reloads the data
     x_run, _ = probe_set(ds, 6)
-    whole = prepare_data(_cfg(n_train=None, n_test=None))
     x_whole, _ = probe_set(whole, 6)
     assert not torch.equal(x_run, x_whole)  # the two choices differ, so the check can fail
     assert res.store.job["probe_hash"] == probe_hash(x_run)
     assert res.store.data["fingerprint"] == ds.fingerprint
     with pytest.raises(ConfigError, match=r"probe size must be in \[1, 60\]"):
-        checkpoint_kernels(path, tmp_path / "k61.h5", probe=61, device="cpu", quiet=True)
+        checkpoint_kernels(path, tmp_path / "k61.h5", probe=61, device="cpu", quiet=True, dataset=ds)
 
 
 def test_ntk_on_other_data_is_refused_naming_both(run, tmp_path):
@@ -104,3 +110,19 @@ def test_kernel_file_resume_checks_the_data(tmp_path):
     KernelStore.create_for(tmp_path / "old.h5", job=job, iterations=[0], size=2)
     with pytest.raises(StoreError, match="records no data fingerprint"):
         KernelStore.create_for(tmp_path / "old.h5", job=job, iterations=[0], size=2, data=a)
+
+
+def test_ntk_on_an_interrupted_run_says_only_completed_checkpoints_are_used(run, tmp_path, capsys):
+    """Defect h: one line saying how many of the scheduled checkpoints the kernels cover."""
+    path, ds = run
+    part = tmp_path / "part.h5"
+    shutil.copy(path, part)
+    with h5py.File(part, "r+") as f:
+        f["checkpoints/complete"][1:] = 0  # as if killed after checkpoint 0 (scheduled: 0, 2, 4)
+    res = checkpoint_kernels(part, tmp_path / "k.h5", probe=3, device="cpu", quiet=True, dataset=ds)
+    assert res.iterations == [0]
+    err = capsys.readouterr().err
+    assert "only its 1 completed checkpoints of 3 scheduled are used, up to iteration 0" in err
+    assert res.notes and len(err.strip().splitlines()) == 1
+    checkpoint_kernels(path, tmp_path / "k2.h5", probe=3, device="cpu", quiet=True, dataset=ds)
+    assert capsys.readouterr().err == ""  # a finished run: nothing to say

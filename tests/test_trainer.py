@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import h5py
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from engine.data import load_synthetic
 from engine.errors import ConfigError, NonFiniteLossError, NonFiniteStateError, RunFileError
 from engine.models import build_model
 from engine.store import RunFile
-from engine.train import TrainConfig, train
+from engine.train import TrainConfig, prepare_data, train
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,32 @@ def test_diverged_weights_are_not_stored_as_a_checkpoint(tmp_path, tiny):
     assert np.isfinite(run.loss_log()[:5]).all()  # the loss check alone lets this run through
     assert run.completed_iterations() == [0]
     assert all(torch.isfinite(v.float()).all() for v in run.load_state(0).values())
+
+
+def test_resume_from_iteration_0_says_it_resumed(tmp_path, tiny):
+    out = tmp_path / "r.h5"
+    first = train(_cfg(steps=6, checkpoints=[0]), out=out, dataset=tiny, device="cpu", quiet=True)
+    assert first.resumed_from is None and "resumed" not in first.describe()
+    with h5py.File(out, "r+") as f:
+        f["checkpoints/complete"][1:] = 0  # killed after checkpoint 0
+    res = train(_cfg(steps=6, checkpoints=[0]), out=out, dataset=tiny, device="cpu", quiet=True)
+    assert res.resumed_from == 0 and "(resumed from iteration 0)" in res.describe()
+
+
+def test_subset_larger_than_its_split_is_refused_not_clamped(tiny, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("engine.train.trainer"), "load_dataset", lambda *a, **k: tiny)
+    with pytest.raises(ConfigError, match=r"^n_train 999999 exceeds the 640 training images of synthetic$"):
+        prepare_data(_cfg(n_train=999999))
+    with pytest.raises(ConfigError, match=r"^n_test 201 exceeds the 200 test images of synthetic$"):
+        prepare_data(_cfg(n_test=201))
+    assert len(prepare_data(_cfg(n_train=640, n_test=10)).y_test) == 10  # the whole split is allowed
+
+
+def test_out_naming_a_directory_is_one_line(tmp_path, tiny):
+    for overwrite in (False, True):
+        with pytest.raises(RunFileError, match=rf"^{tmp_path} is a directory") as ei:
+            train(_cfg(), out=tmp_path, dataset=tiny, device="cpu", quiet=True, overwrite=overwrite)
+        assert "\n" not in str(ei.value)
 
 
 def test_config_errors_before_work(tmp_path):

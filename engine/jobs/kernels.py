@@ -78,6 +78,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
     done = run.completed_iterations()
+    every_completed = iterations is None
     iterations = list(done if iterations is None else iterations)
     missing = [i for i in iterations if i not in done]
     if missing:
@@ -85,13 +86,21 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     if not iterations:
         raise ConfigError(f"{run_path} has no completed checkpoints")
     KernelStore.check_output(out, overwrite=True)  # a directory or a path under a file: before any work
-    notes = []
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        print(f"entk: note: {msg}", file=sys.stderr)
+
+    if every_completed and len(done) < len(run.iterations):
+        note(f"{run_path} is incomplete (training was interrupted or is running): only its {len(done)} completed "
+             f"checkpoints of {len(run.iterations)} scheduled are used, up to iteration {done[-1]}")
     ds = dataset if dataset is not None else prepare_data(
         dataclasses.replace(cfg, data_root=data_root or cfg.data_root), cache_dir=cache_dir, quiet=quiet)
     data = data_record(ds)
     if run.data is None:
-        notes.append(f"{run_path} records no data fingerprint (written by an older entk): "
-                     f"the probes come from {ds.describe()}, unchecked")
+        note(f"{run_path} records no data fingerprint (written by an older entk): "
+             f"the probes come from {ds.describe()}, unchecked")
     else:
         bad = data_mismatch(run_path, run.data, data, what="was trained",
                             fix="point --data-root at the data it was trained on")
@@ -107,8 +116,6 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
            "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype)}
     store = KernelStore.create_for(out, job=job, iterations=iterations, size=size, dtype=store_dtype,
                                    data=data, overwrite=overwrite)
-    for note in notes:
-        print(f"entk: note: {note}", file=sys.stderr)
     seconds: dict[int, float] = {}
     todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False)) if not ok]
     with store.writer() as w:

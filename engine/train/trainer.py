@@ -45,7 +45,7 @@ class TrainResult:
     device: str
 
     def describe(self) -> str:
-        resumed = f" (resumed from iteration {self.resumed_from})" if self.resumed_from else ""
+        resumed = f" (resumed from iteration {self.resumed_from})" if self.resumed_from is not None else ""
         return (f"{self.steps} steps{resumed} on {self.device}: "
                 f"train acc {self.train_acc:.2%} (loss {self.train_loss:.4f}), "
                 f"test acc {self.test_acc:.2%} (loss {self.test_loss:.4f}), "
@@ -116,11 +116,18 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def prepare_data(cfg: TrainConfig, *, cache_dir=None, quiet: bool = False) -> Dataset:
-    """Load the configured dataset (and subset), with the config's seeds."""
+    """Load the configured dataset (and subset), with the config's seeds.
+
+    A subset larger than its split is refused rather than clamped: the config records what is used.
+    """
     kwargs = {}
     if cfg.data == "cifar10":
         kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None}
     ds = load_dataset(cfg.data, cfg.data_root, **kwargs)
+    for name, n, have, split in (("n_train", cfg.n_train, len(ds.y_train), "training"),
+                                 ("n_test", cfg.n_test, len(ds.y_test), "test")):
+        if n is not None and n > have:
+            raise ConfigError(f"{name} {n} exceeds the {have} {split} images of {cfg.data}")
     if cfg.n_train or cfg.n_test:
         ds = ds.subset(cfg.n_train, cfg.n_test, seed=cfg.subset_seed)
     return ds
