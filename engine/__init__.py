@@ -4,7 +4,7 @@ The public API is re-exported here; see README.md for an overview and
 docs/FORMAT.md for the HDF5 layouts. Data flows one way:
 ``data`` → ``models`` → ``train`` / ``twins`` → ``store`` → ``ntk`` → ``ops`` (fused kernels
 the ``ntk`` loops hand their tiles to; ``ops`` imports nothing above ``errors``) →
-``metrics`` / ``analysis`` → ``report``.
+``metrics`` / ``analysis`` → ``jobs`` (jobs that read and write files) → ``report``.
 """
 
 from .analysis import ChaosConfig, load_chaos, run_chaos
@@ -16,13 +16,15 @@ from .errors import (
     DataNotFoundError,
     EngineError,
     NonFiniteLossError,
+    NonFiniteStateError,
     RunFileError,
 )
+from .jobs import checkpoint_kernels
 from .models import MODEL_NAMES, build_model, count_parameters
 from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
 from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products
-from .store import JacobianStore, KernelStore, StoreError
-from .train import RunFile, TrainConfig, TrainResult, parse_iterations, train
+from .store import JacobianStore, KernelStore, RunFile, StoreError
+from .train import TrainConfig, TrainResult, parse_iterations, train
 from .twins import MemberSpec, Perturbation, make_fleet
 
 __version__ = "0.1.0"
@@ -41,6 +43,7 @@ __all__ = [
     "KernelStore",
     "MemberSpec",
     "NonFiniteLossError",
+    "NonFiniteStateError",
     "OpsBackend",
     "Perturbation",
     "RunFile",
@@ -49,6 +52,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_model",
+    "checkpoint_kernels",
     "count_parameters",
     "entk",
     "gram",

@@ -250,7 +250,7 @@ def _cmd_ntk(args) -> int:
     import torch
 
     from .determinism import resolve_device
-    from .ntk import checkpoint_kernels
+    from .jobs import checkpoint_kernels
 
     if args.probe < 1:
         raise EngineError(f"--probe must be >= 1, got {args.probe}")

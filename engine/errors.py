@@ -44,6 +44,17 @@ class NonFiniteLossError(EngineError, RuntimeError):
         super().__init__(f"non-finite loss {loss} at step {step}{where}")
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """Training diverged into NaN/inf weights, buffers or momentum (the last loss may still be finite)."""
+
+    def __init__(self, step: int, names: list[str], loss: float, out: str | None = None):
+        self.step, self.loss, self.names = step, loss, list(names)
+        where = f"; checkpoints before it are kept in {out}" if out else ""
+        shown = ", ".join(self.names[:3]) + (f" and {len(self.names) - 3} more" if len(self.names) > 3 else "")
+        EngineError.__init__(self, f"the training state is non-finite after step {step} (in {shown}; last loss "
+                                   f"{loss:.4g}): the run diverged, so it is not saved as a checkpoint{where}")
+
+
 def parse_enum(enum_cls: type[E], value: object, what: str) -> E:
     """``enum_cls(value)``, or a one-line ``ConfigError`` naming ``what`` and the valid values."""
     if isinstance(value, enum_cls):

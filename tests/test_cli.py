@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.cli import _build_parser, main
-from engine.train import RunFile
+from engine.store import RunFile
 
 SMALL = ["--model", "cnn", "--data", "synthetic", "--n-train", "1000", "--n-test", "200",
          "--batch-size", "50", "--eval-train", "200", "--quiet"]

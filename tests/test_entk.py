@@ -158,7 +158,7 @@ def test_entk_ntk_cli_traced_and_bad_checkpoint(tiny_run, tmp_path, capsys):
 
 
 def test_unavailable_ops_backend_fails_before_any_work(tmp_path, monkeypatch):
-    from engine.ntk import checkpoint_kernels
+    from engine.jobs import checkpoint_kernels
     from engine.ops import BackendUnavailableError
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

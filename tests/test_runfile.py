@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import RunFileError
-from engine.train.runfile import RunFile
+from engine.store import RunFile
 
 
 def _state(seed=0):
@@ -76,7 +76,7 @@ def _write_then_die(path):
     w = run.writer()
     w.write_checkpoint(0, _state(1))
     # Die in the middle of checkpoint 3: rows written, completion flag not yet.
-    w._write_rows("state", run.index(3), _state(2), run.state_names[:2])
+    w.write_rows("state", run.index(3), _state(2), run.state_names[:2])
     os._exit(0)
 
 
@@ -110,3 +110,20 @@ def test_existing_file_not_clobbered(tmp_path):
     _create(tmp_path / "r.h5")
     with pytest.raises(RunFileError, match="already exists"):
         _create(tmp_path / "r.h5")
+
+
+def test_paths_that_cannot_be_a_run_file_get_one_line_errors(tmp_path):
+    """A directory (read or written, overwrite or not) or a path under a regular file: no HDF5 text."""
+    errors = []
+    for call in (lambda: RunFile(tmp_path), lambda: _create(tmp_path),
+                 lambda: RunFile.create(tmp_path, config={}, steps=1, iterations=[1], state=_state(),
+                                        param_names=["w"], overwrite=True)):
+        with pytest.raises(RunFileError, match=rf"{tmp_path} is a directory") as e:
+            call()
+        errors.append(str(e.value))
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(RunFileError, match=r"cannot create .*plain is a file, not a directory") as e:
+        _create(tmp_path / "plain" / "r.h5")
+    errors.append(str(e.value))
+    assert all("\n" not in m and "errno" not in m for m in errors), errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]

@@ -109,3 +109,26 @@ def test_not_a_store(tmp_path):
     (tmp_path / "x.h5").write_bytes(b"garbage")
     with pytest.raises(StoreError, match=r"x\.h5"):
         KernelStore(tmp_path / "x.h5")
+
+
+def test_one_bfloat16_reader(tmp_path):
+    """to_numpy/from_numpy: bfloat16 as uint16 bits, 0-d and strided arrays, read-only memory maps."""
+    import warnings
+
+    from engine.store.h5raw import from_numpy, to_numpy, torch_dtype_of
+
+    t = torch.randn(7, 5).to(torch.bfloat16)
+    bits = to_numpy(t)
+    assert bits.dtype == np.uint16 and torch_dtype_of(bits.dtype) == torch.bfloat16
+    assert torch.equal(from_numpy(bits), t)  # untagged uint16: bfloat16 bits
+    assert torch.equal(from_numpy(bits, "torch.bfloat16"), t)
+    assert torch.equal(from_numpy(bits[:, 1::2]), t[:, 1::2])  # strided, no copy needed
+    assert torch.equal(from_numpy(bits[::-1]), t.flip(0))  # negative strides
+    assert from_numpy(np.asarray(np.int64(3))).shape == ()  # 0-d stays 0-d
+    assert torch_dtype_of(np.float32) == torch.float32 and torch_dtype_of(np.int16) == torch.int16
+    mm = np.lib.format.open_memmap(tmp_path / "b.npy", mode="w+", dtype=np.uint16, shape=bits.shape)
+    mm[:] = bits
+    ro = np.load(tmp_path / "b.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(from_numpy(ro), t)

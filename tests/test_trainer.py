@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from engine.data import load_synthetic
-from engine.errors import ConfigError, NonFiniteLossError, RunFileError
+from engine.errors import ConfigError, NonFiniteLossError, NonFiniteStateError, RunFileError
 from engine.models import build_model
-from engine.train import RunFile, TrainConfig, train
+from engine.store import RunFile
+from engine.train import TrainConfig, prepare_data, train
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,45 @@ def test_nonfinite_loss_names_step_and_keeps_checkpoints(tmp_path, tiny):
     assert 0 in done and all(it <= ei.value.step for it in done)
     for it in done:
         assert all(torch.isfinite(v.float()).all() for v in run.load_state(it).values())
+
+
+def test_diverged_weights_are_not_stored_as_a_checkpoint(tmp_path, tiny):
+    """Issue 11 defect c (--lr 1e6 --checkpoints 0,5,10,20): every loss up to step 5 is finite
+    (the last about 7e31) but the weights are not; checkpoint 5 must not be written, 0 is kept."""
+    cfg = _cfg(lr=1e6, steps=20, checkpoints=[0, 5, 10, 20])
+    with pytest.raises(NonFiniteStateError, match=r"non-finite after step 5 \(in conv1\.weight.*kept in") as ei:
+        train(cfg, out=tmp_path / "div.h5", dataset=tiny, device="cpu", quiet=True)
+    assert isinstance(ei.value, NonFiniteLossError) and "\n" not in str(ei.value) and ei.value.step == 5
+    run = RunFile(tmp_path / "div.h5")
+    assert np.isfinite(run.loss_log()[:5]).all()  # the loss check alone lets this run through
+    assert run.completed_iterations() == [0]
+    assert all(torch.isfinite(v.float()).all() for v in run.load_state(0).values())
+
+
+def test_resume_from_iteration_0_says_it_resumed(tmp_path, tiny):
+    out = tmp_path / "r.h5"
+    first = train(_cfg(steps=6, checkpoints=[0]), out=out, dataset=tiny, device="cpu", quiet=True)
+    assert first.resumed_from is None and "resumed" not in first.describe()
+    with h5py.File(out, "r+") as f:
+        f["checkpoints/complete"][1:] = 0  # killed after checkpoint 0
+    res = train(_cfg(steps=6, checkpoints=[0]), out=out, dataset=tiny, device="cpu", quiet=True)
+    assert res.resumed_from == 0 and "(resumed from iteration 0)" in res.describe()
+
+
+def test_subset_larger_than_its_split_is_refused_not_clamped(tiny, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("engine.train.trainer"), "load_dataset", lambda *a, **k: tiny)
+    with pytest.raises(ConfigError, match=r"^n_train 999999 exceeds the 640 training images of synthetic$"):
+        prepare_data(_cfg(n_train=999999))
+    with pytest.raises(ConfigError, match=r"^n_test 201 exceeds the 200 test images of synthetic$"):
+        prepare_data(_cfg(n_test=201))
+    assert len(prepare_data(_cfg(n_train=640, n_test=10)).y_test) == 10  # the whole split is allowed
+
+
+def test_out_naming_a_directory_is_one_line(tmp_path, tiny):
+    for overwrite in (False, True):
+        with pytest.raises(RunFileError, match=rf"^{tmp_path} is a directory") as ei:
+            train(_cfg(), out=tmp_path, dataset=tiny, device="cpu", quiet=True, overwrite=overwrite)
+        assert "\n" not in str(ei.value)
 
 
 def test_config_errors_before_work(tmp_path):

@@ -17,8 +17,8 @@ from engine.cli import main
 from engine.data import BatchStream, load_synthetic
 from engine.errors import ConfigError
 from engine.models import build_model
-from engine.store import StoreError
-from engine.train import RunFile, TrainConfig, train
+from engine.store import RunFile, StoreError
+from engine.train import TrainConfig, train
 from engine.twins import MemberSpec, Perturbation, ZeroPerturbationError, make_fleet, perturb_model_
 
 

@@ -7,7 +7,6 @@ BatchNorm is always in eval mode. Kernel distance (Fort et al. 2020):
 S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
 """
 
-from .checkpoints import CheckpointKernels, checkpoint_kernels, probe_set
 from .distance import (
     DistanceBackend,
     KernelValueError,
@@ -21,12 +20,10 @@ from .jacobian import JacobianBackend, jacobian, parameter_layout
 from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
 
 __all__ = [
-    "CheckpointKernels",
     "DistanceBackend",
     "JacobianBackend",
     "KernelKind",
     "KernelValueError",
-    "checkpoint_kernels",
     "distance_from_gram",
     "entk",
     "gram",
@@ -39,5 +36,4 @@ __all__ = [
     "param_groups",
     "parameter_layout",
     "probe_hash",
-    "probe_set",
 ]

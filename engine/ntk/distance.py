@@ -12,7 +12,6 @@ arrays or memory maps (``KernelStore.kernels()``, whose kernels are exactly symm
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from ..errors import ConfigError
 from ..ops import OpsBackend, kernel_pair_products
 from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
+from ..store.h5raw import from_numpy, torch_dtype_of
 from .gram import _prefetched
 
 DistanceBackend = OpsBackend  # the one backend switch of engine.ops
@@ -36,9 +36,7 @@ def _dtype_of(k) -> torch.dtype:
         return k.dtype
     if getattr(k, "dtype", None) is None:
         return torch.float32  # an array-like read by slicing: widened to float32 tiles
-    if k.dtype in (np.uint16, np.int16):
-        return torch.bfloat16  # bfloat16 kernels are stored as uint16 bits
-    return torch.from_numpy(np.empty(0, dtype=k.dtype)).dtype
+    return torch_dtype_of(k.dtype)  # bfloat16 kernels are stored as uint16 bits
 
 
 def _tile_dtype(kernels: Sequence) -> torch.dtype:
@@ -54,9 +52,7 @@ def _tile_dtype(kernels: Sequence) -> torch.dtype:
 def _rows(k, r0: int, r1: int, c0: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(k, torch.Tensor):
         return k[r0:r1, c0:].to(device, dtype)
-    t = torch.from_numpy(np.array(k[r0:r1, c0:]))  # a copy: memory maps are read-only
-    if t.dtype in (torch.uint16, torch.int16):
-        t = t.view(torch.int16).view(torch.bfloat16)
+    t = from_numpy(np.array(k[r0:r1, c0:]))  # a copy: memory maps are read-only
     return t.to(device, dtype)
 
 
@@ -90,19 +86,7 @@ def _view(k, r0: int, r1: int, c0: int, dtype: torch.dtype) -> torch.Tensor:
     tile dtype, NumPy arrays and memory maps, bfloat16 stored as uint16 bits)."""
     if isinstance(k, torch.Tensor):
         return k[r0:r1, c0:].to("cpu", dtype)
-    a = np.asarray(k[r0:r1, c0:])
-    if a.dtype in (np.uint16, np.int16):
-        t = _from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    else:
-        t = _from_numpy(a)
-    return t.to(dtype)
-
-
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # Read-only memory maps: the tensor is only ever read, so the non-writable warning is moot.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
+    return from_numpy(np.asarray(k[r0:r1, c0:])).to(dtype)
 
 
 def _check_shapes(kernels: Sequence) -> tuple[int, int]:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..h5raw import from_numpy
 from ..ops import OpsBackend, gram_tile
 from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
+from ..store.h5raw import from_numpy
 
 
 class KernelKind(enum.StrEnum):

@@ -18,7 +18,7 @@ import torch
 
 from ..analysis import ChaosConfig, chaos_transition_of, load_chaos, load_cone, run_chaos, write_summary
 from ..errors import ConfigError
-from ..ntk import checkpoint_kernels
+from ..jobs import checkpoint_kernels
 from ..train import TrainConfig, train
 from .document import write_report
 from .figures import plot_chaos, plot_cone, plot_kernel_distance

@@ -1,7 +1,10 @@
-"""Storage of long jobs: memory-mapped, resumable HDF5 files (layouts in docs/FORMAT.md)."""
+"""Every file format of the engine, on one crash-safe block-file layer (layouts in docs/FORMAT.md)."""
 
-from .blockfile import BlockFile, StoreError
+from .blockfile import BlockFile, BlockWriter, StoreError
+from .data_record import data_mismatch, data_record, describe_data
 from .jacobian_store import JacobianStore
 from .kernel_store import KernelStore, kernel_name
+from .runfile import RunFile
 
-__all__ = ["BlockFile", "JacobianStore", "KernelStore", "StoreError", "kernel_name"]
+__all__ = ["BlockFile", "BlockWriter", "JacobianStore", "KernelStore", "RunFile", "StoreError",
+           "data_mismatch", "data_record", "describe_data", "kernel_name"]

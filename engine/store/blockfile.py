@@ -1,13 +1,18 @@
-"""A resumable HDF5 job file: fixed layout, work units written raw, flags last.
+"""The one storage layer: crash-safe HDF5 files of fixed layout, written raw, flags last.
 
-A long job (a Jacobian streamed block by block, the kernels of many checkpoints)
-is described by a ``job`` dict. The file is created once with every dataset
-preallocated and contiguous (``engine.h5raw``), and the disk space reserved, so
-a full disk is reported before the work starts. Each unit of work is written as
-raw bytes at fixed offsets and then flagged complete in ``/units/complete``;
-rerunning the same job skips completed units. Opening a file that holds a
-different job is refused, naming the fields that differ. Readers get NumPy
-memory maps of the datasets (no copy through h5py).
+Every engine file (run files, Jacobian and kernel stores, chaos grids) is a
+:class:`StoreFile`: created once under a temporary name with every dataset
+preallocated and contiguous (``engine.store.h5raw``) and its disk space reserved,
+so a full disk is reported before the work starts; afterwards only raw bytes are
+written at fixed offsets, and a unit of work is flagged complete (in a uint8 flag
+dataset) only after its bytes are synced. Opening checks the ``format`` and
+``format_version`` attributes. Readers get NumPy memory maps of the datasets (no
+copy through h5py).
+
+A long job (a Jacobian streamed block by block, the kernels of many checkpoints) is
+a :class:`BlockFile`: described by a ``job`` dict, datasets under ``/data``, flags in
+``/units/complete``; rerunning the same job skips completed units and a file that
+holds a different job is refused, naming the fields that differ.
 """
 
 from __future__ import annotations
@@ -15,78 +20,118 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 
 from ..errors import RunFileError
-from ..h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy
+from .data_record import data_mismatch
+from .h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy, torch_dtype_of
 
 
 class StoreError(RunFileError):
     """A store file is missing, malformed, or holds a different job."""
 
 
+class DatasetInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int        # byte offset of the contiguous storage; -1 for zero-size datasets
+    torch_dtype: str   # e.g. "torch.bfloat16" (stored as its uint16 bits)
+
+
 def _jsonable(d: Mapping) -> dict:
     return json.loads(json.dumps(dict(d), sort_keys=True, default=str))
 
 
-class BlockFile:
-    """An open job file of one ``FORMAT``; subclasses name the format and datasets."""
+def check_output_path(path: Path, noun: str, *, overwrite: bool) -> None:
+    """One-line errors for an output path that cannot become a file, before any work."""
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory; expected the path of {noun} to write (e.g. {path / 'out.h5'})")
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists (pass overwrite to replace it)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"cannot create {path}: {parent} is a file, not a directory")
+            break
 
-    FORMAT = "entk-blocks"
+
+class StoreFile:
+    """An open engine file of one ``FORMAT``; subclasses define the layout (``_load``, ``create``)."""
+
+    FORMAT = "entk-file"
     VERSION = 1
+    NOUN = "entk file"          # what the file is, for messages ("entk run file")
+    FLAGS = "units/complete"    # the uint8 completion flag of each unit of work
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not {_a(self.NOUN)}")
         if not self.path.exists():
-            raise StoreError(f"{self.path} does not exist")
+            raise StoreError(f"{self.NOUN} {self.path} does not exist")
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")
                 if fmt != self.FORMAT:
-                    raise StoreError(f"{self.path} is not an {self.FORMAT} file (format {fmt!r})")
-                if int(f.attrs["format_version"]) > self.VERSION:
-                    raise StoreError(f"{self.path} has format version {f.attrs['format_version']}; "
+                    raise StoreError(f"{self.path} is not {_a(self.NOUN)} (format attribute {fmt!r}, "
+                                     f"expected {self.FORMAT!r})")
+                version = int(f.attrs["format_version"])
+                if version > self.VERSION:
+                    raise StoreError(f"{self.path} has format version {version}; "
                                      f"this engine reads <= {self.VERSION}")
-                self.job: dict = json.loads(f.attrs["job"])
-                self.n_units = int(f["units/complete"].shape[0])
-                self._flags = dataset_offset(f["units/complete"])
-                self.datasets: dict[str, tuple[tuple[int, ...], np.dtype, int, str]] = {}
-                for name, ds in f["data"].items():
-                    off = dataset_offset(ds) if ds.size else -1
-                    self.datasets[name] = (ds.shape, ds.dtype, off, ds.attrs["torch_dtype"])
-                self.attrs = {name: dict(ds.attrs) for name, ds in f["data"].items()}
+                self.datasets: dict[str, DatasetInfo] = {}
+                self._load(f)
+                self.n_units = int(f[self.FLAGS].shape[0])
+                self._flags = dataset_offset(f[self.FLAGS])
         except StoreError:
             raise
         except (OSError, KeyError, ValueError) as e:
-            raise StoreError(f"cannot read {self.path}: {e}") from None
+            raise StoreError(f"cannot read {self.NOUN} {self.path}: {e}") from None
+
+    def _load(self, f: h5py.File) -> None:
+        """Read the layout's attributes and index its datasets (``self._index``)."""
+
+    def _index(self, f: h5py.File, name: str) -> None:
+        """Record dataset ``name``'s shape, dtype and offset; a group's datasets one by one."""
+        obj = f[name]
+        if isinstance(obj, h5py.Group):
+            for child in obj:
+                self._index(f, f"{name}/{child}")
+            return
+        tag = obj.attrs.get("torch_dtype", str(torch_dtype_of(obj.dtype)))
+        self.datasets[name] = DatasetInfo(tuple(obj.shape), obj.dtype,
+                                          dataset_offset(obj) if obj.size else -1, str(tag))
 
     @classmethod
-    def create(cls, path: str | Path, *, job: Mapping, n_units: int,
-               datasets: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-               attrs: Mapping[str, Mapping] | None = None, overwrite: bool = False):
-        """Create the file with storage for every dataset; reserve its disk space."""
+    def check_output(cls, path: str | Path, *, overwrite: bool = False) -> None:
+        """Raise the one-line error :meth:`_create` would, before any long work."""
+        check_output_path(Path(path), _a(cls.NOUN), overwrite=overwrite)
+
+    @classmethod
+    def _create(cls, path: str | Path, build: Callable[[h5py.File], None], *, overwrite: bool = False):
+        """Lay the file out with ``build(f)`` under a temporary name, reserve its disk space, rename it
+        into place and open it."""
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise StoreError(f"{path} already exists (pass overwrite to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(path, _a(cls.NOUN), overwrite=overwrite)
         tmp = path.with_name(path.name + ".creating")
-        with h5py.File(tmp, "w", libver="earliest") as f:
-            f.attrs["format"] = cls.FORMAT
-            f.attrs["format_version"] = cls.VERSION
-            f.attrs["job"] = json.dumps(_jsonable(job), sort_keys=True)
-            units = f.create_group("units")
-            create_preallocated(units, "complete", (n_units,), np.uint8, fill=0)
-            data = f.create_group("data")
-            for name, (shape, dtype) in datasets.items():
-                ds = create_preallocated(data, name, tuple(shape), numpy_dtype(dtype))
-                ds.attrs["torch_dtype"] = str(dtype)
-                for k, v in (attrs or {}).get(name, {}).items():
-                    ds.attrs[k] = v
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(tmp, "w", libver="earliest") as f:
+                f.attrs["format"] = cls.FORMAT
+                f.attrs["format_version"] = cls.VERSION
+                build(f)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot create {path}: {e.strerror or e}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         size = os.path.getsize(tmp)
         try:
             # Reserve the blocks now: a disk that cannot hold the result fails here, not hours in.
@@ -96,32 +141,19 @@ class BlockFile:
             finally:
                 os.close(fd)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise StoreError(f"not enough disk space for {path} ({size / 2**30:.2f} GiB)") from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
+                tmp.unlink(missing_ok=True)
+                if e.errno == errno.ENOSPC:
+                    raise StoreError(f"not enough disk space for {path} ({size / 2**30:.2f} GiB)") from None
+                raise StoreError(f"cannot reserve {size / 2**30:.2f} GiB for {path}: {e.strerror}") from None
         os.replace(tmp, path)
         return cls(path)
-
-    @classmethod
-    def open_or_create(cls, path: str | Path, *, job: Mapping, overwrite: bool = False, **create_kwargs):
-        """Resume the job in ``path`` if it holds this job, else create it."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            f = cls(path)
-            want = _jsonable(job)
-            diff = sorted(k for k in set(want) | set(f.job) if want.get(k) != f.job.get(k))
-            if diff:
-                raise StoreError(f"{path} holds a different job (differs in {', '.join(diff)}); "
-                                 f"pass overwrite (--overwrite) or choose another output")
-            return f
-        return cls.create(path, job=job, overwrite=overwrite, **create_kwargs)
 
     # -- reading -----------------------------------------------------------------------------
 
     @property
     def complete(self) -> np.ndarray:
+        """bool ``(n_units,)``: which units are fully written."""
         with open(self.path, "rb") as fh:
             fh.seek(self._flags)
             return np.frombuffer(fh.read(self.n_units), dtype=np.uint8).astype(bool)
@@ -134,11 +166,11 @@ class BlockFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=off, shape=shape)
 
     def torch_dtype(self, name: str) -> torch.dtype:
-        return getattr(torch, self.datasets[name][3].removeprefix("torch."))
+        return getattr(torch, self.datasets[name].torch_dtype.removeprefix("torch."))
 
     def read(self, name: str, index=slice(None)) -> torch.Tensor:
         """``dataset[index]`` as a torch tensor (copied out of the memory map)."""
-        return from_numpy(np.array(self.memmap(name)[index]), str(self.torch_dtype(name)))
+        return from_numpy(np.array(self.memmap(name)[index]), self.datasets[name].torch_dtype)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -146,10 +178,75 @@ class BlockFile:
         return BlockWriter(self)
 
 
-class BlockWriter:
-    """Raw writes into a :class:`BlockFile`; ``mark_complete`` syncs data before the flag."""
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
-    def __init__(self, f: BlockFile):
+
+class BlockFile(StoreFile):
+    """A resumable job file: ``job`` attribute, datasets under ``/data``, one flag per unit."""
+
+    FORMAT = "entk-blocks"
+    NOUN = "entk job file"
+
+    def _load(self, f: h5py.File) -> None:
+        self.job: dict = json.loads(f.attrs["job"])
+        self.data: dict | None = json.loads(f.attrs["data"]) if "data" in f.attrs else None
+        self._index(f, "data")
+        self.datasets = {k.removeprefix("data/"): v for k, v in self.datasets.items()}
+        self.attrs = {name: dict(ds.attrs) for name, ds in f["data"].items()}
+
+    @classmethod
+    def create(cls, path: str | Path, *, job: Mapping, n_units: int,
+               datasets: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+               attrs: Mapping[str, Mapping] | None = None, data: Mapping | None = None,
+               overwrite: bool = False):
+        """Create the file with storage for every dataset; reserve its disk space.
+
+        ``data`` is the record of the data the job uses (``data_record``), kept beside the job.
+        """
+        def build(f: h5py.File) -> None:
+            f.attrs["job"] = json.dumps(_jsonable(job), sort_keys=True)
+            if data is not None:
+                f.attrs["data"] = json.dumps(_jsonable(data), sort_keys=True)
+            units = f.create_group("units")
+            create_preallocated(units, "complete", (n_units,), np.uint8, fill=0)
+            grp = f.create_group("data")
+            for name, (shape, dtype) in datasets.items():
+                ds = create_preallocated(grp, name, tuple(shape), numpy_dtype(dtype))
+                ds.attrs["torch_dtype"] = str(dtype)
+                for k, v in (attrs or {}).get(name, {}).items():
+                    ds.attrs[k] = v
+
+        return cls._create(path, build, overwrite=overwrite)
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, *, job: Mapping, data: Mapping | None = None,
+                       overwrite: bool = False, **create_kwargs):
+        """Resume the job in ``path`` if it holds this job (on the same ``data``, when given), else create it.
+
+        The data is compared by fingerprint, not by path: a job may resume on data that moved.
+        """
+        path = Path(path)
+        if path.exists() and not path.is_dir() and not overwrite:
+            f = cls(path)
+            want = _jsonable(job)
+            diff = sorted(k for k in set(want) | set(f.job) if want.get(k) != f.job.get(k))
+            if diff:
+                raise StoreError(f"{path} holds a different job (differs in {', '.join(diff)}); "
+                                 f"pass overwrite (--overwrite) or choose another output")
+            if data is not None:
+                bad = data_mismatch(path, f.data, data, what="holds a job computed",
+                                    fix="pass overwrite (--overwrite) or choose another output")
+                if bad:
+                    raise StoreError(bad)
+            return f
+        return cls.create(path, job=job, data=data, overwrite=overwrite, **create_kwargs)
+
+
+class BlockWriter:
+    """Raw writes into a :class:`StoreFile`; ``mark_complete`` syncs data before the flag."""
+
+    def __init__(self, f: StoreFile):
         self.f = f
         self._raw = RawWriter(f.path)
 
@@ -163,11 +260,16 @@ class BlockWriter:
         row_elems = int(np.prod(shape[1:], dtype=np.int64))
         if a.size % max(row_elems, 1) or first_row + a.size // max(row_elems, 1) > shape[0]:
             raise StoreError(f"{name}: {a.shape} at row {first_row} does not fit dataset {shape}")
+        if off < 0:
+            return  # zero-size dataset: nothing to store
         try:
             self._raw.write(off + first_row * row_elems * dtype.itemsize, a)
         except OSError as e:
             raise StoreError(f"writing {name} rows from {first_row} to {self.f.path} failed ({e.strerror}); "
                              f"completed units are kept: rerun the same command to resume") from None
+
+    def sync(self) -> None:
+        self._raw.sync()
 
     def mark_complete(self, unit: int) -> None:
         self._raw.sync()

@@ -20,6 +20,7 @@ class JacobianStore(BlockFile):
     """
 
     FORMAT = "entk-jacobian"
+    NOUN = "entk Jacobian file"
 
     @classmethod
     def create_for(cls, path: str | Path, *, job: Mapping, n_inputs: int, num_outputs: int,

@@ -26,10 +26,12 @@ class KernelStore(BlockFile):
     """
 
     FORMAT = "entk-kernels"
+    NOUN = "entk kernel file"
 
     @classmethod
     def create_for(cls, path: str | Path, *, job: Mapping, iterations: Sequence[int], size: int,
-                   dtype: torch.dtype = torch.float32, overwrite: bool = False) -> KernelStore:
+                   dtype: torch.dtype = torch.float32, data: Mapping | None = None,
+                   overwrite: bool = False) -> KernelStore:
         iterations = [int(i) for i in iterations]
         if len(set(iterations)) != len(iterations):
             raise StoreError(f"checkpoint iterations must be unique, got {iterations}")
@@ -42,7 +44,7 @@ class KernelStore(BlockFile):
                                   "probe_hash": str(job.get("probe_hash", "")),
                                   "mode": str(job.get("mode", "")), "kernel": str(job.get("kernel", "")),
                                   "dtype": str(dtype)} for i in iterations}
-        return cls.open_or_create(path, job=job, overwrite=overwrite, n_units=t + 1,
+        return cls.open_or_create(path, job=job, data=data, overwrite=overwrite, n_units=t + 1,
                                   datasets=datasets, attrs=attrs)
 
     @property

@@ -1,13 +1,20 @@
 """Training: single runs with crash-safe HDF5 checkpoints (twin fleets build on this)."""
 
 from .config import TrainConfig
-from .runfile import RunFile
 from .schedule import SCHEDULES, lr_at, lr_table, parse_iterations
-from .trainer import TrainResult, evaluate, load_momentum, make_optimizer, momentum_state, sgd_step, train
+from .trainer import (
+    TrainResult,
+    evaluate,
+    load_momentum,
+    make_optimizer,
+    momentum_state,
+    prepare_data,
+    sgd_step,
+    train,
+)
 
 __all__ = [
     "SCHEDULES",
-    "RunFile",
     "TrainConfig",
     "TrainResult",
     "evaluate",
@@ -17,6 +24,7 @@ __all__ = [
     "make_optimizer",
     "momentum_state",
     "parse_iterations",
+    "prepare_data",
     "sgd_step",
     "train",
 ]

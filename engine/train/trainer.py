@@ -15,16 +15,18 @@ import torch.nn.functional as F
 from ..data import Dataset, load_dataset
 from ..data.stream import BatchStream, normalize
 from ..determinism import resolve_device, set_deterministic
-from ..errors import ConfigError, NonFiniteLossError, RunFileError
+from ..errors import ConfigError, NonFiniteLossError, NonFiniteStateError, RunFileError
 from ..models import build_model
 from ..progress import progress
+from ..store import RunFile, data_mismatch, data_record
 from .config import TrainConfig
-from .runfile import RunFile
 from .schedule import lr_at
 
 # Fields that may differ between the run that created a file and the one resuming it:
-# they do not change the bits of any checkpoint.
+# they do not change the bits of any checkpoint. The data may move (data_root), but what
+# it is is checked: its fingerprint must be the one the run file records.
 _RESUME_FREE = {"data_root", "eval_train", "eval_batch_size"}
+_FIX = "pass overwrite (--overwrite) or choose another --out"
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TrainResult:
     device: str
 
     def describe(self) -> str:
-        resumed = f" (resumed from iteration {self.resumed_from})" if self.resumed_from else ""
+        resumed = f" (resumed from iteration {self.resumed_from})" if self.resumed_from is not None else ""
         return (f"{self.steps} steps{resumed} on {self.device}: "
                 f"train acc {self.train_acc:.2%} (loss {self.train_loss:.4f}), "
                 f"test acc {self.test_acc:.2%} (loss {self.test_loss:.4f}), "
@@ -86,6 +88,15 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tenso
     return loss.detach()
 
 
+def nonfinite(tensors: dict[str, torch.Tensor | None]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity (one host sync)."""
+    floats = [(n, v) for n, v in tensors.items() if v is not None and v.is_floating_point()]
+    if not floats:
+        return []
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+    return [n for (n, _), good in zip(floats, ok, strict=True) if not good]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              mean, std, device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
@@ -105,11 +116,18 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def prepare_data(cfg: TrainConfig, *, cache_dir=None, quiet: bool = False) -> Dataset:
-    """Load the configured dataset (and subset), with the config's seeds."""
+    """Load the configured dataset (and subset), with the config's seeds.
+
+    A subset larger than its split is refused rather than clamped: the config records what is used.
+    """
     kwargs = {}
     if cfg.data == "cifar10":
         kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None}
     ds = load_dataset(cfg.data, cfg.data_root, **kwargs)
+    for name, n, have, split in (("n_train", cfg.n_train, len(ds.y_train), "training"),
+                                 ("n_test", cfg.n_test, len(ds.y_test), "test")):
+        if n is not None and n > have:
+            raise ConfigError(f"{name} {n} exceeds the {have} {split} images of {cfg.data}")
     if cfg.n_train or cfg.n_test:
         ds = ds.subset(cfg.n_train, cfg.n_test, seed=cfg.subset_seed)
     return ds
@@ -129,6 +147,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf; checkpoints before it are kept.
+        NonFiniteStateError: (a NonFiniteLossError) the weights, buffers or momentum became
+            NaN/inf at a checkpoint; that checkpoint is not written, those before it are kept.
     """
     cfg.validate()
     dev = resolve_device(device)
@@ -139,10 +159,16 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
         run = RunFile(out)
         diff = [k for k in cfg.differences(run.config) if k not in _RESUME_FREE]
         if diff:
-            raise RunFileError(f"{out} holds a run with a different config ({', '.join(diff)}); "
-                               f"pass overwrite (--overwrite) or choose another --out")
+            raise RunFileError(f"{out} holds a run with a different config ({', '.join(diff)}); {_FIX}")
+    elif out is not None:
+        RunFile.check_output(out, overwrite=overwrite)
     set_deterministic(cfg.deterministic)
     ds = dataset if dataset is not None else prepare_data(cfg, cache_dir=cache_dir, quiet=quiet)
+    data = data_record(ds)
+    if run is not None:
+        bad = data_mismatch(out, run.data, data, what="holds a run trained", fix=_FIX)
+        if bad:
+            raise RunFileError(bad)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=ds.num_classes).to(dev)
@@ -158,7 +184,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
     if out is not None and run is None:
         run = RunFile.create(out, config=cfg.to_dict(), steps=cfg.steps, iterations=cfg.checkpoints,
                              state=model.state_dict(), param_names=[n for n, _ in model.named_parameters()],
-                             meta=meta, overwrite=overwrite)
+                             meta=meta, data=data, overwrite=overwrite)
 
     start, resumed_from = 0, None
     if run is not None:
@@ -205,8 +231,13 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, dataset: Dataset |
             if it in ckpt_set or it % check_every == 0 or it == cfg.steps:
                 last = check_and_log(it)
                 bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-                if writer is not None and it in ckpt_set:
-                    writer.write_checkpoint(it, model.state_dict(), momentum_state(model, opt), last)
+                if it in ckpt_set:
+                    state, mom = model.state_dict(), momentum_state(model, opt)
+                    bad = nonfinite(state) + [f"momentum of {n}" for n in nonfinite(mom)]
+                    if bad:  # a finite loss does not make finite weights (lr 1e6: loss 7e32, weights inf)
+                        raise NonFiniteStateError(it, bad, last, str(out) if out else None)
+                    if writer is not None:
+                        writer.write_checkpoint(it, state, mom, last)
         bar.close()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -7,21 +7,23 @@ pairwise kernel distances are computed in one streaming pass once all are there.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..data import Dataset, load_dataset, normalize
-from ..errors import ConfigError
+from ..data import Dataset, normalize
+from ..errors import ConfigError, RunFileError
 from ..models import build_model
+from ..ntk import distance_from_gram, entk, kernel_gram, num_outputs, probe_hash
+from ..ntk.kernel import DEFAULT_BUDGET
 from ..progress import progress as progress_bar
-from ..store import KernelStore, kernel_name
-from ..train import RunFile, TrainConfig
-from .distance import distance_from_gram, kernel_gram
-from .kernel import DEFAULT_BUDGET, entk, num_outputs, probe_hash
+from ..store import KernelStore, RunFile, data_mismatch, data_record, kernel_name
+from ..train import TrainConfig, prepare_data
 
 
 @dataclass
@@ -30,6 +32,7 @@ class CheckpointKernels:
     iterations: list[int]
     distance: torch.Tensor   # (T, T) float64
     seconds: dict[int, float]
+    notes: list[str] = field(default_factory=list)  # what the job told the user (also on stderr)
 
 
 def probe_set(ds: Dataset, n: int, *, seed: int = 0, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +65,12 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
                        store_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                        budget_bytes: int = DEFAULT_BUDGET, data_root: str | None = None,
                        cache_dir=None, overwrite: bool = False, quiet: bool = False,
-                       ops_backend: str = "auto") -> CheckpointKernels:
+                       ops_backend: str = "auto", dataset: Dataset | None = None) -> CheckpointKernels:
     """Compute and store the eNTK of each requested checkpoint of ``run_path``.
 
+    The probes are drawn from the run's own data: the dataset and subset it was trained
+    on (reloaded from its config, from ``data_root`` if the data moved, or ``dataset``),
+    refused unless its fingerprint is the one the run file records.
     ``backend`` picks the Jacobian backend; ``ops_backend`` the fused Gram tiles and the
     all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``).
     """
@@ -72,15 +78,34 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
     done = run.completed_iterations()
+    every_completed = iterations is None
     iterations = list(done if iterations is None else iterations)
     missing = [i for i in iterations if i not in done]
     if missing:
         raise ConfigError(f"checkpoints {missing[:5]} are not completed in {run_path} (completed: {done})")
     if not iterations:
         raise ConfigError(f"{run_path} has no completed checkpoints")
-    root = data_root or cfg.data_root
-    kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None} if cfg.data == "cifar10" else {}
-    ds = load_dataset(cfg.data, root, **kwargs)
+    KernelStore.check_output(out, overwrite=True)  # a directory or a path under a file: before any work
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        print(f"entk: note: {msg}", file=sys.stderr)
+
+    if every_completed and len(done) < len(run.iterations):
+        note(f"{run_path} is incomplete (training was interrupted or is running): only its {len(done)} completed "
+             f"checkpoints of {len(run.iterations)} scheduled are used, up to iteration {done[-1]}")
+    ds = dataset if dataset is not None else prepare_data(
+        dataclasses.replace(cfg, data_root=data_root or cfg.data_root), cache_dir=cache_dir, quiet=quiet)
+    data = data_record(ds)
+    if run.data is None:
+        note(f"{run_path} records no data fingerprint (written by an older entk): "
+             f"the probes come from {ds.describe()}, unchecked")
+    else:
+        bad = data_mismatch(run_path, run.data, data, what="was trained",
+                            fix="point --data-root at the data it was trained on")
+        if bad:
+            raise RunFileError(bad)
     x, _ = probe_set(ds, probe, seed=probe_seed, split=probe_split)
     model = build_model(cfg.model, num_classes=ds.num_classes).to(device).eval()
     x = x.to(device)
@@ -90,7 +115,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
            "probe_seed": probe_seed, "probe_split": probe_split, "probe_hash": probe_hash(x.cpu()),
            "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype)}
     store = KernelStore.create_for(out, job=job, iterations=iterations, size=size, dtype=store_dtype,
-                                   overwrite=overwrite)
+                                   data=data, overwrite=overwrite)
     seconds: dict[int, float] = {}
     todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False)) if not ok]
     with store.writer() as w:
@@ -118,4 +143,4 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             w.mark_complete(len(iterations))
         else:
             dist = torch.from_numpy(prev[1])
-    return CheckpointKernels(store=store, iterations=iterations, distance=dist, seconds=seconds)
+    return CheckpointKernels(store=store, iterations=iterations, distance=dist, seconds=seconds, notes=notes)

@@ -13,6 +13,7 @@ map at the same offsets.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import h5py
@@ -40,18 +41,37 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A CPU NumPy view of ``t`` in its storage dtype (bfloat16 as its uint16 bits)."""
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-        return t.numpy().view(np.uint16)
+        return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
 
 
-def from_numpy(a: np.ndarray, torch_dtype: str | None = None) -> torch.Tensor:
-    """Inverse of :func:`to_numpy`; ``torch_dtype`` is the stored tag (e.g. ``"torch.bfloat16"``)."""
+def torch_dtype_of(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of stored NumPy ``dtype``: uint16 is bfloat16's bits (the engine stores no other uint16)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint16:
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def from_numpy(a: np.ndarray, torch_dtype: str | torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of :func:`to_numpy`: the one reader of stored arrays, bfloat16 bits included.
+
+    ``torch_dtype`` is the stored tag (``"torch.bfloat16"``) where there is one; without it
+    a uint16 array is read as bfloat16 bits (:func:`torch_dtype_of`). The tensor shares
+    ``a``'s memory (no copy, read-only memory maps included: callers only read such tensors).
+    """
     a = np.asarray(a)  # keeps 0-d scalars 0-d (np.ascontiguousarray would make them 1-d)
-    t = torch.from_numpy(a if a.flags.c_contiguous else a.copy())
-    if torch_dtype == str(torch.bfloat16):
-        t = t.view(torch.int16).view(torch.bfloat16)
-    return t
+    bf16 = torch_dtype_of(a.dtype) == torch.bfloat16 if torch_dtype is None \
+        else str(torch_dtype) == str(torch.bfloat16)
+    if any(s < 0 for s in a.strides):
+        a = a.copy()  # torch cannot view negative strides
+    if bf16:
+        a = a.view(np.int16)  # torch has no view from uint16 on every version; int16 has the same bits
+    with warnings.catch_warnings():
+        # Read-only memory maps: the tensor is only ever read, so torch's non-writable warning is moot.
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 def create_preallocated(group: h5py.Group, name: str, shape: tuple[int, ...],
