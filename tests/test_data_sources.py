@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from engine.data.cache import CACHE_VERSION, default_cache_dir, entry_dir
-from engine.data.cifar import load_cifar10, load_dataset
+from engine.data import load_cifar10, load_dataset
 from engine.data.dataset import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from engine.data.synthetic import channel_stats, load_synthetic
 from engine.errors import ConfigError, DataError, DataNotFoundError
