@@ -14,7 +14,16 @@ from ..errors import DataError
 from ..progress import progress as progress_bar
 from .cache import Arrays
 from .jpeg import decode_rows
-from .layout import EXPECTED, PICKLE_DIR, PICKLE_FILES, SPLITS, check_classes, is_image_name, one_line
+from .layout import (
+    EXPECTED,
+    PICKLE_DIR,
+    PICKLE_FILES,
+    SPLITS,
+    check_classes,
+    check_ten_classes,
+    is_image_name,
+    one_line,
+)
 from .unpickle import arrays_from_pickles
 
 try:  # lzma is optional in CPython builds
@@ -128,6 +137,7 @@ class _ArchiveScan:
                     f"train/<class>/*.jpg and test/<class>/*.jpg members"
                 )
         classes = check_classes(str(self.path), by_split["train"], by_split["test"])
+        check_ten_classes(str(self.path), classes)
         rows: dict[str, list[tuple[int, str, bytes]]] = {}
         for split in SPLITS:
             rows[split] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,17 +60,21 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 
 
 def _decode_pil(data: bytes, where: str) -> np.ndarray:
-    """PIL decode to ``(3, H, W)`` uint8, any failure as a one-line DataError."""
+    """PIL decode to ``(3, H, W)`` uint8, any failure as a one-line DataError naming ``where``."""
     # Imported here: the GPU image may lack Pillow, and only decoding needs it.
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"cannot decode image {where}: not a valid JPEG or PNG ({one_line(e)})"
-        ) from e
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file: drop it.
+        reason = ("no image format recognised" if isinstance(e, UnidentifiedImageError)
+                  else _BUFFER_REPR.sub("the data", one_line(e)))
+        raise DataError(f"cannot decode image {where}: not a valid JPEG or PNG ({reason})") from e
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def decode_rows(rows: dict[str, list[tuple[int, str, bytes | Path]]], show: bool | None,

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, DataNotFoundError
+from .dataset import CIFAR10_CLASSES
 
 SOURCES = ("auto", "pickle", "jpeg")
 SPLITS = ("train", "test")
@@ -92,6 +93,19 @@ def check_classes(where: str, train: Iterable[str], test: Iterable[str]) -> list
     return train
 
 
+def check_ten_classes(where: str, classes: Iterable[str], what: str = "class folders") -> None:
+    """Refuse a source whose class count is not CIFAR-10's: 9 class folders are not CIFAR-10.
+
+    The names may differ from CIFAR-10's (labels follow the sorted folder names); the count may not.
+    """
+    classes = list(classes)
+    if len(classes) != len(CIFAR10_CLASSES):
+        raise DataError(
+            f"{where} has {len(classes)} {what} ({', '.join(classes)}); CIFAR-10 has "
+            f"{len(CIFAR10_CLASSES)} ({', '.join(CIFAR10_CLASSES)})"
+        )
+
+
 def list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[int, Path]]]]:
     """Classes and, per split, ``(label, file)`` in order; checks the layout, decodes nothing."""
     for split in SPLITS:
@@ -105,6 +119,7 @@ def list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[int, Path]]]]
         if not classes:
             raise DataError(f"{root / split} has no class folders; expected {split}/<class>/*.jpg")
     classes = check_classes(str(root), found["train"], found["test"])
+    check_ten_classes(str(root), classes)
     files: dict[str, list[tuple[int, Path]]] = {}
     for split in SPLITS:
         files[split] = []

@@ -13,7 +13,16 @@ import numpy as np
 from ..errors import DataError
 from .cache import Arrays
 from .dataset import CIFAR10_CLASSES
-from .layout import IMAGE_SIZE, META_BATCH, PICKLE_FILES, TEST_BATCH, TRAIN_BATCHES, check_pickles_present, one_line
+from .layout import (
+    IMAGE_SIZE,
+    META_BATCH,
+    PICKLE_FILES,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+    check_pickles_present,
+    check_ten_classes,
+    one_line,
+)
 
 
 class _NumpyUnpickler(pickle.Unpickler):
@@ -77,6 +86,7 @@ def arrays_from_pickles(files: dict[str, bytes], where: str) -> tuple[Arrays, di
         names = _unpickle(files[META_BATCH], f"{where}/{META_BATCH}").get("label_names")
         if names:
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            check_ten_classes(f"{where}/{META_BATCH}", classes, "label names")
     batches = {n: _batch_arrays(_unpickle(files[n], f"{where}/{n}"), f"{where}/{n}", len(classes))
                for n in (*TRAIN_BATCHES, TEST_BATCH)}
     arrays = {
