@@ -22,6 +22,7 @@ NVCC = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HO
 needs_nvcc = pytest.mark.skipif(NVCC is None or not Path(NVCC).exists(), reason="nvcc is not installed here")
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_cuda_kernel_compiles_and_links_for_sm90(tmp_path):
     out = tmp_path / "libentk_kernel_pairs.so"
@@ -38,6 +39,7 @@ def test_cuda_kernel_compiles_and_links_for_sm90(tmp_path):
     assert "entk_kernel_pairs_partials" in sym and "entk_kernel_pairs_grid" in sym
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.skipif(CUDA_HOME is None, reason="no CUDA toolkit headers (cuda_runtime.h) found")
 def test_cuda_extension_builds_with_cpp_extension(tmp_path, monkeypatch):
