@@ -13,9 +13,8 @@ Sources (``source="auto"`` tells them apart from what ``root`` is):
 * ``"jpeg"``: a tree ``train/<class>/*.jpg`` + ``test/<class>/*.jpg`` (optionally
   inside one top folder), or a ``.tar.gz``/``.tgz``/``.tar`` archive of it, read
   in one streaming pass. Classes are the folder names sorted (ten of them, any names),
-  labels their index;
-  files are sorted by name within a class. An archive of the official pickles
-  (``cifar-10-python.tar.gz``) is read too.
+  labels their index; files are sorted by name within a class. An archive of the
+  official pickles (``cifar-10-python.tar.gz``) is read too.
 
 Decoded sources are cached by :mod:`engine.data.cache` (pixels, labels and the
 per-channel statistics), so later loads take ~0.1 s. Every problem with
