@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the engine with its test and plot extras.
+# Create .venv (if missing) and install the engine with its test and plot extras: the product
+# and what its test suite needs, nothing else (lab tooling such as the GPU image's Triton for the
+# ahead-of-time compile checks is installed by .ci/run, outside the venv).
 # Idempotent: a second call on a ready environment takes a fraction of a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +21,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     exit 1
   fi
   touch "$stamp"
-fi
-# The GPU machine's Triton (3.6; it cannot install anything), beside the venv's own, so that
-# tests/test_triton_build.py compiles every kernel against both versions ahead of time.
-gpu_triton=.venv/triton-gpu-image
-if [ ! -d "$gpu_triton/triton" ]; then
-  if ! .venv/bin/python -m pip install --quiet --no-deps --target "$gpu_triton" "triton==3.6.0" \
-       >>.venv/install.log 2>&1; then
-    rm -rf "$gpu_triton"
-    echo "entk: could not install triton 3.6.0; the compile check against the GPU image's Triton will skip" >&2
-  fi
 fi

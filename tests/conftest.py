@@ -1,8 +1,10 @@
-"""Shared fixtures: the real CIFAR-10 archive, a session cache, CUDA skipping."""
+"""Shared fixtures: the real CIFAR-10 archive, a session cache, CUDA skipping, the seed of
+random inputs (tests/_random.py) reported with every failure that drew them."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tests import their helpers as tests._random, tests._tolerance
+    sys.path.insert(0, str(ROOT))
+
+from tests import _random  # noqa: E402
+
 # Real CIFAR-10 lives outside the project (never committed); ENTK_CIFAR10 overrides.
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -29,6 +36,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_test_seed():
+    """Every test starts its seeded() draws from a new base seed ($ENTK_TEST_SEED pins it)."""
+    _random.begin_test()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and rep.when == "call":
+        how = _random.report()
+        if how:
+            rep.sections.append(("random inputs", how))
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.data import load_cifar10, load_dataset
 from engine.data.cache import CACHE_VERSION, default_cache_dir, entry_dir
-from engine.data.cifar import load_cifar10, load_dataset
 from engine.data.dataset import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from engine.data.synthetic import channel_stats, load_synthetic
 from engine.errors import ConfigError, DataError, DataNotFoundError
 
-CLASSES = ("cat", "dog")  # deliberately not CIFAR's: labels must follow folder names
+# Ten classes, deliberately not CIFAR's names: labels must follow the sorted folder names.
+CLASSES = ("cat", "dog", "eel", "fox", "gnu", "hen", "owl", "pig", "rat", "yak")
 
 
 # --------------------------------------------------------------------------- fabricators
@@ -144,9 +145,9 @@ def test_tree_labels_order_and_pixels(tmp_path):
     root = make_tree(tmp_path / "tree")
     d = load(root)
     assert d.classes == CLASSES
-    assert d.y_train.tolist() == [0, 0, 0, 1, 1, 1]
-    assert d.y_test.tolist() == [0, 0, 1, 1]
-    assert d.x_train.shape == (6, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
+    assert d.y_train.tolist() == [label for label in range(10) for _ in range(3)]
+    assert d.y_test.tolist() == [label for label in range(10) for _ in range(2)]
+    assert d.x_train.shape == (30, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
     # Sorted by name within a class, and the fast decoder agrees with PIL bit for bit.
     assert torch.equal(d.x_train[1], pil_decode(root / "train" / "cat" / "0001.jpg"))
     assert torch.equal(d.x_test[3], pil_decode(root / "test" / "dog" / "0001.jpg"))
@@ -231,8 +232,26 @@ def test_cache_hit_then_invalidated_by_changes(tmp_path):
     assert load(root, cache_dir=cache).meta["cache"] == "hit"
     write_jpeg(root / "train" / "dog" / "0003.jpg", seed=1000)
     tree = load(root, cache_dir=cache)
-    assert tree.meta["cache"] == "miss" and len(tree.y_train) == 7
+    assert tree.meta["cache"] == "miss" and len(tree.y_train) == 31
 
+
+def test_moving_an_image_between_class_folders_invalidates_the_cache(tmp_path):
+    """A move keeps the file count, the total bytes and the newest mtime, yet changes a label:
+    the cache must not serve the old labels."""
+    cache = tmp_path / "cache"
+    root = make_tree(tmp_path / "tree")
+    before = load(root, cache_dir=cache)
+    assert load(root, cache_dir=cache).meta["cache"] == "hit"
+    src, dst = root / "train" / "cat" / "0000.jpg", root / "train" / "dog" / "0009.jpg"
+    pixels = pil_decode(src)
+    os.replace(src, dst)  # a rename: same inode, size and mtime
+    after = load(root, cache_dir=cache)
+    assert after.meta["cache"] == "miss"
+    assert_same(after, load(root))  # what a fresh decode gives
+    assert after.y_train.bincount().tolist()[:2] == [2, 4]
+    assert before.y_train.bincount().tolist()[:2] == [3, 3]
+    assert torch.equal(after.x_train[2 + 3], pixels)  # dog/0009.jpg is the last dog image
+    assert after.y_train[5] == 1
 
 def test_corrupt_cache_entry_is_rebuilt(tmp_path):
     cache = tmp_path / "cache"
@@ -326,6 +345,22 @@ def test_wrong_image_size(tmp_path):
     assert "train/dog/0001.jpg" in msg and "33x32" in msg
 
 
+def test_not_ten_classes_is_refused(tmp_path):
+    """A folder with 9 classes is not CIFAR-10: one line naming the classes found and the 10 expected."""
+    root = make_tree(tmp_path / "tree", classes=CLASSES[:9])
+    msg = error_of(DataError, root, load, root)
+    assert "9 class folders" in msg and ", ".join(CLASSES[:9]) in msg
+    assert ", ".join(CIFAR10_CLASSES) in msg
+    archive = make_tar(root, tmp_path / "data.tar.gz")
+    msg = error_of(DataError, archive, load, archive)
+    assert "9 class folders" in msg and ", ".join(CIFAR10_CLASSES) in msg
+    folder = tmp_path / "cifar-10-batches-py"
+    make_pickles(folder)
+    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES[:9]]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    assert "9 label names" in error_of(DataError, folder / "batches.meta", load, folder)
+
+
 def test_empty_class_folder(tmp_path):
     root = make_tree(tmp_path / "tree")
     empty = root / "test" / "dog"
@@ -341,9 +376,12 @@ def test_undecodable_jpeg(tmp_path, garbage):
     root = make_tree(tmp_path / "tree")
     bad = root / "test" / "cat" / "0000.jpg"
     bad.write_bytes(garbage)
-    assert "decode" in error_of(DataError, bad, load, root)
+    msg = error_of(DataError, bad, load, root)
+    assert "decode" in msg
+    assert "BytesIO" not in msg and " at 0x" not in msg  # the file is named, not PIL's buffer
     archive = make_tar(root, tmp_path / "data.tar.gz")
-    assert "test/cat/0000.jpg" in error_of(DataError, archive, load, archive)
+    msg = error_of(DataError, archive, load, archive)
+    assert "test/cat/0000.jpg" in msg and "BytesIO" not in msg and " at 0x" not in msg
 
 
 def test_truncated_or_fake_archives(tmp_path):

@@ -20,13 +20,17 @@ from engine.errors import ConfigError
 from engine.ops import BackendUnavailableError, kernel_pair_products, kernel_pairs_reference
 from engine.ops import ext as ops_ext
 from engine.ops.kernel_pairs import weights
+from tests._random import seeded
 
 SIZES = [(1, 1, 1), (2, 7, 7), (3, 123, 123), (17, 33, 125), (1, 1000, 1000), (2, 1025, 1025)]
 
 
 def _fresh(t: int, r: int, n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    # Fresh inputs every run; non-zero mean so that inner products are far from zero too.
-    return (torch.randn(t, r, n, device=device) + 0.5 * torch.rand(t, 1, 1, device=device)).to(dtype)
+    # Fresh inputs every run (the seed is reported on failure); non-zero mean so that inner
+    # products are far from zero too.
+    gen, _ = seeded()
+    x = torch.randn(t, r, n, generator=gen) + 0.5 * torch.rand(t, 1, 1, generator=gen)
+    return x.to(device=device, dtype=dtype)
 
 
 def _torch32(x: torch.Tensor, symmetric: bool, d: int) -> torch.Tensor:
@@ -147,17 +151,19 @@ def test_ext_is_deterministic_and_thread_count_independent():
     assert torch.equal(a, kernel_pair_products(x, symmetric=True, backend="ext"))
 
 
-def test_bad_inputs_get_one_line_errors():
-    with pytest.raises(ConfigError, match=r"shape \(T, R, N\)"):
-        kernel_pair_products(torch.zeros(3, 3))
-    with pytest.raises(ConfigError, match="dtype must be one of"):
-        kernel_pair_products(torch.zeros(1, 2, 2, dtype=torch.int32), backend="ext")
-    with pytest.raises(ConfigError, match="backend must be one of"):
-        kernel_pair_products(torch.zeros(1, 2, 2), backend="cublas")
-    with pytest.raises(BackendUnavailableError, match="CUDA device"):
-        if os.environ.get("TRITON_INTERPRET", "0") != "0":
-            pytest.skip("the Triton interpreter runs on the CPU here")
-        kernel_pair_products(torch.zeros(1, 2, 2), backend="triton")
+def test_bad_inputs_get_one_line_errors(monkeypatch):
+    def one_line(exc_type, match, *args, **kwargs):
+        with pytest.raises(exc_type, match=match) as info:
+            kernel_pair_products(*args, **kwargs)
+        assert "\n" not in str(info.value)
+
+    one_line(ConfigError, r"shape \(T, R, N\)", torch.zeros(3, 3))
+    one_line(ConfigError, "dtype must be one of", torch.zeros(1, 2, 2, dtype=torch.int32), backend="ext")
+    one_line(ConfigError, "backend must be one of", torch.zeros(1, 2, 2), backend="cublas")
+    # Triton on CPU tensors without the interpreter (which tests/conftest.py turns on where
+    # there is no GPU): the one-line reason, on every machine.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    one_line(BackendUnavailableError, "CUDA device", torch.zeros(1, 2, 2), backend="triton")
 
 
 def test_empty_tile_and_float64_auto():
@@ -225,16 +231,37 @@ def test_auto_falls_back_with_a_warning_when_a_fused_backend_breaks(monkeypatch)
         kernel_pair_products(x, backend="ext")
 
 
+def _pairwise_float64(views, symmetric: bool, d: int) -> torch.Tensor:
+    """G_ij from the separate matrices, one pair at a time (no stacking, no matmul)."""
+    w = weights(views[0].shape[0], views[0].shape[1], d, dtype=torch.float64) if symmetric else 1.0
+    t = len(views)
+    g = torch.empty(t, t, dtype=torch.float64)
+    for i in range(t):
+        for j in range(t):
+            g[i, j] = (w * views[i].double() * views[j].double()).sum()
+    return g
+
+
 @pytest.mark.parametrize("backend", ["torch", "ext"])
 def test_sequence_of_separate_kernels_equals_the_stack(backend):
-    """T separate (R, N) views (e.g. memory maps) give exactly the stacked tile's result."""
-    _ext_or_skip()
-    mats = [torch.randn(90, 121) for _ in range(4)]
+    """T separate (R, N) views (e.g. memory maps): every entry G_ij is the weighted inner product
+    of views i and j (checked pair by pair in float64), and the result is exactly the stacked
+    tile's (the CPU extension reads the separate matrices in place; the others stack them)."""
+    if backend == "ext":
+        _ext_or_skip()
+    gen, seed = seeded()
+    mats = [torch.randn(90, 121, generator=gen) for _ in range(4)]
     views = [m[5:70, 9:] for m in mats]  # row stride 121, unit column stride
     for sym in (False, True):
         a = kernel_pair_products(views, symmetric=sym, diag_offset=4, backend=backend)
+        ref = _pairwise_float64(views, sym, 4)
+        scale = torch.sqrt(torch.diagonal(ref)[:, None] * torch.diagonal(ref)[None, :])
+        err = float(((a - ref) / scale).abs().max())
+        tol = 4 * torch.finfo(torch.float64 if backend == "torch" else torch.float32).eps * views[0].numel() ** 0.5
+        assert err <= tol, (backend, sym, err, seed)
+        assert not torch.equal(a[0], a[1]), "distinct views must give distinct rows"
         b = kernel_pair_products(torch.stack(views), symmetric=sym, diag_offset=4, backend=backend)
-        assert torch.equal(a, b), (backend, sym)
+        assert torch.equal(a, b), (backend, sym, seed)
     bf = [v.bfloat16() for v in views]
     stacked = kernel_pair_products(torch.stack(bf), backend=backend)
     assert torch.equal(kernel_pair_products(bf, backend=backend), stacked)

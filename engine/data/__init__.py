@@ -1,8 +1,9 @@
 """Data: CIFAR-10 (JPEG tree/archive, official files), synthetic data, batch streams."""
 
 from .cache import default_cache_dir
-from .cifar import DATASETS, load_cifar10, load_dataset
+from .cifar import load_cifar10
 from .dataset import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, Dataset
+from .registry import DATASETS, load_dataset
 from .stream import BatchStream, eval_batches, normalize
 from .synthetic import load_synthetic
 

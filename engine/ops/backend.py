@@ -5,6 +5,10 @@
 
 An explicitly requested backend that cannot run raises :class:`BackendUnavailableError`
 with the reason; ``auto`` never raises for availability and falls back to ``torch``.
+
+``auto`` never compiles: it uses ``ext`` only where the extension is already built for this
+torch installation (``entk ext build``, or an earlier explicit ``backend="ext"``, which builds
+it), and otherwise silently takes the next backend in its order (Triton on CUDA, then torch).
 """
 
 from __future__ import annotations

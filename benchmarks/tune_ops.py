@@ -1,8 +1,7 @@
-"""Launch-configuration sweep for the Triton ops, for the next device session (one call).
+"""Launch-configuration sweep for the Triton ops (the ``--tune`` mode of benchmarks/device_check.sh).
 
-The configurations in engine/ops/triton/*.py were chosen by sweeps on an H200 before the
-live-only symmetric enumeration and the tf32x3 float32 dots existed; this re-runs those
-sweeps around the current choices and prints one line per configuration, best first per
+The configurations in engine/ops/triton/*.py were chosen by sweeps on an H200; this re-runs
+those sweeps around the current choices and prints one line per configuration, best first per
 case, with the fraction of the measured ceiling (copy bandwidth for kernel 1, torch.mm at
 the same dtype for kernel 2). Every configuration's result is checked against the torch
 reference before it is timed, so a fast wrong configuration cannot win.
@@ -12,7 +11,8 @@ float32 (tf32x3) 4096² × 8192 and bfloat16 8192³; kernel_gram end to end (M =
 24 configurations per kernel-1 case (12 compiles), 7 per dtype for kernel 2: about 3 min
 on an H200, compiles dominating (an estimate: not yet run there).
 
-Run from the repository root:  PYTHONPATH=. python3 benchmarks/gpu_tune_ops.py [--out FILE]
+Run from the repository root:  bash benchmarks/device_check.sh --tune
+(or PYTHONPATH=. python3 benchmarks/tune_ops.py [--out FILE]).
 ``--dry-run`` runs every code path on the CPU (Triton interpreter, tiny shapes, no timing
 worth reading) so the script is known to work before device time is spent on it.
 """
