@@ -5,3 +5,8 @@ from .jacobian_store import JacobianStore
 from .kernel_store import KernelStore, kernel_name
 
 __all__ = ["BlockFile", "JacobianStore", "KernelStore", "StoreError", "kernel_name"]
+
+# TEMP (CLI branch only; drop at merge): RunFile moves here in the storage-layer branch.
+from ..train.runfile import RunFile
+
+__all__ += ["RunFile"]
