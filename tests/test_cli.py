@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from engine.cli import _build_parser, main
+from engine.cli import build_parser, main
 from engine.train import RunFile
 
 SMALL = ["--model", "cnn", "--data", "synthetic", "--n-train", "1000", "--n-test", "200",
@@ -26,7 +26,7 @@ def _run(*args, timeout=300):
 
 
 def test_help_explains_every_flag():
-    parser = _build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) >= {"train", "data"}
     for name, p in sub.choices.items():

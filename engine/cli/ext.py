@@ -1,0 +1,49 @@
+"""`entk ext`: build or inspect the compiled csrc/ extension (fused ops)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..ops import BackendUnavailableError
+from ..ops import ext as ops_ext
+from ..ops.backend import triton_unavailable_reason
+from .options import add_device
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("ext", help="build or inspect the compiled csrc/ extension (fused ops)",
+                       description="Build the C++ (and, with a GPU, CUDA) extension ahead of time, or report "
+                                   "which backends of the fused ops can run here. It is otherwise built on "
+                                   "first use; ENTK_EXT=0 disables it, ENTK_EXT_DIR moves its build cache.")
+    p.add_argument("action", choices=["build", "status"], help="build: compile now; status: report only")
+    add_device(p, "auto (CPU, and CUDA if available), cpu, cuda")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args) -> int:
+    kinds = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if args.device == "auto" and not torch.cuda.is_available():
+        kinds = ["cpu"]
+    failed = False
+    for kind in kinds:
+        dev = torch.device(kind)
+        built = ops_ext.built_path(kind)
+        if args.action == "status":
+            why = ops_ext.unavailable_reason(kind) or "buildable here"
+            print(f"ext ({kind}): " + (f"built: {built}" if built else f"not built yet (entk ext build; {why})"))
+        else:
+            try:
+                t0 = time.perf_counter()
+                mod = ops_ext.load(dev, verbose=args.verbose)
+                print(f"ext ({kind}): ready in {time.perf_counter() - t0:.1f} s: {mod.__file__}")
+            except BackendUnavailableError as e:
+                failed = True
+                print(f"ext ({kind}): {e}")
+        why = triton_unavailable_reason(dev)
+        print(f"triton ({kind}): {'available' if why is None else why}")
+    return 1 if failed and args.action == "build" else 0
