@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..determinism import resolve_device
-from ..jobs import ChaosConfig, run_chaos, write_summary
+from ..errors import ConfigError
+from ..jobs import ChaosConfig, run_chaos
 from ..train import TrainConfig
-from .options import add_data_args, add_overwrite, add_quiet, int_list
+from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, write_json
 from .train import add_run_args, train_config
 
 
@@ -43,16 +45,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fleet execution: loop (one model per twin) or vmap (stacked); "
                         "auto: vmap on CUDA, loop on CPU")
     g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
-    g.add_argument("--summary", metavar="CHAOS.json",
-                   help="also write a JSON summary with one record per (t0, t1, member)")
     add_overwrite(g)
     add_data_args(p)
     add_quiet(p)
+    add_json(p, "also write a JSON summary: the config, the noise floor and one record per (t0, t1, member)")
+    p.add_argument("--summary", metavar="CHAOS.json", help="deprecated alias of --json")
     p.set_defaults(handler=run)
     return p
 
 
 def run(args) -> int:
+    json_flag = "--json"
+    if args.summary:
+        if args.json and args.json != args.summary:
+            raise ConfigError("--summary is a deprecated alias of --json; give one of them")
+        print("entk chaos: warning: --summary is deprecated; use --json", file=sys.stderr)
+        args.json, json_flag = args.summary, "--summary"
     t0, t1 = int_list(args.t0, "--t0"), int_list(args.t1, "--t1")
     if args.steps is None:
         args.steps = max(t1, default=0)  # the run only needs to reach the last comparison
@@ -60,10 +68,9 @@ def run(args) -> int:
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
                       strategy=args.strategy).validate()
+    check_outputs(files=[("--out", args.out), (json_flag, args.json)])
     res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,
                     quiet=args.quiet, cache_dir=args.cache_dir)
-    if args.summary:
-        write_summary(res, args.summary)
     resumed = f", resumed from t={res.resumed_from}" if res.resumed_from is not None else ""
     print(f"chaos grid {cfg.train.model}: {len(res.members)} members, t0={cfg.t0}, t1={cfg.t1}{resumed}")
     print(f"noise floor (control vs base, L2): {res.noise_floor():.3g}")
@@ -76,4 +83,6 @@ def run(args) -> int:
         print(f"{rec['t0']:>10} {rec['t1']:>10} {rec['member']:>10} {rec['dissimilarity']:>10.3g} "
               f"{rec['l2']:>10.3g} {rec['barrier_train']:>10.3g} {rec['barrier_test']:>10.3g} "
               f"{rec['disagreement']:>10.4f}")
+    if args.json:
+        write_json(args.json, "chaos", {"out": str(args.out), "resumed_from": res.resumed_from, **res.summary()})
     return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from ..data import load_dataset
 from ..errors import EngineError
-from .options import NEED_ROOT, add_data_args, add_json, add_quiet
+from .options import NEED_ROOT, add_data_args, add_json, add_quiet, check_outputs, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,6 +29,7 @@ def run(args) -> int:
         if not args.data_root:
             raise EngineError(NEED_ROOT)
         kwargs = {"cache_dir": args.cache_dir, "progress": False if args.quiet else None}
+    check_outputs(files=[("--json", args.json)])
     t0 = time.perf_counter()
     ds = load_dataset(args.data, args.data_root, **kwargs)
     if args.n_train or args.n_test:
@@ -49,6 +49,5 @@ def run(args) -> int:
     print("  pixel mean " + ", ".join(f"{v:.4f}" for v in desc["pixel_mean"])
           + "   std " + ", ".join(f"{v:.4f}" for v in desc["pixel_std"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(desc, f, indent=2)
+        write_json(args.json, "data", desc)
     return 0

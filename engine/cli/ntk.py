@@ -10,7 +10,9 @@ import torch
 from ..determinism import resolve_device
 from ..errors import EngineError
 from ..jobs import checkpoint_kernels
-from .options import add_data_root, add_device, add_overwrite, add_quiet
+from ..store import RunFile
+from ..train import parse_iterations
+from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -22,7 +24,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "checkpoint.")
     p.add_argument("--run", required=True, metavar="RUN.h5", help="the run file written by entk train")
     p.add_argument("--checkpoints", default="all", metavar="LIST",
-                   help="iterations to use, comma-separated (default: every completed checkpoint)")
+                   help="iterations to use: 'all' (every completed checkpoint; default) or a list as in "
+                        "entk train, comma-separated, items may be log:N or every:K over the run's steps "
+                        "(each must be a completed checkpoint of the run)")
     p.add_argument("--probe", type=int, default=100, metavar="N",
                    help="number of probe images (class-balanced, seeded; default: 100)")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe selection (default: 0)")
@@ -43,6 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-CIFAR-10 cache directory")
     add_overwrite(p)
     add_quiet(p)
+    add_json(p, "also write a JSON summary: iterations, kernel size, seconds per kernel, the distance matrix")
     p.set_defaults(handler=run)
     return p
 
@@ -54,11 +59,10 @@ def run(args) -> int:
         raise EngineError(f"--budget-gb must be > 0, got {args.budget_gb}")
     its = None
     if args.checkpoints != "all":
-        try:
-            its = [int(v) for v in args.checkpoints.split(",") if v.strip()]
-        except ValueError:
-            raise EngineError(
-                f"--checkpoints must be 'all' or comma-separated integers, got {args.checkpoints!r}") from None
+        its = parse_iterations(args.checkpoints, RunFile(args.run).steps, include_final=False)
+        if not its:
+            raise EngineError(f"--checkpoints {args.checkpoints!r} selects no iterations")
+    check_outputs(files=[("--out", args.out), ("--json", args.json)])
     t0 = time.perf_counter()
     res = checkpoint_kernels(args.run, args.out, iterations=its, probe=args.probe, probe_seed=args.probe_seed,
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,
@@ -78,4 +82,11 @@ def run(args) -> int:
     print(" " * width + "".join(f"{i:>{max(width, 8)}}" for i in its))
     for i, row in zip(its, res.distance.tolist(), strict=True):
         print(f"{i:>{width}}" + "".join(f"{v:>{max(width, 8)}.4f}" for v in row))
+    if args.json:
+        write_json(args.json, "ntk", {
+            "run": str(args.run), "out": str(args.out), "kernel": args.kernel, "size": size,
+            "probe": args.probe, "probe_seed": args.probe_seed, "probe_split": args.probe_split,
+            "iterations": list(its), "computed": sorted(res.seconds),
+            "seconds_per_kernel": {str(k): v for k, v in res.seconds.items()},
+            "distance": res.distance.tolist(), "seconds": round(time.perf_counter() - t0, 3)})
     return 0

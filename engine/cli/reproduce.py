@@ -6,7 +6,7 @@ import argparse
 
 from ..determinism import resolve_device
 from ..report import reproduce
-from .options import add_data_args, add_device, add_quiet, int_list
+from .options import add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     # Embedded default: real CIFAR-10 when --data-root is given, else synthetic data (the report says which).
     p.set_defaults(data=None)
     add_quiet(p, "no progress bars")
+    add_json(p, "also write a JSON summary: the study record (configs, stage times, estimates, report files)")
     p.set_defaults(handler=run)
     return p
 
@@ -41,7 +42,11 @@ def run(args) -> int:
     lists = {k: int_list(getattr(args, k), f"--{k}") if getattr(args, k) else None
              for k in ("checkpoints", "t0", "t1")}
     data = args.data or ("cifar10" if args.data_root else "synthetic")
-    reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
-              cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
-              eval_n=args.eval_n, eps=args.eps, device=resolve_device(args.device), quiet=args.quiet, **lists)
+    check_outputs(dirs=[("--out", args.out)], files=[("--json", args.json)])
+    record = reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
+                       cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
+                       eval_n=args.eval_n, eps=args.eps, device=resolve_device(args.device), quiet=args.quiet,
+                       **lists)
+    if args.json:
+        write_json(args.json, "reproduce", {"out": str(args.out), **record})
     return 0

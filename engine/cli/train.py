@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..errors import EngineError
 from ..models import MODEL_NAMES
 from ..train import SCHEDULES, TrainConfig, parse_iterations, train
-from .options import NEED_ROOT, add_data_args, add_device, add_json, add_overwrite, add_quiet, floats
+from .options import (
+    NEED_ROOT,
+    add_data_args,
+    add_device,
+    add_json,
+    add_overwrite,
+    add_quiet,
+    check_outputs,
+    floats,
+    write_json,
+)
 
 
 def add_run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -46,12 +55,17 @@ def add_run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="training images used for the final train accuracy (0 = all; default: 10000)")
 
 
-def train_config(args, checkpoints: list[int]) -> TrainConfig:
-    """The validated TrainConfig of `train`/`chaos` arguments."""
+def check_run_args(args) -> None:
+    """The checks that must come before anything derived from the flags (the checkpoint list)."""
     if args.data == "cifar10" and not args.data_root:
         raise EngineError(NEED_ROOT)
     if args.steps < 0:
         raise EngineError(f"--steps must be >= 0, got {args.steps}")
+
+
+def train_config(args, checkpoints: list[int]) -> TrainConfig:
+    """The validated TrainConfig of `train`/`chaos` arguments."""
+    check_run_args(args)
     return TrainConfig(
         model=args.model, data=args.data, data_root=args.data_root, n_train=args.n_train,
         n_test=args.n_test, subset_seed=args.subset_seed, steps=args.steps,
@@ -77,13 +91,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_overwrite(p, "replace an existing --out instead of resuming it")
     add_data_args(p)
     add_quiet(p)
-    add_json(p, "also write the final summary as JSON")
+    add_json(p, "also write a JSON summary: the config, accuracies, losses, timing and --out")
     p.set_defaults(handler=run)
     return p
 
 
 def run(args) -> int:
+    check_run_args(args)  # --steps before the checkpoint list, which is checked against it
     cfg = train_config(args, parse_iterations(args.checkpoints, args.steps) if args.out else [])
+    check_outputs(files=[("--out", args.out), ("--json", args.json)])
     res = train(cfg, out=args.out, device=args.device, overwrite=args.overwrite,
                 quiet=args.quiet, cache_dir=args.cache_dir)
     print(f"{cfg.model} on {cfg.data}: {res.describe()}")
@@ -92,8 +108,7 @@ def run(args) -> int:
         print(f"checkpoints {cfg.checkpoints[:8]}{' ...' if len(cfg.checkpoints) > 8 else ''} "
               f"saved in {args.out}")
     if args.json:
-        rec = {"config": cfg.to_dict(), **{k: v for k, v in vars(res).items() if k != "out"},
-               "out": str(res.out) if res.out else None}
-        with open(args.json, "w") as f:
-            json.dump(rec, f, indent=2)
+        write_json(args.json, "train", {"config": cfg.to_dict(),
+                                        **{k: v for k, v in vars(res).items() if k != "out"},
+                                        "out": str(res.out) if res.out else None})
     return 0
