@@ -51,6 +51,7 @@ def _cases(f: Path, d: Path):
          "is a file, not a directory"),
         (["ntk", "--run", str(d / "run.h5"), "--out", str(f / "k.h5")], "--out", "is a file, not a directory"),
         (["ntk", "--run", str(d / "run.h5"), "--out", str(d)], "--out", "is a directory"),
+        (["ntk", "--run", str(f), "--out", str(f)], "--run and --out", "the same path"),
         (["ntk", "--run", str(d / "run.h5"), "--out", str(d / "k.h5"), "--json", str(f / "k.json")], "--json",
          "not a directory"),
         (["reproduce", "--out", str(f)], "--out", "is a file; expected a directory"),

@@ -62,7 +62,7 @@ def run(args) -> int:
         its = parse_iterations(args.checkpoints, RunFile(args.run).steps, include_final=False)
         if not its:
             raise EngineError(f"--checkpoints {args.checkpoints!r} selects no iterations")
-    check_outputs(files=[("--out", args.out), ("--json", args.json)])
+    check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
     t0 = time.perf_counter()
     res = checkpoint_kernels(args.run, args.out, iterations=its, probe=args.probe, probe_seed=args.probe_seed,
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,

@@ -86,15 +86,16 @@ def _probe_dir(flag: str, path: Path, d: Path) -> None:
 
 
 def check_outputs(*, files: Sequence[tuple[str, str | None]] = (),
-                  dirs: Sequence[tuple[str, str | None]] = ()) -> None:
+                  dirs: Sequence[tuple[str, str | None]] = (),
+                  inputs: Sequence[tuple[str, str | None]] = ()) -> None:
     """Refuse, before any work starts, every output that could not be written: one line naming the flag.
 
     ``files`` and ``dirs`` are ``(flag, path)`` pairs (``None`` paths are skipped): output files
     (an existing one is resumed or replaced, so a directory there is refused) and output
-    directories (an existing file there is refused). Missing parent directories are created
-    once every check has passed.
+    directories (an existing file there is refused). No output may be one of the ``inputs``
+    or another output. Missing parent directories are created once every check has passed.
     """
-    seen: dict[Path, str] = {}
+    seen: dict[Path, str] = {Path(raw).resolve(): flag for flag, raw in inputs if raw is not None}
     todo: list[Path] = []
     for kind, pairs in (("file", files), ("dir", dirs)):
         for flag, raw in pairs:
