@@ -8,7 +8,7 @@ prediction disagreement, for twins perturbed at t0 and compared at t1 >= t0. Ear
 (control twin, eps = 0, vs base) is printed on the figure.
 
 Reads only stored results (nothing is recomputed): a chaos HDF5 file written by
-`entk chaos --out CHAOS.h5`, or its `--summary` JSON. Takes a few seconds.
+`entk chaos --out CHAOS.h5`, or its `--json` summary. Takes a few seconds.
 
     python scripts/fig3_chaos.py CHAOS.h5 --out docs/results/fig3_chaos
 """
@@ -31,7 +31,7 @@ def _load(path: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="CHAOS.h5 (entk chaos --out) or CHAOS.json (--summary)")
+    ap.add_argument("results", help="CHAOS.h5 (entk chaos --out) or CHAOS.json (entk chaos --json)")
     ap.add_argument("--out", default="fig3_chaos", help="output path without extension (.png and .pdf written)")
     ap.add_argument("--barrier", default="test", choices=["test", "train"], help="which loss barrier to plot")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ dissimilarity at the largest t1 falls half-way, in log space, from its early to 
 level) is marked too, to compare the two phases.
 
 Reads only stored results (nothing is recomputed): the Gram /data/kernel_gram of an
-`entk ntk --out KERNELS.h5` file and optionally an `entk chaos` file (or its --summary JSON).
+`entk ntk --out KERNELS.h5` file and optionally an `entk chaos` file (or its --json summary).
 Takes a few seconds.
 
     python scripts/fig5_cone.py KERNELS.h5 --out docs/results/fig5_cone --chaos CHAOS.h5
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernels", help="KERNELS.h5 written by `entk ntk --out`")
     ap.add_argument("--out", default="fig5_cone", help="output path without extension (.png and .pdf written)")
-    ap.add_argument("--chaos", help="CHAOS.h5 (entk chaos --out) or its --summary JSON: mark the chaos transition")
+    ap.add_argument("--chaos", help="CHAOS.h5 (entk chaos --out) or its --json summary: mark the chaos transition")
     ap.add_argument("--taus", type=_ints, help="reference checkpoints for panel (a), e.g. 0,10,100 "
                     "(default: 4 spread in log space)")
     ap.add_argument("--lags", type=_ints, default=[1, 2, 4], help="lags in checkpoint steps for panel (b) "

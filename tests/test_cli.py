@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from engine.cli import _build_parser, main
+from engine.cli import build_parser, main
 from engine.store import RunFile
 
 SMALL = ["--model", "cnn", "--data", "synthetic", "--n-train", "1000", "--n-test", "200",
@@ -26,7 +26,7 @@ def _run(*args, timeout=300):
 
 
 def test_help_explains_every_flag():
-    parser = _build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) >= {"train", "data"}
     for name, p in sub.choices.items():
@@ -35,6 +35,28 @@ def test_help_explains_every_flag():
                 assert action.help and len(action.help) > 10, f"entk {name} {action.option_strings}"
     out = _run("train", "--help")
     assert out.returncode == 0 and "--checkpoints" in out.stdout and "resume" in out.stdout
+
+
+def test_every_subcommand_shares_the_option_groups():
+    """--json everywhere; --device, --quiet, --overwrite, --data-root wherever they apply (one definition each)."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+    assert set(flags) == {"train", "ntk", "chaos", "reproduce", "data", "ext"}
+    for name, have in flags.items():
+        assert "--json" in have, name
+        assert "--quiet" in have or name == "ext", name
+        assert "--device" in have or name == "data", name
+        assert "--data-root" in have or name == "ext", name
+        assert ("--overwrite" in have) == (name in ("train", "ntk", "chaos")), name
+
+
+def test_module_entry_point_version_and_usage_exit_codes():
+    import engine
+
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"entk {engine.__version__}"
+    out = _run("train", "--lr", "fast")
+    assert out.returncode == 2 and "--lr" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_train_prints_accuracy_and_writes_run(tmp_path, capsys):
@@ -47,7 +69,7 @@ def test_train_prints_accuracy_and_writes_run(tmp_path, capsys):
     assert "final train accuracy" in text and "test accuracy" in text
     assert RunFile(out).completed_iterations() == [0, 5, 10, 30]
     rec = json.loads(summary.read_text())
-    assert rec["config"]["steps"] == 30 and 0 <= rec["test_acc"] <= 1
+    assert rec["command"] == "train" and rec["config"]["steps"] == 30 and 0 <= rec["test_acc"] <= 1
     # Same command again: nothing to redo, resumes at the end.
     assert main(["train", *SMALL, "--steps", "30", "--checkpoints", "0,5,10", "--out", str(out)]) == 0
     assert "resumed from iteration 30" in capsys.readouterr().out
@@ -107,6 +129,7 @@ def test_data_command_describes_synthetic(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "500 train / 100 test" in text
     desc = json.loads(js.read_text())
+    assert desc["command"] == "data"
     assert sum(desc["train_per_class"]) == 500 and len(desc["classes"]) == 10
 
 

@@ -1,5 +1,7 @@
 """Jobs that read and write engine files, above the library layers and below ``report`` and the CLI."""
 
+from ..analysis import ChaosConfig, ChaosResult, load_chaos, run_chaos, write_summary
 from .kernels import CheckpointKernels, checkpoint_kernels, probe_set
 
-__all__ = ["CheckpointKernels", "checkpoint_kernels", "probe_set"]
+__all__ = ["ChaosConfig", "ChaosResult", "CheckpointKernels", "checkpoint_kernels", "load_chaos", "probe_set",
+           "run_chaos", "write_summary"]

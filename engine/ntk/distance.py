@@ -181,6 +181,9 @@ def pairwise_kernel_distance(kernels: Sequence, **kwargs) -> torch.Tensor:
 
     Keyword arguments go to :func:`kernel_gram`.
     """
+    m, n = _check_shapes(kernels)
+    if m != n:
+        raise ConfigError(f"kernels must be square (M×M, one row and column per probe output), got {m}×{n}")
     return distance_from_gram(kernel_gram(kernels, **kwargs))
 
 

@@ -47,7 +47,7 @@ def _save(fig: Figure, out_stem) -> list[Path]:
 def plot_chaos(summary: dict, out_stem, barrier: str = "test") -> list[Path]:
     """Fig. 3: heatmaps over (t0, t1) of dissimilarity (log colour), loss barrier and disagreement.
 
-    ``summary`` is ``ChaosResult.summary()`` (or the ``--summary`` JSON of ``entk chaos``).
+    ``summary`` is ``ChaosResult.summary()`` (or the ``--json`` summary of ``entk chaos``).
     """
     if barrier not in ("test", "train"):
         raise ConfigError(f"barrier must be 'test' or 'train', got {barrier!r}")

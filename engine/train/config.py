@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..models import MODEL_NAMES
 from .schedule import SCHEDULES, milestone_steps
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        need(self.model in MODEL_NAMES, f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

@@ -46,13 +46,14 @@ def lr_table(steps: int, **kwargs) -> list[float]:
     return [lr_at(s, steps=steps, **kwargs) for s in range(steps)]
 
 
-def parse_iterations(spec: str | Sequence[int], steps: int) -> list[int]:
+def parse_iterations(spec: str | Sequence[int], steps: int, *, include_final: bool = True) -> list[int]:
     """Checkpoint iterations from a spec, sorted and unique, within ``[0, steps]``.
 
     ``spec`` is a comma list (``"0,1,2,5,10"``) whose items may also be
     ``log:N`` (N log-spaced iterations from 1 to ``steps``, plus 0) or
     ``every:K`` (0, K, 2K, ... up to ``steps``). The final iteration ``steps``
-    is always included so the trained model is saved.
+    is included so the trained model is saved, unless ``include_final`` is False
+    (selecting among a run's checkpoints: ``entk ntk --checkpoints``).
     """
     items: list[int] = []
     parts = [str(s) for s in spec] if not isinstance(spec, str) else spec.split(",")
@@ -80,4 +81,4 @@ def parse_iterations(spec: str | Sequence[int], steps: int) -> list[int]:
     bad = [i for i in items if not 0 <= i <= steps]
     if bad:
         raise ConfigError(f"checkpoint iterations {bad[:5]} are outside [0, {steps}] (the run's steps)")
-    return sorted(set(items) | {steps})
+    return sorted(set(items) | ({steps} if include_final else set()))

@@ -1,0 +1,79 @@
+"""The ``entk`` command line (also ``python -m engine``): the top parser, errors and exit codes.
+
+Each subcommand lives in its own module (``train``, ``ntk``, ``chaos``, ``reproduce``, ``data``,
+``ext``) with an ``add_parser(sub)`` that defines all its flags and a ``run(args)`` that does the
+work; the option groups they share, the up-front output checks and the ``--json`` writer are in
+:mod:`engine.cli.options`.
+
+Exit codes: 0 done; 2 usage and input errors (a bad flag, or an engine error about the input:
+every :class:`EngineError` that is not a ``RuntimeError``), printed as one line; 1 runtime
+failures (an ``EngineError`` that is a ``RuntimeError``, such as a diverged run, an ``OSError``
+during the work, or an unexpected exception, which keeps its traceback); 130 interrupted.
+A closed stdout (``entk ... | head``) ends the command quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import EngineError
+from . import chaos, data, ext, ntk, reproduce, train
+
+SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext)
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="entk",
+        description="Empirical NTK engine: train CIFAR networks, compute eNTKs, study "
+                    "two-phase learning dynamics (arXiv 2505.13900).",
+        epilog="Exit codes: 0 done, 2 usage or input error, 1 runtime failure, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"entk {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in SUBCOMMANDS:
+        mod.add_parser(sub)
+    return parser
+
+
+def _exit_code(code) -> int:
+    """SystemExit's code as an int (argparse exits 0 after --help/--version and 2 on a usage error)."""
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``entk`` command; returns its exit code (never raises SystemExit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return _exit_code(e.code)
+    name = f"entk {args.command}"
+    try:
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`entk ... | head`): stop quietly. Point stdout at devnull so that
+        # Python's final flush does not report the same broken pipe again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured)
+            pass
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EngineError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME if isinstance(e, RuntimeError) else EXIT_USAGE
+    except OSError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
