@@ -3,5 +3,7 @@
 from .blockfile import BlockFile, StoreError
 from .jacobian_store import JacobianStore
 from .kernel_store import KernelStore, kernel_name
+from .kernel_tiles import KernelTiles, TiledKernel, open_kernel
 
-__all__ = ["BlockFile", "JacobianStore", "KernelStore", "StoreError", "kernel_name"]
+__all__ = ["BlockFile", "JacobianStore", "KernelStore", "KernelTiles", "StoreError", "TiledKernel", "kernel_name",
+           "open_kernel"]
