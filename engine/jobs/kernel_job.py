@@ -423,10 +423,11 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         d.agree(err)
         f = KernelTiles(out)
         if d.main:
-            say(f"entk kernel: {kind.value} kernel {'x'.join(map(str, geom['kernel_shape']))} "
-                f"({'symmetric, upper tiles only' if symmetric else 'per-sample blocks' if kind is KernelKind.DIAGONAL else 'cross'}), {f.n_tiles} tiles of {t} inputs "
-                f"per side ({tile_bytes(t, **plan_kw) / GiB:.2f} GiB est. peak per tile pair), "
-                f"{d.world} rank(s)")
+            form = ("symmetric, upper tiles only" if symmetric else
+                    "per-sample blocks" if kind is KernelKind.DIAGONAL else "cross")
+            say(f"entk kernel: {kind.value} kernel {'x'.join(map(str, geom['kernel_shape']))} ({form}), "
+                f"{f.n_tiles} tiles of {t} inputs per side ({tile_bytes(t, **plan_kw) / GiB:.2f} GiB est. peak "
+                f"per tile pair), {d.world} rank(s)")
             say(f"J blocks: {reason}")
 
         sides = [u1] if sx2 is None else [u1, u2]
