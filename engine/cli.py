@@ -224,6 +224,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build", "status"], help="build: compile now; status: report only")
     p.add_argument("--device", default="auto", help="auto (CPU, and CUDA if available), cpu, cuda")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    __import__("engine.cli_kernel", fromlist=["add_parsers"]).add_parsers(sub)  # TEMP: lead re-registers at merge
     return parser
 
 
@@ -402,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        if "func" in vars(args):  # TEMP with the line above: subcommands of engine/cli_kernel.py
+            return args.func(args)
         commands = {"train": _cmd_train, "ntk": _cmd_ntk, "chaos": _cmd_chaos, "reproduce": _cmd_reproduce,
                     "data": _cmd_data, "ext": _cmd_ext}
         return commands[args.command](args)
