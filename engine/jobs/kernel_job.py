@@ -483,15 +483,21 @@ class _Strategy(str, enum.Enum):  # noqa: UP042
 
 
 def _previous_layout(out: Path, job: dict) -> dict | None:
-    """The (tile, strategy) of an existing file holding this job, else None (creation decides)."""
+    """The job of an existing file holding this job (its tile size and strategy are kept), else None.
+
+    A file of this format holding another job is refused here, naming the fields that differ.
+    """
     if not out.exists():
         return None
     try:
         prev = KernelTiles(out).job
     except StoreError:
-        return None  # not ours: create_for refuses it with its own message
-    same = all(prev.get(k) == v for k, v in _jsonable(job).items())
-    return prev if same and "tile_inputs" in prev else None
+        return None  # not a kernel file: create_for refuses it with its own message
+    diff = sorted(k for k, v in _jsonable(job).items() if prev.get(k) != v)
+    if diff:
+        raise StoreError(f"{out} holds a different job (differs in {', '.join(diff)}); "
+                         f"pass overwrite (--overwrite) or choose another output")
+    return prev
 
 
 def _jsonable(d: dict) -> dict:
