@@ -187,7 +187,8 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
     from engine.train import RunFile, TrainConfig
 
     small = load_synthetic(200, 100)
-    monkeypatch.setattr("engine.jobs.kernel_job.load_dataset", lambda *a, **k: small)
+    # (engine.jobs.kernel_job names the function there; the module is in sys.modules)
+    monkeypatch.setattr(sys.modules["engine.jobs.kernel_job"], "load_dataset", lambda *a, **k: small)
     cfg = TrainConfig(model="cnn", data="synthetic", n_train=60, n_test=40, subset_seed=3, steps=5,
                       checkpoints=[0, 5])
     torch.manual_seed(0)

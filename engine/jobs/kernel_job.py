@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset, load_dataset, normalize
+from ..determinism import set_deterministic
 from ..errors import ConfigError, EngineError, parse_enum
 from ..models import build_model
 from ..ntk import jacobian, num_outputs
@@ -324,7 +325,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
-               log: Callable[[str], None] | None = print) -> KernelJobResult:
+               deterministic: bool = True, log: Callable[[str], None] | None = print) -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the module docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
@@ -335,6 +336,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     (``tile_inputs`` overrides it); ``strategy`` is ``auto`` (store the Jacobian blocks when they fit
     ``disk_budget_bytes``, default half the free space beside ``out``), ``stored-jacobian`` or
     ``recompute``. A rerun resumes; a file holding another job is refused unless ``overwrite``.
+    ``deterministic`` turns on deterministic algorithms (``engine.set_deterministic``), so that
+    tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
     t_start = time.perf_counter()
     kind = parse_enum(KernelKind, kernel, "kernel")
@@ -355,6 +358,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         raise ConfigError("give either a run file (--run) or a model (--model-fn), not both or neither")
     say = log if log is not None else (lambda s: None)
 
+    if deterministic:
+        set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run
     d = _Dist()
     try:
         dev = _device(device, d)
@@ -422,6 +427,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                 err = e
         d.agree(err)
         f = KernelTiles(out)
+        # Rank 0's decision, as recorded (another rank could see another free disk space).
+        t, strat = int(f.job["tile_inputs"]), _Strategy(f.job["strategy"])
         if d.main:
             form = ("symmetric, upper tiles only" if symmetric else
                     "per-sample blocks" if kind is KernelKind.DIAGONAL else "cross")
