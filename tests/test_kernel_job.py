@@ -17,7 +17,7 @@ from engine.cli import main
 from engine.data import load_synthetic, normalize
 from engine.errors import ConfigError
 from engine.jobs import kernel_job
-from engine.jobs.kernel_job import KernelKind, balanced_indices, choose_tile_inputs, tile_bytes
+from engine.jobs.kernel_job import KernelKind, balanced_indices, choose_tile_inputs, resident_bytes, tile_bytes
 from engine.ntk import entk, open_kernel
 from engine.store import KernelTiles, StoreError
 from tests._tolerance import assert_close_to_torch
@@ -119,10 +119,15 @@ def test_budget_sets_the_tile_and_too_small_is_refused_before_work(tmp_path, ds)
     t_small, t_big = choose_tile_inputs(1 << 30, n_max=10**6, **kw), choose_tile_inputs(4 << 30, n_max=10**6, **kw)
     assert 1 <= t_small < t_big
     assert tile_bytes(t_big, **kw) <= 4 << 30 < tile_bytes(t_big + 1, **kw)
-    res = kernel_job(tmp_path / "k.h5", model=tiny_cnn(), dataset=ds, x1="test:30", kernel="traced",
-                     budget_bytes=80 << 20, log=None, quiet=True)
-    assert tile_bytes(res.kernel.attrs["tile_inputs"], c=10, p=res.kernel.attrs["n_params"], kind=KernelKind.TRACED,
-                      compute_dtype=torch.float32) <= 80 << 20
+    from engine.models import build_model
+
+    model = build_model("cnn").eval()  # 24,346 parameters: ~4 MB of estimate per input
+    est = {"c": 10, "p": 24_346, "kind": KernelKind.TRACED, "compute_dtype": torch.float32}
+    budget = resident_bytes() + tile_bytes(10, **est)  # the budget counts what the process already holds
+    res = kernel_job(tmp_path / "k.h5", model=model, dataset=ds, x1="test:30", kernel="traced",
+                     budget_bytes=budget, log=None, quiet=True)
+    t = res.kernel.attrs["tile_inputs"]
+    assert 1 <= t < 30 and tile_bytes(t, **est) <= budget - res.memory_in_use < tile_bytes(t + 1, **est)
     out = tmp_path / "tiny.h5"
     with pytest.raises(ConfigError, match="too small") as e:
         kernel_job(out, model=tiny_cnn(), dataset=ds, x1="test:30", budget_bytes=10_000, log=None, quiet=True)
@@ -197,7 +202,7 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
                          state=model.state_dict(), param_names=[n for n, _ in model.named_parameters()])
     with run.writer() as w:
         w.write_checkpoint(0, model.state_dict())
-    common = ["--run", str(tmp_path / "run.h5"), "--kernel", "traced", "--quiet", "--budget-gb", "0.2"]
+    common = ["--run", str(tmp_path / "run.h5"), "--kernel", "traced", "--quiet", "--budget-gb", "4"]
     assert main(["kernel", *common, "--x1", "train:20", "--out", str(tmp_path / "tr.h5")]) == 0
     assert main(["kernel", *common, "--x1", "test:10", "--x2", "train:20", "--out", str(tmp_path / "te.h5")]) == 0
     text = capsys.readouterr().out

@@ -19,6 +19,7 @@ bit-identical for any number of ranks, and a rerun after any rank died resumes.
 from __future__ import annotations
 
 import enum
+import gc
 import hashlib
 import importlib
 import math
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +49,18 @@ DEFAULT_BUDGET = 2 * GiB
 # Working memory of one Jacobian call beyond its output: engine.ntk.jacobian keeps a block's
 # output gradients, patches and graph under ~256 MiB; small blocks need proportionally less.
 _JAC_WORKSPACE = 256 << 20
-_BASE_OVERHEAD = 64 << 20  # model, inputs as uint8, interpreter
+_BASE_OVERHEAD = 64 << 20  # transient copies (a batch, the padded tile write), allocator slack
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (interpreter, torch, model, data): the budget's starting point."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class KernelKind(str, enum.Enum):  # noqa: UP042 - same str-mixin form as the other engine enums
@@ -165,17 +178,19 @@ def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch
     return jblocks + tile + min(_JAC_WORKSPACE, jblocks) + _BASE_OVERHEAD
 
 
-def choose_tile_inputs(budget_bytes: int, *, n_max: int, **kw) -> int:
-    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``budget_bytes``."""
+def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
+    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``budget_bytes - in_use``."""
     need = tile_bytes(1, **kw)
-    if need > budget_bytes:
+    avail = budget_bytes - in_use
+    if need > avail:
+        used = f" beside the {in_use / GiB:.2f} GiB this process already holds (torch, model, data)" if in_use else ""
         raise ConfigError(f"--budget-gb {budget_bytes / GiB:.3g} is too small: a tile of one input needs "
                           f"{need / GiB:.3g} GiB (two Jacobian rows of {kw['p']:,} parameters and the Jacobian "
-                          f"workspace); raise the budget")
+                          f"workspace){used}; raise the budget")
     lo, hi = 1, max(1, n_max)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tile_bytes(mid, **kw) <= budget_bytes:
+        if tile_bytes(mid, **kw) <= avail:
             lo = mid
         else:
             hi = mid - 1
@@ -252,6 +267,7 @@ class KernelJobResult:
     seconds: float
     rank: int = 0
     world: int = 1
+    memory_in_use: int = 0  # resident bytes before the first tile (the budget holds tiles beside it)
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -377,8 +393,10 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
             i2, u2, y2 = _select(ds, sx2[0], sx2[1], seed, subset[sx2[0]], base_seed, "--x2")
         symmetric = sx2 is None and kind is not KernelKind.DIAGONAL
 
+        mean, std = ds.mean, ds.std
+
         def batch(u8: torch.Tensor, s: int, e: int) -> torch.Tensor:
-            return normalize(u8[s:e], ds.mean, ds.std).to(dev)
+            return normalize(u8[s:e], mean, std).to(dev)
 
         c = num_outputs(model, batch(u1, 0, 1))
         p = sum(q.numel() for q in model.parameters() if q.requires_grad)
@@ -388,6 +406,11 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                "x1_split": split1, "x1_n": n1, "x2_split": None if sx2 is None else sx2[0],
                "x2_n": None if sx2 is None else n2, "seed": seed, "compute_dtype": str(cdtype).removeprefix("torch.")}
 
+        if run is not None:
+            del ds  # the inputs are selected; only the job's own images stay in memory
+        gc.collect()
+        in_use = resident_bytes()
+
         # The tile size and strategy of an existing file are kept (a resume with another budget or
         # disk is the same job); otherwise they come from the budgets.
         prev = _previous_layout(out, job) if not overwrite else None
@@ -395,12 +418,13 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         if prev is not None:
             t, strat = prev["tile_inputs"], _Strategy(prev["strategy"])
             need = tile_bytes(t, **plan_kw)
-            if need > budget_bytes and tile_inputs is None:
-                raise ConfigError(f"{out} was started with tiles of {t} inputs, which need {need / GiB:.3g} GiB, "
-                                  f"more than --budget-gb {budget_bytes / GiB:.3g}; resume with a larger budget")
+            if need > budget_bytes - in_use and tile_inputs is None:
+                raise ConfigError(f"{out} was started with tiles of {t} inputs, which need {need / GiB:.3g} GiB "
+                                  f"beside the {in_use / GiB:.2f} GiB in use, more than --budget-gb "
+                                  f"{budget_bytes / GiB:.3g}; resume with a larger budget")
             reason = f"resuming {out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
         else:
-            t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(n1, n2), **plan_kw)
+            t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(n1, n2), in_use=in_use, **plan_kw)
             strat, reason = _choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budget_bytes)
         job["tile_inputs"], job["strategy"] = int(t), strat.value
 
@@ -445,6 +469,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         todo = [k for k, done in enumerate(f.complete[: f.n_tiles]) if not done and k % d.world == d.rank]
         grid = f.grid()
         computed = 0
+        row = None  # (i, J block of row block i): consecutive tiles of one row share it
         err = None
         try:
             with f.writer() as w:
@@ -455,9 +480,12 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                     if kind is KernelKind.DIAGONAL:
                         h = _tile(model, batch(u1, i * t, (i + 1) * t), None, kind, cdtype, budget_bytes)
                     elif stores is not None:
-                        ja = stores[0].read("jacobian", _rows(stores[0], i)).to(dev)
-                        jb = None if symmetric and i == j else stores[-1].read("jacobian", _rows(stores[-1], j)).to(dev)
-                        h = _contract(ja, jb, kind, c, cdtype)
+                        if row is None or row[0] != i:
+                            row = None  # free the previous row block before reading the next
+                            row = (i, _read_block(stores[0], i).to(dev))
+                        jb = None if symmetric and i == j else _read_block(stores[-1], j).to(dev)
+                        h = _contract(row[1], jb, kind, c, cdtype)
+                        del jb
                     else:
                         xa = batch(u1, i * t, (i + 1) * t)
                         xb = None if symmetric and i == j else batch(sides[-1], j * t, (j + 1) * t)
@@ -478,7 +506,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         d.agree()
         return KernelJobResult(path=out, kernel=TiledKernel(out), strategy=strat.value, reason=reason,
                                computed=computed, n_tiles=f.n_tiles, seconds=time.perf_counter() - t_start,
-                               rank=d.rank, world=d.world)
+                               rank=d.rank, world=d.world, memory_in_use=in_use)
     finally:
         d.close()
 
@@ -538,10 +566,22 @@ def _choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budge
                                  f"{jbytes / GiB:.3g} GiB > disk budget {disk_budget / GiB:.3g} GiB")
 
 
-def _rows(store: JacobianStore, u: int) -> slice:
+def _read_block(store: JacobianStore, u: int) -> torch.Tensor:
+    """J block ``u`` of a Jacobian store, read with one positioned read (no memory map, whose
+    touched pages would count against the budget for as long as it is open)."""
     s, e = store.unit_inputs(u)
     k = store.num_outputs
-    return slice(s * k, e * k)
+    shape, dtype, off, _ = store.datasets["jacobian"]
+    out = np.empty(((e - s) * k, shape[1]), dtype)
+    with open(store.path, "rb", buffering=0) as fh:
+        fh.seek(off + s * k * shape[1] * dtype.itemsize)
+        view, got = memoryview(out).cast("B"), 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise StoreError(f"{store.path} is truncated at J block {u}")
+            got += n
+    return torch.from_numpy(out)
 
 
 def _jacobian_phase(out, job, sides, batch, model, kind, c, p, t, d, quiet, overwrite) -> list[JacobianStore]:
