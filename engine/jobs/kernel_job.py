@@ -50,10 +50,13 @@ DEFAULT_BUDGET = 2 * GiB
 # output gradients, patches and graph under ~256 MiB; small blocks need proportionally less.
 _JAC_WORKSPACE = 256 << 20
 _BASE_OVERHEAD = 64 << 20  # transient copies (a batch, the padded tile write), allocator slack
+# The interpreter, torch and its libraries: ~0.5-0.6 GiB resident on a CPU build. A constant, not a
+# measurement, so that the tile size (and with it the file) is the same in every process and launch.
+PROCESS_ALLOWANCE = 640 << 20
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now (interpreter, torch, model, data): the budget's starting point."""
+    """This process's resident memory now (for reports and tests; the plan uses :func:`memory_in_use`)."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -197,6 +200,15 @@ def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) 
     return lo
 
 
+def memory_in_use(model: nn.Module, inputs: list[torch.Tensor], dataset: Dataset | None = None) -> int:
+    """What the budget holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
+    and their gradients' buffers), the selected images, and a caller's dataset. Deterministic."""
+    sd = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    data = 0 if dataset is None else sum(t.numel() * t.element_size() for t in
+                                         (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test))
+    return PROCESS_ALLOWANCE + 2 * sd + sum(u.numel() * u.element_size() for u in inputs) + data
+
+
 # --------------------------------------------------------------------------- distributed
 
 
@@ -267,7 +279,7 @@ class KernelJobResult:
     seconds: float
     rank: int = 0
     world: int = 1
-    memory_in_use: int = 0  # resident bytes before the first tile (the budget holds tiles beside it)
+    memory_in_use: int = 0  # bytes the plan set aside for the process, model and data (memory_in_use())
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -408,8 +420,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
 
         if run is not None:
             del ds  # the inputs are selected; only the job's own images stay in memory
-        gc.collect()
-        in_use = resident_bytes()
+            gc.collect()
+        in_use = memory_in_use(model, [u1] if sx2 is None else [u1, u2], dataset)
 
         # The tile size and strategy of an existing file are kept (a resume with another budget or
         # disk is the same job); otherwise they come from the budgets.
