@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
                    help="precision of the kernel products (stored as float32; float64 stores float64)")
     g = p.add_argument_group("resources")
     g.add_argument("--budget-gb", type=_positive_float, default=2.0,
-                   help="memory per process for one tile pair; sets the tile size (default: 2)")
+                   help="memory per process (torch, model, data, one tile pair); sets the tile size (default: 2)")
     g.add_argument("--disk-budget-gb", type=_positive_float,
                    help="disk allowed for the Jacobian blocks beside --out (default: half the free space); "
                         "above it they are recomputed per tile pair")

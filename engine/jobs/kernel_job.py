@@ -360,10 +360,11 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     with the run's own dataset and data subset; or from ``model`` (any ``nn.Module``, evaluated in eval
     mode) on ``dataset``. ``x1``/``x2`` are ``"SPLIT:N"``: N seeded (``seed``), class-balanced images
     of that split. ``kernel``: ``full`` (N1·C × N2·C), ``traced``, ``pntk`` (N1 × N2) or ``diagonal``
-    (N, C, C; no ``x2``). ``budget_bytes`` bounds the memory of a tile pair and fixes the tile size
-    (``tile_inputs`` overrides it); ``strategy`` is ``auto`` (store the Jacobian blocks when they fit
-    ``disk_budget_bytes``, default half the free space beside ``out``), ``stored-jacobian`` or
-    ``recompute``. A rerun resumes; a file holding another job is refused unless ``overwrite``.
+    (N, C, C; no ``x2``). ``budget_bytes`` is the process's memory: :func:`memory_in_use` is set aside and
+    the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
+    ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
+    beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
+    is refused unless ``overwrite``.
     ``deterministic`` turns on deterministic algorithms (``engine.set_deterministic``), so that
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
