@@ -19,11 +19,11 @@ from .errors import (
     NonFiniteStateError,
     RunFileError,
 )
-from .jobs import checkpoint_kernels
+from .jobs import checkpoint_kernels, kernel_job
 from .models import MODEL_NAMES, build_model, count_parameters
 from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
 from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products
-from .store import JacobianStore, KernelStore, RunFile, StoreError
+from .store import JacobianStore, KernelStore, RunFile, StoreError, open_kernel
 from .train import TrainConfig, TrainResult, parse_iterations, train
 from .twins import MemberSpec, Perturbation, make_fleet
 
@@ -60,12 +60,14 @@ __all__ = [
     "jacobian",
     "jacobian_to_store",
     "kernel_distance",
+    "kernel_job",
     "kernel_pair_products",
     "load_chaos",
     "load_cifar10",
     "load_dataset",
     "load_synthetic",
     "make_fleet",
+    "open_kernel",
     "pairwise_kernel_distance",
     "parse_iterations",
     "resolve_device",

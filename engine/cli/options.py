@@ -125,6 +125,11 @@ def check_outputs(*, files: Sequence[tuple[str, str | None]] = (),
         d.mkdir(parents=True, exist_ok=True)
 
 
+def _jsonable(o):
+    # NumPy scalars and arrays from file attributes; anything else by its text.
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
 def write_json(path: str | Path, command: str, record: dict) -> None:
     """The ``--json`` summary of every subcommand: one object, ``command`` and ``version`` first.
 
@@ -135,6 +140,7 @@ def write_json(path: str | Path, command: str, record: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"command": command, "version": __version__, **record}, f, indent=2, allow_nan=True)
+        json.dump({"command": command, "version": __version__, **record}, f, indent=2, allow_nan=True,
+                  default=_jsonable)
         f.write("\n")
     os.replace(tmp, path)

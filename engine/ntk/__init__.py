@@ -7,6 +7,7 @@ BatchNorm is always in eval mode. Kernel distance (Fort et al. 2020):
 S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
 """
 
+from ..store import open_kernel  # reader of entk kernel files
 from .distance import (
     DistanceBackend,
     KernelValueError,
@@ -32,6 +33,7 @@ __all__ = [
     "kernel_distance",
     "kernel_gram",
     "num_outputs",
+    "open_kernel",
     "pairwise_kernel_distance",
     "param_groups",
     "parameter_layout",

@@ -4,7 +4,8 @@ from .blockfile import BlockFile, BlockWriter, StoreError
 from .data_record import data_mismatch, data_record, describe_data
 from .jacobian_store import JacobianStore
 from .kernel_store import KernelStore, kernel_name
+from .kernel_tiles import KernelTiles, TiledKernel, open_kernel
 from .runfile import RunFile
 
-__all__ = ["BlockFile", "BlockWriter", "JacobianStore", "KernelStore", "RunFile", "StoreError",
-           "data_mismatch", "data_record", "describe_data", "kernel_name"]
+__all__ = ["BlockFile", "BlockWriter", "JacobianStore", "KernelStore", "KernelTiles", "RunFile", "StoreError",
+           "TiledKernel", "data_mismatch", "data_record", "describe_data", "kernel_name", "open_kernel"]
