@@ -1,9 +1,9 @@
 """The ``entk`` command line (also ``python -m engine``): the top parser, errors and exit codes.
 
 Each subcommand lives in its own module (``train``, ``ntk``, ``chaos``, ``reproduce``, ``data``,
-``ext``, ``kernel``: also ``kernel-predict`` and ``kernel-info``) with an ``add_parser(sub)`` that defines all its flags and a ``run(args)`` that does the
-work; the option groups they share, the up-front output checks and the ``--json`` writer are in
-:mod:`engine.cli.options`.
+``ext``; ``kernel`` also holds ``kernel-predict`` and ``kernel-info``) with an ``add_parser(sub)``
+that defines all its flags and a handler that does the work; the option groups they share, the
+up-front output checks and the ``--json`` writer are in :mod:`engine.cli.options`.
 
 Exit codes: 0 done; 2 usage and input errors (a bad flag, or an engine error about the input:
 every :class:`EngineError` that is not a ``RuntimeError``), printed as one line; 1 runtime

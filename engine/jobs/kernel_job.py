@@ -41,8 +41,7 @@ from ..errors import ConfigError, EngineError, parse_enum
 from ..models import build_model
 from ..ntk import jacobian, num_outputs
 from ..progress import progress as progress_bar
-from ..store import JacobianStore, KernelTiles, StoreError, TiledKernel
-from ..store import RunFile
+from ..store import JacobianStore, KernelTiles, RunFile, StoreError, TiledKernel
 from ..train import TrainConfig
 
 GiB = 2**30
