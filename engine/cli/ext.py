@@ -16,8 +16,10 @@ from .options import add_device, add_json, check_outputs, write_json
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("ext", help="build or inspect the compiled csrc/ extension (fused ops)",
                        description="Build the C++ (and, with a GPU, CUDA) extension ahead of time, or report "
-                                   "which backends of the fused ops can run here. It is otherwise built on "
-                                   "first use; ENTK_EXT=0 disables it, ENTK_EXT_DIR moves its build cache.")
+                                   "which backends of the fused ops can run here. It is built only here or by an "
+                                   "explicit backend='ext' (backend='auto' never compiles: it uses the "
+                                   "extension once built for this torch installation); ENTK_EXT=0 disables "
+                                   "it, ENTK_EXT_DIR moves its build cache.")
     p.add_argument("action", choices=["build", "status"], help="build: compile now; status: report only")
     add_device(p, "auto (CPU, and CUDA if available), cpu, cuda", choices=["auto", "cpu", "cuda"])
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")

@@ -6,7 +6,8 @@
   output, optionally accumulating and producing the traced kernel in the same pass.
 
 Each op has its plain-PyTorch reference next to it (``*_reference``); ``csrc/`` holds the
-compiled extension (:mod:`engine.ops.ext`), built on first use and never required.
+compiled extension (:mod:`engine.ops.ext`), built by ``entk ext build`` or an explicit
+``backend="ext"`` (``auto`` never compiles) and never required.
 """
 
 from .backend import BackendUnavailableError, OpsBackend
