@@ -232,7 +232,14 @@ def _fill_fallback(model: nn.Module, piece: _Piece, blk: _Block, dest: Tensor, v
             jac = vmap(grad(single), in_dims=(None, 0))(params, blk.x)
             jac = {k: t.unsqueeze(1) for k, t in jac.items()}
         else:
-            jac = vmap(jacrev(single), in_dims=(None, 0))(params, blk.x)
+            try:
+                jac = vmap(jacrev(single), in_dims=(None, 0))(params, blk.x)
+            except RuntimeError:
+                # Nested vmap (samples x outputs) trips over a few batching rules (torch 2.14:
+                # PReLU's backward); one vmap level per output works.
+                cols = [vmap(grad(lambda p, xs, j=j: single(p, xs)[j]), in_dims=(None, 0))(params, blk.x)
+                        for j in range(dest.shape[1])]
+                jac = {name: torch.stack([col[name] for col in cols], dim=1) for name in params}
         col = 0
         for e in piece.entries:
             w = e.end - e.start
@@ -464,12 +471,14 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
     rec = _Recorder(s.plan, 1)
     with rec, torch.no_grad():
         _call(s.model, x1)
-    total = 0
-    for call in rec.calls:
-        kk = math.prod(int(d) for d in getattr(call.module, "kernel_size", (1,)))
-        total += 2 * call.y.numel() + kk * call.a.numel() + s.k * call.y.numel()
-    # The batched backward holds K copies of every intermediate gradient at once.
-    total += s.k * sum(c.y.numel() for c in rec.calls)
+    # Held per block: the graph (~2 activations per hooked output) and the K stored output
+    # gradients; transient, one layer at a time: the unfolded patches and the batched
+    # backward's K gradients of the widest activation (twice: input and output of an op).
+    held = sum((2 + s.k) * c.y.numel() for c in rec.calls)
+    patches = max((math.prod(int(d) for d in getattr(c.module, "kernel_size", (1,))) * c.a.numel()
+                   for c in rec.calls), default=0)
+    widest = max((c.y.numel() for c in rec.calls), default=0)
+    total = held + patches + 2 * s.k * widest
     return max(1, total * 4)
 
 
