@@ -23,15 +23,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from tests._random import seeded
 from _tolerance import assert_close_to_torch, rel_err
-from tests.test_jacobian import OddConvNet, OddSeqNet, SharingNet, off_kink_input, randomize_bn
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from engine.errors import ConfigError
 from engine.ntk import entk
 from engine.ntk.onepass import bf16_matrix_unit
+from tests._random import seeded
+from tests.test_jacobian import OddConvNet, OddSeqNet, SharingNet, off_kink_input, randomize_bn
 
 FACTOR = 8.0
 
