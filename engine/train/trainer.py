@@ -70,7 +70,6 @@ def load_momentum(model: torch.nn.Module, opt: torch.optim.Optimizer,
             opt.state[p]["momentum_buffer"] = buffers[name].to(p.device, p.dtype).clone()
 
 
-@torch.no_grad()
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
              lr: float) -> torch.Tensor:
     """One training step at learning rate ``lr``; returns the batch loss (detached, on the device).
@@ -87,6 +86,7 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tenso
     return loss.detach()
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              mean, std, device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on uint8 images ``x``."""
