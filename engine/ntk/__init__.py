@@ -2,7 +2,8 @@
 
 Definitions: for f(x; θ) with C outputs and N inputs, J has N·C rows (row n·C + c
 is ∂f_c(x_n)/∂θ) and P columns (trainable parameters in ``named_parameters``
-order, flattened); H = J Jᵀ. The traced kernel sums the C×C output blocks (N×N).
+order, flattened); H = J Jᵀ. The traced kernel sums the C×C output blocks (N×N); the diagonal kernel
+keeps the per-sample blocks (N, C, C); the pNTK is the kernel of Σ_c f_c/√C (N×N).
 BatchNorm is always in eval mode. Kernel distance (Fort et al. 2020):
 S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
 """
@@ -19,9 +20,12 @@ from .distance import (
 from .gram import KernelKind, gram
 from .jacobian import JacobianBackend, jacobian, parameter_layout
 from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
+from .onepass import EntkKernel, Implementation
 
 __all__ = [
     "DistanceBackend",
+    "EntkKernel",
+    "Implementation",
     "JacobianBackend",
     "KernelKind",
     "KernelValueError",

@@ -15,7 +15,8 @@ Two backends compute the same matrix:
     One forward per block of inputs with hooks on the modules that own the selected
     parameters, one backward per output for each module's per-sample output
     gradient, then closed-form per-sample parameter gradients per layer type
-    (``engine/ntk/_layers.py``: Linear, Conv1d/2d, BatchNorm, LayerNorm, GroupNorm),
+    (``engine/ntk/_layers.py``: Linear, Conv1d/2d, BatchNorm, LayerNorm, GroupNorm,
+    Embedding),
     written straight into J's columns. Parameters without a rule (or used in a way
     a rule cannot see) fall back to the reference backend for just their columns;
     :func:`structured_coverage` says which.
@@ -167,7 +168,8 @@ def _check_x(x: object, dtype: torch.dtype, device: torch.device) -> Tensor:
         raise ConfigError(f"x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ConfigError(f"x must have shape (N, ...) with N >= 1 samples, got shape {tuple(x.shape)}")
-    if x.dtype != dtype:
+    # Integer inputs (token ids) pass untouched; float inputs must match the parameters.
+    if (x.is_floating_point() or x.is_complex()) and x.dtype != dtype:
         raise ConfigError(
             f"x has dtype {x.dtype} but the model's parameters are {dtype}; convert x (e.g. x.to({dtype})) "
             "or the model so they match"

@@ -1,28 +1,37 @@
-"""One-call eNTKs: in memory, by parameter groups (no store), or through a Jacobian store.
+"""One-call eNTKs, and the Jacobian store job.
 
-Three ways to get H = J Jᵀ, chosen by size:
-
-* in memory: the whole ``(N·C, P)`` Jacobian fits the budget → one Jacobian, one Gram;
-* parameter groups (``no-store``): H = Σ_g J_g J_gᵀ over groups of parameters whose
-  columns fit the budget; never more than one group's columns are held;
-* stored: :func:`jacobian_to_store` streams row blocks into a memory-mapped HDF5 file
-  (resumable), then :func:`~engine.ntk.gram.gram` reads it out of core.
+* :func:`entk`: every kernel shape (full, traced, diagonal, pNTK), cross-kernels,
+  parameter subsets and per-layer kernels, in one pass per row block
+  (:mod:`engine.ntk.onepass`): J is never materialised beyond one layer chunk.
+* stored: :func:`jacobian_to_store` streams row blocks of J into a memory-mapped HDF5
+  file (resumable), then :func:`~engine.ntk.gram.gram` reads it out of core.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, parse_enum
+from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
-from .gram import KernelKind, _kind, gram
-from .jacobian import jacobian, parameter_layout
+from .gram import KernelKind
+from .jacobian import (
+    _check_mode,
+    _check_projection,
+    _compute_dtype,
+    _entries,
+    _eval_mode,
+    jacobian,
+    parameter_layout,
+)
+from .onepass import EntkKernel, Implementation, bf16_matrix_unit, onepass_kernel
 
 DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian held at once
 
@@ -73,47 +82,148 @@ def param_groups(model: torch.nn.Module, *, rows: int, budget_bytes: int,
     return groups
 
 
-def entk(model: torch.nn.Module, inputs: torch.Tensor, *, kernel: str | KernelKind = "full",
-         projection: torch.Tensor | None = None, backend: str = "auto",
-         dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
-         ops_backend: str = "auto", force_eval: bool = False, progress: bool | None = False) -> torch.Tensor:
-    """The empirical NTK of ``model`` on ``inputs`` ``(N, ...)``.
+def _as_inputs(x: object, what: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """x as a tuple of tensors batched on dim 0, on the model's device.
 
-    Returns ``(N·C, N·C)`` with row ``n·C + c`` (``kernel="full"``), ``(N, N)``
-    summed over outputs (``kernel="traced"``), or ``(N, N)`` for the single output
-    ``projection · f`` when a ``(C,)`` ``projection`` is given. Accumulates in
-    ``dtype`` (float32 or float64) on the model's device. When the Jacobian does
-    not fit ``budget_bytes`` the kernel is accumulated over parameter groups.
-    ``backend`` picks the Jacobian backend, ``ops_backend`` the Gram tiles' (see :func:`gram`).
+    Integer and bool tensors (token ids, masks) pass untouched. A float tensor of another
+    float dtype than the parameters is refused rather than cast: casting float64 data to a
+    float32 model silently drops precision the caller put in, and the other way round
+    changes the model's arithmetic; the caller decides.
     """
-    kind = _kind(kernel)
-    if model.training and not force_eval:
-        raise ConfigError(f"{type(model).__name__} is in train mode; BatchNorm must use running statistics: "
-                          "call model.eval() or pass force_eval=True")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or not inputs.is_floating_point():
-        raise ConfigError("inputs must be a floating tensor (N, ...) of probe inputs")
-    dev = _device_of(model)
-    inputs = inputs.to(dev)
-    c = 1 if projection is not None else num_outputs(model, inputs)
-    if projection is not None and kind is KernelKind.TRACED:
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    if not xs or not all(isinstance(t, torch.Tensor) for t in xs):
+        got = type(x).__name__ if not isinstance(x, (tuple, list)) else f"a {type(x).__name__} of " + \
+            ", ".join(type(t).__name__ for t in xs)
+        raise ConfigError(f"{what} must be a tensor (N, ...) or a tuple of tensors batched on dim 0, got {got}")
+    n = xs[0].shape[0] if xs[0].dim() else 0
+    for i, t in enumerate(xs):
+        name = what if len(xs) == 1 else f"{what}[{i}]"
+        if t.dim() < 1 or t.shape[0] < 1:
+            raise ConfigError(f"{name} must have shape (N, ...) with N >= 1 samples, got {tuple(t.shape)}")
+        if t.shape[0] != n:
+            raise ConfigError(f"{what}: all tensors must have the same batch size on dim 0, got "
+                              f"{[int(u.shape[0]) for u in xs]}")
+        if (t.is_floating_point() or t.is_complex()) and t.dtype != dtype:
+            raise ConfigError(f"{name} has dtype {t.dtype} but the model's parameters are {dtype}; "
+                              f"pass {name}.to({dtype}) (float inputs are not cast silently)")
+    return tuple(t.detach().to(device) for t in xs)
+
+
+def _probe_outputs(model: torch.nn.Module, x: tuple[torch.Tensor, ...], what: str) -> int:
+    try:
+        with torch.no_grad():
+            y = model(*(t[:1] for t in x))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what} of shape {[tuple(t.shape) for t in x]} does not fit model "
+                          f"{type(model).__name__} (one sample failed: {first})") from exc
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"model {type(model).__name__} must return logits of shape (N, C); got {shape}")
+    return int(y.shape[1])
+
+
+_warned_bf16 = False
+
+
+def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "full",
+         param_names: Iterable[str] | None = None, per_layer: bool = False,
+         compute_dtype: torch.dtype | None = None, budget_bytes: int = DEFAULT_BUDGET,
+         implementation: str | Implementation = "auto", ops_backend: str = "auto", force_eval: bool = False,
+         progress: bool | None = False, projection: torch.Tensor | None = None,
+         dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The empirical NTK of ``model`` at ``x1`` (and ``x2``), computed in one pass per row block.
+
+    Args:
+        model: returns logits (N, C); in eval mode (BatchNorm on running statistics)
+            unless ``force_eval`` (every module switched to eval for the call, then restored).
+        x1, x2: inputs, a tensor (N, ...) of any dtype (integer token ids pass as they
+            are; float inputs must have the parameters' dtype) or a tuple of tensors
+            batched on dim 0 (the model is called as ``model(*x)``). ``x2=None``: the
+            symmetric kernel of x1 (only its upper triangle is computed).
+        kernel: ``"full"`` (N1·C, N2·C), row ``n·C + c``; ``"traced"`` (N1, N2), the
+            sum of the C × C blocks; ``"diagonal"`` (N1, C, C), the per-sample blocks
+            (no cross-sample terms; x2 must be None); ``"pntk"`` (N1, N2), the kernel of
+            the single output Σ_c f_c / √C (one backward per block).
+        param_names: the kernel of these parameters only (see ``parameter_layout``).
+        per_layer: return ``{module name: kernel}`` (the module owning each parameter,
+            as named in ``named_parameters``); the values sum to the full kernel.
+        compute_dtype: ``None`` (the parameters' dtype, float32 or float64) or
+            ``torch.bfloat16``: the Jacobian chunks are rounded to bfloat16 and the Gram
+            products accumulate in float32 (native on CUDA / CPUs with AMX or
+            AVX512-BF16; elsewhere emulated in float32 at float32 speed, with a warning).
+        budget_bytes: bound on the working memory (block data and column chunks, not
+            the result); a budget below what one sample needs is refused up front.
+        implementation: ``"auto"`` (= ``"structured"``: layer rules, torch.func for the
+            rest) or ``"reference"`` (torch.func for every column).
+        ops_backend: accepted for compatibility with :func:`gram`; the one-pass tiles
+            are plain ``torch.mm`` products.
+        projection: v (C,): the kernel of the single output v·f (N1, N2) with
+            ``kernel="full"``.
+        dtype: result dtype (default: float32, or float64 for a float64 model).
+        backend: deprecated name of ``implementation``.
+
+    Returns:
+        The kernel on the model's device, or a dict of per-layer kernels.
+    """
+    global _warned_bf16
+    if backend is not None:
+        warnings.warn("entk(backend=...) is deprecated; use implementation=... (backend= will be removed "
+                      "in the next release)", DeprecationWarning, stacklevel=2)
+        implementation = backend
+    kind = parse_enum(EntkKernel, kernel.value if isinstance(kernel, KernelKind) else kernel, "kernel")
+    impl = parse_enum(Implementation, implementation, "implementation")
+    parse_backend(ops_backend)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    entries = _entries(model, param_names)
+    pdtype, device = _compute_dtype(model, entries)
+    _check_mode(model, force_eval)
+    if compute_dtype is None or compute_dtype == pdtype:
+        bf16 = False
+    elif compute_dtype == torch.bfloat16:
+        if pdtype != torch.float32:
+            raise ConfigError(f"compute_dtype=torch.bfloat16 needs a float32 model, got {pdtype} parameters")
+        bf16 = True
+    else:
+        raise ConfigError(f"compute_dtype must be None, the parameters' dtype ({pdtype}) or torch.bfloat16, "
+                          f"got {compute_dtype}")
+    out_dtype = pdtype if dtype is None else dtype
+    if out_dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {out_dtype}")
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
+        raise ConfigError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    if kind is EntkKernel.DIAGONAL and x2 is not None:
+        raise ConfigError("kernel='diagonal' has no cross-kernel: pass x2=None")
+    if projection is not None and kind is not EntkKernel.FULL:
         raise ConfigError("a projection already gives one output: use kernel='full' (N×N)")
-    rows = inputs.shape[0] * c
-    groups = param_groups(model, rows=rows, budget_bytes=budget_bytes)
-    # J in the model's own precision (a float64 model gives a float64 Jacobian).
-    jdtype = next(model.parameters()).dtype
-    common = {"backend": backend, "projection": projection, "force_eval": force_eval, "dtype": jdtype}
-    if len(groups) == 1:
-        J = jacobian(model, inputs, **common)
-        return gram(J, kernel=kind, num_outputs=c, dtype=dtype, device=dev, budget_bytes=budget_bytes,
-                    backend=ops_backend)
-    m = inputs.shape[0] if kind is KernelKind.TRACED else rows
-    h = torch.zeros(m, m, dtype=dtype, device=dev)
-    for g in progress_bar(groups, desc="eNTK parameter groups", enabled=progress, unit="group"):
-        J = jacobian(model, inputs, param_names=g, **common)
-        gram(J, kernel=kind, num_outputs=c, dtype=dtype, device=dev, out=h, accumulate=True,
-             budget_bytes=budget_bytes, backend=ops_backend)
-        del J
-    return h
+    xs1 = _as_inputs(x1, "x1", pdtype, device)
+    xs2 = None if x2 is None else _as_inputs(x2, "x2", pdtype, device)
+    if bf16 and device.type == "cpu" and not bf16_matrix_unit() and not _warned_bf16:
+        _warned_bf16 = True
+        warnings.warn("this CPU has no bfloat16 matrix unit (no amx_bf16 / avx512_bf16 flag): "
+                      "compute_dtype=bfloat16 is emulated in float32, with bfloat16's error and no speed-up",
+                      RuntimeWarning, stacklevel=2)
+    with _eval_mode(model):
+        c = _probe_outputs(model, xs1, "x1")
+        if xs2 is not None:
+            _probe_outputs(model, xs2, "x2")
+        v = None
+        if projection is not None:
+            v = _check_projection(projection, c, pdtype, device)
+        elif kind is EntkKernel.PNTK:
+            v = torch.full((c,), 1 / math.sqrt(c), dtype=pdtype, device=device)
+        k = 1 if v is not None else c
+        bar = None
+        if progress:
+            def bar(it):
+                return progress_bar(it, desc="eNTK tiles", enabled=progress, unit="tile")
+        out = onepass_kernel(model, xs1, xs2, entries, kind=kind, k=k, v=v, per_layer=per_layer,
+                             implementation=impl, bf16=bf16, dtype=pdtype, budget_bytes=budget_bytes,
+                             progress=bar)
+    if out_dtype != pdtype:
+        out = {key: h.to(out_dtype) for key, h in out.items()} if per_layer else out.to(out_dtype)
+    return out
 
 
 def _first_bad_column(block: torch.Tensor) -> tuple[int, int] | None:
