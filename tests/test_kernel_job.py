@@ -93,7 +93,7 @@ def test_cross_kernel_is_the_block_of_the_joint_kernel(tmp_path, ds):
     assert np.bincount(K.x2_labels, minlength=10).max() == 1  # class-balanced: 9 inputs, 9 classes
 
 
-def test_stored_and_recomputed_jacobian_blocks_give_identical_bits(tmp_path, ds):
+def test_stored_and_recomputed_jacobian_blocks_agree(tmp_path, ds):
     model = tiny_cnn().eval()
     lines = []
     a = kernel_job(tmp_path / "a.h5", model=model, dataset=ds, x1="train:13", kernel="traced", tile_inputs=3,
@@ -101,7 +101,13 @@ def test_stored_and_recomputed_jacobian_blocks_give_identical_bits(tmp_path, ds)
     b = kernel_job(tmp_path / "b.h5", model=model, dataset=ds, x1="train:13", kernel="traced", tile_inputs=3,
                    strategy="recompute", log=lines.append, quiet=True)
     assert a.strategy == "stored-jacobian" and b.strategy == "recompute"
-    assert np.array_equal(a.kernel.file.memmap("tiles"), b.kernel.file.memmap("tiles"))
+    # Stored J blocks are contracted directly; recomputed tiles come from the one-pass engine, which
+    # sums per-layer products in another order: equal to float32's error, not bit for bit.
+    x = _inputs(ds, a.kernel)
+    ref32 = _reference(model, x, "traced")
+    ref64 = _reference(model.double(), x.double(), "traced")
+    for res in (a, b):
+        assert_close_to_torch(torch.from_numpy(res.kernel[:]), ref32, ref64, what=res.strategy)
     assert "5 block Jacobians instead of 25" in a.reason
     assert sum(line.startswith("J blocks: ") for line in lines) == 2
     assert not list(tmp_path.glob("a.h5.jacobian*"))  # removed once every tile was on disk

@@ -39,7 +39,7 @@ from ..data import Dataset, load_dataset, normalize
 from ..determinism import set_deterministic
 from ..errors import ConfigError, EngineError, parse_enum
 from ..models import build_model
-from ..ntk import jacobian, num_outputs
+from ..ntk import entk, jacobian, num_outputs
 from ..progress import progress as progress_bar
 from ..store import JacobianStore, KernelTiles, RunFile, StoreError, TiledKernel
 from ..train import TrainConfig
@@ -148,18 +148,22 @@ def _tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Ker
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
 
-    MERGE (lead): once engine-12's one-pass ``engine.ntk.entk(model, x1, x2=None, *, kernel=...,
-    compute_dtype=..., budget_bytes=...)`` is on main, replace this body by
-    ``h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes)``
-    (for ``kind is DIAGONAL``: ``entk(model, xa, kernel="diagonal", ...).reshape(len(xa), -1)``), returned in
-    float32 (float64 when ``compute_dtype`` is float64), keeping the exact-symmetry line for ``xb is None``.
-    Nothing else in this module computes a tile from the model.
+    float32 and bfloat16 tiles come from the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel
+    for ``xb``); float64 from float64 Jacobian blocks (the one-pass engine computes in the
+    parameters' dtype). Nothing else in this module computes a tile from the model.
     """
-    del budget_bytes  # the one-pass engine bounds its own memory with it
-    c = num_outputs(model, xa)
-    ja = _jacobian_block(model, xa, kind, c)
-    jb = None if xb is None else _jacobian_block(model, xb, kind, c)
-    return _contract(ja, jb, kind, c, compute_dtype)
+    if compute_dtype == torch.float64:
+        c = num_outputs(model, xa)
+        ja = _jacobian_block(model, xa, kind, c)
+        jb = None if xb is None else _jacobian_block(model, xb, kind, c)
+        return _contract(ja, jb, kind, c, compute_dtype)
+    h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
+             dtype=torch.float32)
+    if kind is KernelKind.DIAGONAL:
+        return h.reshape(len(xa), -1)
+    if xb is None:  # the diagonal tile of a symmetric kernel: exactly symmetric, from its upper triangle
+        h = torch.triu(h) + torch.triu(h, 1).T
+    return h
 
 
 # --------------------------------------------------------------------------- planning

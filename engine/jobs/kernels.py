@@ -124,7 +124,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             run.load_into(model, it)
             model.eval()
             t0 = time.perf_counter()
-            h = entk(model, x, kernel=kernel, backend=backend, dtype=dtype, budget_bytes=budget_bytes,
+            h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
                      ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
             seconds[it] = time.perf_counter() - t0
             if not torch.isfinite(h).all():
