@@ -21,13 +21,10 @@ import warnings
 import torch
 
 from engine.data import load_dataset
+from engine.jobs import probe_set
 from engine.models import build_model
-from engine.ntk import entk, pairwise_kernel_distance, probe_set
-
-try:  # RunFile moves from engine.train to engine.store
-    from engine.store import RunFile
-except ImportError:
-    from engine.train import RunFile
+from engine.ntk import entk, pairwise_kernel_distance
+from engine.store import RunFile
 
 
 def main() -> None:

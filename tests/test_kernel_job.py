@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -105,7 +106,7 @@ def test_stored_and_recomputed_jacobian_blocks_agree(tmp_path, ds):
     # sums per-layer products in another order: equal to float32's error, not bit for bit.
     x = _inputs(ds, a.kernel)
     ref32 = _reference(model, x, "traced")
-    ref64 = _reference(model.double(), x.double(), "traced")
+    ref64 = _reference(copy.deepcopy(model).double(), x.double(), "traced")
     for res in (a, b):
         assert_close_to_torch(torch.from_numpy(res.kernel[:]), ref32, ref64, what=res.strategy)
     assert "5 block Jacobians instead of 25" in a.reason
@@ -199,7 +200,8 @@ def test_sigkill_mid_job_then_rerun_is_bit_identical(tmp_path, ds):
 
 def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, capsys):
     from engine.models import build_model
-    from engine.train import RunFile, TrainConfig
+    from engine.store import RunFile
+    from engine.train import TrainConfig
 
     small = load_synthetic(200, 100)
     # (engine.jobs.kernel_job names the function there; the module is in sys.modules)

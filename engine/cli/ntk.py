@@ -33,15 +33,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--probe-split", default="test", choices=["test", "train"],
                    help="which split the probe images come from (default: test)")
     p.add_argument("--out", required=True, metavar="KERNELS.h5", help="output HDF5 file (see docs/FORMAT.md)")
-    p.add_argument("--kernel", default="full", choices=["full", "traced"],
-                   help="full: (N*C)x(N*C) with row n*C+c; traced: NxN summed over the C outputs")
+    p.add_argument("--kernel", default="full", choices=["full", "traced", "diagonal", "pntk"],
+                   help="full: (N*C)x(N*C) with row n*C+c; traced: NxN summed over the C outputs; diagonal: the "
+                        "per-sample CxC blocks, stored (N*C)xC; pntk: NxN kernel of sum_c f_c/sqrt(C)")
+    p.add_argument("--params", metavar="NAME,...",
+                   help="the kernel of these parameters only (names as in model.named_parameters(); default: all)")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the layer products and Gram tiles (bfloat16: float32 accumulation, "
+                        "float32 kernel; default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "structured", "reference"],
                    help="Jacobian backend: structured (fast per-layer rules) or reference (torch.func)")
     p.add_argument("--ops-backend", default="auto", choices=["auto", "torch", "triton", "ext"],
                    help="fused Gram tiles and kernel inner products: torch (reference), triton, ext (csrc/), auto")
     p.add_argument("--float64", action="store_true", help="accumulate the Gram in float64 (default: float32)")
     p.add_argument("--budget-gb", type=float, default=2.0,
-                   help="memory for Jacobian blocks; larger Jacobians are done by parameter groups (default: 2)")
+                   help="memory for the eNTK's working set (per-layer Jacobian chunks, tiles); a budget too small "
+                        "for one sample is refused before any work (default: 2)")
     add_device(p)
     add_data_root(p, "CIFAR-10 location if it moved since training")
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-CIFAR-10 cache directory")
@@ -66,6 +73,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     res = checkpoint_kernels(args.run, args.out, iterations=its, probe=args.probe, probe_seed=args.probe_seed,
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,
+                             param_names=None if not args.params else [n.strip() for n in args.params.split(",")],
+                             compute_dtype=torch.bfloat16 if args.compute_dtype == "bfloat16" else None,
                              ops_backend=args.ops_backend,
                              dtype=torch.float64 if args.float64 else torch.float32,
                              device=resolve_device(args.device), budget_bytes=int(args.budget_gb * 2**30),
@@ -85,6 +94,7 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, "ntk", {
             "run": str(args.run), "out": str(args.out), "kernel": args.kernel, "size": size,
+            "params": args.params or "all", "compute_dtype": args.compute_dtype,
             "probe": args.probe, "probe_seed": args.probe_seed, "probe_split": args.probe_split,
             "iterations": list(its), "computed": sorted(res.seconds),
             "seconds_per_kernel": {str(k): v for k, v in res.seconds.items()},

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..data import Dataset, normalize
-from ..errors import ConfigError, RunFileError
+from ..errors import ConfigError, RunFileError, parse_enum
 from ..models import build_model
-from ..ntk import distance_from_gram, entk, kernel_gram, num_outputs, probe_hash
+from ..ntk import EntkKernel, distance_from_gram, entk, kernel_gram, num_outputs, parameter_layout, probe_hash
 from ..ntk.kernel import DEFAULT_BUDGET
 from ..progress import progress as progress_bar
 from ..store import KernelStore, RunFile, data_mismatch, data_record, kernel_name
@@ -62,6 +62,7 @@ def _check_ops_backend(ops_backend: str, device: torch.device) -> None:
 def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Sequence[int] | None = None,
                        probe: int = 100, probe_seed: int = 0, probe_split: str = "test",
                        kernel: str = "full", backend: str = "auto", dtype: torch.dtype = torch.float32,
+                       param_names: Sequence[str] | None = None, compute_dtype: torch.dtype | None = None,
                        store_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                        budget_bytes: int = DEFAULT_BUDGET, data_root: str | None = None,
                        cache_dir=None, overwrite: bool = False, quiet: bool = False,
@@ -71,9 +72,13 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     The probes are drawn from the run's own data: the dataset and subset it was trained
     on (reloaded from its config, from ``data_root`` if the data moved, or ``dataset``),
     refused unless its fingerprint is the one the run file records.
-    ``backend`` picks the Jacobian backend; ``ops_backend`` the fused Gram tiles and the
+    ``kernel`` is any of :func:`engine.ntk.entk`'s shapes (``full``, ``traced``, ``diagonal``:
+    stored as ``(N·C, C)``, row ``n·C + c``, ``pntk``), of the parameters ``param_names`` (all by
+    default), computed in ``compute_dtype`` (``torch.bfloat16`` for the bfloat16 mode).
+    ``backend`` picks the Jacobian implementation; ``ops_backend`` the fused Gram tiles and the
     all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``).
     """
+    kernel = parse_enum(EntkKernel, kernel, "kernel").value
     _check_ops_backend(ops_backend, torch.device(device))  # before any long work
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
@@ -110,12 +115,18 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     model = build_model(cfg.model, num_classes=ds.num_classes).to(device).eval()
     x = x.to(device)
     c = num_outputs(model, x)
-    size = probe if kernel == "traced" else probe * c
+    if param_names is not None:
+        parameter_layout(model, param_names)  # unknown or frozen names: one line, before any work
+        param_names = list(param_names)
+    size = probe if kernel in ("traced", "pntk") else probe * c
+    shape = (probe * c, c) if kernel == "diagonal" else (size, size)
     job = {"run": str(Path(run_path).resolve().name), "model": cfg.model, "probe": probe,
            "probe_seed": probe_seed, "probe_split": probe_split, "probe_hash": probe_hash(x.cpu()),
-           "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype)}
+           "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype),
+           "params": "all" if param_names is None else param_names,
+           "compute_dtype": str(compute_dtype or "params")}
     store = KernelStore.create_for(out, job=job, iterations=iterations, size=size, dtype=store_dtype,
-                                   data=data, overwrite=overwrite)
+                                   data=data, overwrite=overwrite, shape=shape)
     seconds: dict[int, float] = {}
     todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False)) if not ok]
     with store.writer() as w:
@@ -125,7 +136,9 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             model.eval()
             t0 = time.perf_counter()
             h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
+                     param_names=param_names, compute_dtype=compute_dtype,
                      ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
+            h = h.reshape(shape)
             seconds[it] = time.perf_counter() - t0
             if not torch.isfinite(h).all():
                 raise ConfigError(f"the eNTK of checkpoint {it} contains NaN/Inf (diverged weights?); "
@@ -134,7 +147,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
             w.mark_complete(k)
         prev = store.distances()
         if prev is None:
-            g = kernel_gram(store.kernels(), symmetric=True, budget_bytes=budget_bytes, device=device,
+            g = kernel_gram(store.kernels(), symmetric=kernel != "diagonal", budget_bytes=budget_bytes, device=device,
                             backend=ops_backend,
                             progress=None if not quiet else False)
             dist = distance_from_gram(g)

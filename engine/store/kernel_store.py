@@ -31,13 +31,17 @@ class KernelStore(BlockFile):
     @classmethod
     def create_for(cls, path: str | Path, *, job: Mapping, iterations: Sequence[int], size: int,
                    dtype: torch.dtype = torch.float32, data: Mapping | None = None,
-                   overwrite: bool = False) -> KernelStore:
+                   overwrite: bool = False, shape: Sequence[int] | None = None) -> KernelStore:
         iterations = [int(i) for i in iterations]
         if len(set(iterations)) != len(iterations):
             raise StoreError(f"checkpoint iterations must be unique, got {iterations}")
         t = len(iterations)
+        # Square (size, size) kernels, or another stored shape (the diagonal kernel's (N·C, C) blocks).
+        shape = (size, size) if shape is None else tuple(int(d) for d in shape)
         job = {**job, "iterations": iterations, "size": size, "dtype": str(dtype)}
-        datasets = {kernel_name(i): ((size, size), dtype) for i in iterations}
+        if shape != (size, size):
+            job["shape"] = list(shape)
+        datasets = {kernel_name(i): (shape, dtype) for i in iterations}
         datasets["kernel_gram"] = ((t, t), torch.float64)
         datasets["distance"] = ((t, t), torch.float64)
         attrs = {kernel_name(i): {"iteration": i, "model": str(job.get("model", "")),
