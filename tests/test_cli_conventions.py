@@ -141,3 +141,35 @@ def test_chaos_json_and_deprecated_summary(tmp_path, capsys):
     assert {(r["t0"], r["t1"], r["member"]) for r in rec["records"]} == {(0, 2, "perturbed"), (0, 2, "control")}
     # --json is the name; given both, they must agree.
     assert main([*args, "--json", str(tmp_path / "other.json"), "--summary", str(js)]) == 2
+
+
+@pytest.mark.parametrize("kernel,shape", [("diagonal", (40, 10)), ("pntk", (4, 4)), ("traced", (4, 4))])
+def test_ntk_kernel_shapes_params_and_bf16(kernel, shape, tiny_run, tmp_path):
+    """entk ntk stores each of entk's kernel shapes, of a parameter subset, in bfloat16 compute mode too,
+    and what it stores is entk's kernel of that checkpoint."""
+    import torch
+
+    from engine.jobs import probe_set
+    from engine.models import build_model
+    from engine.ntk import entk
+    from engine.store import KernelStore
+    from engine.train import TrainConfig, prepare_data
+
+    run = RunFile(tiny_run / "run.h5")
+    cfg = TrainConfig.from_dict(run.config)
+    model = build_model(cfg.model).eval()
+    run.load_into(model, 4)
+    x, _ = probe_set(prepare_data(cfg, quiet=True), 4)
+    params = "conv3.weight,fc.weight,fc.bias"
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{kernel}-{dtype}.h5"
+        argv = ["ntk", "--run", str(tiny_run / "run.h5"), "--checkpoints", "0,4", "--probe", "4", "--kernel", kernel,
+                "--compute-dtype", dtype, "--params", params, "--device", "cpu", "--quiet", "--out", str(out)]
+        assert main(argv) == 0
+        got = torch.from_numpy(KernelStore(out).kernel(4).copy())
+        assert tuple(got.shape) == shape
+        want = entk(model, x, kernel=kernel, param_names=params.split(","),
+                    compute_dtype=torch.bfloat16 if dtype == "bfloat16" else None).reshape(shape)
+        assert torch.equal(got, want.float()), f"{kernel} {dtype}: the stored kernel is not entk's"
+    assert main(["ntk", "--run", str(tiny_run / "run.h5"), "--probe", "4", "--params", "no.such", "--quiet",
+                 "--out", str(tmp_path / "bad.h5")]) == 2
