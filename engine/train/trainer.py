@@ -70,7 +70,6 @@ def load_momentum(model: torch.nn.Module, opt: torch.optim.Optimizer,
             opt.state[p]["momentum_buffer"] = buffers[name].to(p.device, p.dtype).clone()
 
 
-@torch.no_grad()
 def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
              lr: float) -> torch.Tensor:
     """One training step at learning rate ``lr``; returns the batch loss (detached, on the device).
