@@ -293,8 +293,8 @@ def _ints(s: str, flag: str) -> list[int]:
 
 
 def _cmd_chaos(args) -> int:
-    from .analysis import ChaosConfig, run_chaos, write_summary
     from .determinism import resolve_device
+    from .jobs import ChaosConfig, run_chaos, write_summary
 
     t0, t1 = _ints(args.t0, "--t0"), _ints(args.t1, "--t1")
     if args.steps is None:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis import ChaosConfig, ChaosStore, load_chaos, run_chaos
 from engine.cli import main
 from engine.data import BatchStream, load_synthetic
 from engine.errors import ConfigError
+from engine.jobs import ChaosConfig, load_chaos, run_chaos
 from engine.models import build_model
-from engine.store import StoreError
+from engine.store import ChaosStore, StoreError
 from engine.train import RunFile, TrainConfig, train
 from engine.twins import MemberSpec, Perturbation, ZeroPerturbationError, make_fleet, perturb_model_
 
@@ -176,7 +176,7 @@ def test_chaos_grid_records_and_noise_floor(tmp_path, ds):
 
 def test_chaos_resume_after_interruption_is_bit_identical(tmp_path, ds, monkeypatch):
     full = run_chaos(_chaos(t1=[2, 6, 12]), tmp_path / "a.h5", dataset=ds, quiet=True)
-    import engine.analysis.chaos as chaos_mod
+    import engine.jobs.chaos as chaos_mod
 
     real = chaos_mod._measure
     calls = {"n": 0}

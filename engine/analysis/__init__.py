@@ -1,20 +1,9 @@
-"""Experiments and analyses built on the engine: the Chaos Effect grid and the Cone Effect analysis."""
+"""Analyses of stored results: the Chaos Effect grid and transition, the Cone Effect of a kernel trajectory."""
 
-from .chaos import (
-    FIELDS,
-    ChaosConfig,
-    ChaosResult,
-    ChaosStore,
-    chaos_grid,
-    chaos_transition_of,
-    load_chaos,
-    run_chaos,
-    write_summary,
-)
+from .chaos import chaos_grid, chaos_transition, chaos_transition_of
 from .cone import (
     ConeAnalysis,
     analyze_cone,
-    chaos_transition,
     classical_mds,
     cosine_matrix,
     half_angle,
@@ -25,10 +14,6 @@ from .cone import (
 )
 
 __all__ = [
-    "FIELDS",
-    "ChaosConfig",
-    "ChaosResult",
-    "ChaosStore",
     "ConeAnalysis",
     "analyze_cone",
     "chaos_grid",
@@ -37,11 +22,8 @@ __all__ = [
     "classical_mds",
     "cosine_matrix",
     "half_angle",
-    "load_chaos",
     "load_cone",
     "reference_curves",
-    "run_chaos",
     "suffix_half_angles",
     "velocity_curves",
-    "write_summary",
 ]

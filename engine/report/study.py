@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..analysis import ChaosConfig, chaos_transition_of, load_chaos, load_cone, run_chaos, write_summary
+from ..analysis import chaos_transition_of, load_cone
 from ..errors import ConfigError
+from ..jobs import ChaosConfig, load_chaos, run_chaos, write_summary
 from ..ntk import checkpoint_kernels
 from ..train import TrainConfig, train
 from .document import write_report

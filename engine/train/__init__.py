@@ -4,6 +4,7 @@ from .config import TrainConfig
 from .runfile import RunFile
 from .schedule import SCHEDULES, lr_at, lr_table, parse_iterations
 from .trainer import TrainResult, evaluate, load_momentum, make_optimizer, momentum_state, sgd_step, train
+from .trainer import prepare_data as prepare_data
 
 __all__ = [
     "SCHEDULES",
