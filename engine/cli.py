@@ -179,6 +179,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
                    help="fleet execution: loop (one model per twin) or vmap (stacked); "
                         "auto: vmap on CUDA, loop on CPU")
+    g.add_argument("--trace-every", type=int, default=10, metavar="K",
+                   help="record every twin's L2 distance and 1-cos to the base every K steps (0: off; default 10)")
     g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
     g.add_argument("--summary", metavar="CHAOS.json",
                    help="also write a JSON summary with one record per (t0, t1, member)")
@@ -204,6 +206,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t1", metavar="LIST", help="chaos comparison iterations (default: the preset's)")
     p.add_argument("--eps", type=float, help="perturbation size (default: 1e-7)")
     p.add_argument("--eval-n", type=int, metavar="N", help="images in the chaos metric subsets (default: preset's)")
+    p.add_argument("--seeds", metavar="LIST", help="repeat the study for these seeds (init, data order, perturbation)")
+    p.add_argument("--trace-every", type=int, metavar="K", help="divergence trace spacing in steps (default: preset's)")
+    p.add_argument("--window", type=int, metavar="D", help="growth-rate window after each t0 (default: preset's)")
+    p.add_argument("--schedule", choices=["constant", "multistep"], help="learning-rate schedule (default: preset's)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     _add_data_args(p)
     # Embedded default: real CIFAR-10 when --data-root is given, else synthetic data (the report says which).
@@ -302,7 +308,7 @@ def _cmd_chaos(args) -> int:
     cfg = ChaosConfig(train=_train_config(args, []), t0=t0, t1=t1, eps=args.eps, norm=args.norm,
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
-                      strategy=args.strategy).validate()
+                      strategy=args.strategy, trace_every=args.trace_every).validate()
     res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,
                     quiet=args.quiet, cache_dir=args.cache_dir)
     if args.summary:
@@ -326,11 +332,14 @@ def _cmd_reproduce(args) -> int:
     from .determinism import resolve_device
     from .report import reproduce
 
-    lists = {k: _ints(getattr(args, k), f"--{k}") if getattr(args, k) else None for k in ("checkpoints", "t0", "t1")}
+    lists = {k: _ints(getattr(args, k), f"--{k}") if getattr(args, k) else None
+             for k in ("checkpoints", "t0", "t1", "seeds")}
     data = args.data or ("cifar10" if args.data_root else "synthetic")
     reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
               cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
-              eval_n=args.eval_n, eps=args.eps, device=resolve_device(args.device), quiet=args.quiet, **lists)
+              n_test=args.n_test, subset_seed=args.subset_seed, eval_n=args.eval_n, eps=args.eps,
+              trace_every=args.trace_every, window=args.window, schedule=args.schedule,
+              device=resolve_device(args.device), quiet=args.quiet, **lists)
     return 0
 
 

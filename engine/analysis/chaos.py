@@ -10,6 +10,15 @@ on, whose value is at or below the geometric interpolation, a fraction frac (def
 value ≤ exp((1 − frac)·log(early) + frac·log(late)). Only finite positive values count;
 with fewer than two of them, or no decrease from the early to the late level, there is
 no transition (None).
+
+Growth rates (growth_rate, growth_rates, growth_transition). The chaos job records each
+twin's L2 distance d(t0, t) to the base every few steps (the divergence trace). The
+finite-time growth rate λ(t0) is the least-squares slope of log d over the fixed window
+[t0, t0 + Δ] (per iteration; d ∝ exp(λ t)); growth_rate_grid gives it over [t0, t1] for
+each t1. Unlike a comparison at one absolute t1, a fixed window gives every t0 the same
+time to diverge. The growth transition is the first t0, from the one with the largest λ
+on, with λ(t0) ≤ 0: from there on a perturbation no longer grows over Δ steps. None when
+perturbations grow at every t0 of the grid.
 """
 
 from __future__ import annotations
@@ -71,3 +80,95 @@ def chaos_grid(records: Sequence[dict], field_name: str, member: str = "perturbe
         if r["member"] == member:
             m[t0s.index(r["t0"]), t1s.index(r["t1"])] = r[field_name]
     return t0s, t1s, m
+
+
+# --------------------------------------------------------------------------- growth of the divergence
+
+
+def _perturbed_traces(traces: Sequence[dict], field_name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    if field_name not in ("l2", "dissimilarity"):
+        raise ConfigError(f"trace field must be 'l2' or 'dissimilarity', got {field_name!r}")
+    out = {}
+    for r in traces:
+        if r["member"] == "perturbed":
+            out[int(r["t0"])] = (np.asarray(r["t"], dtype=np.float64), np.asarray(r[field_name], dtype=np.float64))
+    return dict(sorted(out.items()))
+
+
+def growth_curves(traces: Sequence[dict], field_name: str = "l2") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The growth curve d(t0, t) of every perturbed twin: ``{t0: (t, d)}`` from the summary's ``trace``."""
+    return _perturbed_traces(traces, field_name)
+
+
+def growth_rate(t, d, start: float, end: float) -> float:
+    """Finite-time growth rate: the least-squares slope of log d against t over start ≤ t ≤ end.
+
+    Per iteration (d grows like exp(λ t)). Only finite positive d count; NaN with fewer
+    than two such points or when the points do not reach ``end`` (the window is cut off).
+    """
+    t, d = np.asarray(t, dtype=np.float64), np.asarray(d, dtype=np.float64)
+    if t.shape != d.shape:
+        raise ConfigError(f"{len(t)} trace times but {len(d)} values; they must match")
+    if not end > start:
+        raise ConfigError(f"the growth window must have end > start, got [{start}, {end}]")
+    ok = (t >= start) & (t <= end) & np.isfinite(d) & (d > 0)
+    if ok.sum() < 2 or t[ok].max() < end:
+        return float("nan")
+    x, y = t[ok], np.log(d[ok])
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def growth_rates(traces: Sequence[dict], window: int, field_name: str = "l2") -> dict[int, float]:
+    """λ(t0): the growth rate of each perturbed twin over the fixed window [t0, t0 + window]."""
+    if int(window) != window or window < 1:
+        raise ConfigError(f"the growth window must be a positive number of iterations, got {window}")
+    return {t0: growth_rate(t, d, t0, t0 + window) for t0, (t, d) in _perturbed_traces(traces, field_name).items()}
+
+
+def growth_rate_grid(traces: Sequence[dict], t1s: Sequence[int], field_name: str = "l2"
+                     ) -> tuple[list[int], list[int], np.ndarray]:
+    """λ over the windows [t0, t1] ending at each t1: (t0 values, t1 values, matrix) with NaN where t1 ≤ t0."""
+    curves = _perturbed_traces(traces, field_name)
+    t1s = sorted(int(t) for t in t1s)
+    m = np.full((len(curves), len(t1s)), np.nan)
+    for i, (t0, (t, d)) in enumerate(curves.items()):
+        for j, t1 in enumerate(t1s):
+            if t1 > t0:
+                m[i, j] = growth_rate(t, d, t0, t1)
+    return list(curves), t1s, m
+
+
+def window_values(traces: Sequence[dict], window: int, field_name: str = "l2") -> dict[int, float]:
+    """The metric at the fixed window t1 = t0 + window (log-linear between trace points; NaN past the end)."""
+    out = {}
+    for t0, (t, d) in _perturbed_traces(traces, field_name).items():
+        target = t0 + window
+        ok = np.isfinite(d) & (d > 0)
+        if not ok.any() or t[ok].max() < target or t[ok].min() > target:
+            out[t0] = float("nan")
+            continue
+        out[t0] = float(np.exp(np.interp(target, t[ok], np.log(d[ok]))))
+    return out
+
+
+def growth_transition(t0s, rates, *, stop: float = 0.0) -> int | None:
+    """The first t0, from the one with the largest growth rate on, whose λ(t0) ≤ ``stop``.
+
+    Where perturbations stop growing over the window (``stop = 0``: d(t0 + Δ) no larger than
+    d(t0) in the least-squares sense). NaN rates are skipped; None when no t0 qualifies
+    (perturbations grow at every t0 of the grid) or with fewer than two finite rates.
+    """
+    t0 = np.asarray(t0s, dtype=np.float64).ravel()
+    v = np.asarray(rates, dtype=np.float64).ravel()
+    if t0.shape != v.shape:
+        raise ConfigError(f"{len(t0)} t0 values but {len(v)} growth rates; they must match")
+    ok = np.isfinite(v) & np.isfinite(t0)
+    t0, v = t0[ok], v[ok]
+    if len(v) < 2:
+        return None
+    order = np.argsort(t0, kind="stable")
+    t0, v = t0[order], v[order]
+    start = int(np.argmax(v))
+    hit = np.flatnonzero(v[start:] <= stop)
+    return int(t0[start + hit[0]]) if len(hit) else None

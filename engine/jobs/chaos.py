@@ -7,6 +7,12 @@ parameter dissimilarity, loss barrier on fixed train and test subsets, predictio
 disagreement. The control's numbers are the run's noise floor (exactly 0 in
 deterministic mode on the CPU).
 
+Divergence traces: every ``trace_every`` steps each spawned member's distance to the
+base (L2, 1 − cos and its own norm) is recorded on the device into a preallocated
+tensor (:meth:`~engine.twins.Fleet.trace_into`, no host synchronisation) and written
+with each t₁ unit; :mod:`engine.analysis.chaos` turns them into growth curves and
+finite-time growth rates.
+
 Output: an ``entk-chaos`` HDF5 file (docs/FORMAT.md); unit u is the metrics at
 ``t1[u]``; the whole fleet state at the last completed t₁ is kept in one of two
 alternating slots, so a killed job resumes bit-identically.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +32,7 @@ import torch
 
 from ..data import BatchStream, Dataset, normalize
 from ..determinism import set_deterministic
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineError
 from ..metrics import disagreement, loss_barrier, param_dissimilarity
 from ..models import build_model
 from ..progress import progress as progress_bar
@@ -35,6 +42,14 @@ from ..twins import NORMS, Fleet, MemberSpec, Perturbation, ZeroPerturbationErro
 
 FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
           "acc_base", "acc_member")
+TRACE_FIELDS = ("l2", "dissimilarity", "norm")
+# A perturbation must change at least this fraction of the non-zero (trained) parameters in their
+# dtype; one that lands only on exactly-zero parameters (biases at init) is gone after a step.
+MIN_CHANGED_FRACTION = 1e-3
+
+
+class ChaosDivergedError(EngineError, RuntimeError):
+    """A member of the chaos fleet (or the base) has non-finite parameters."""
 
 
 @dataclass
@@ -55,6 +70,7 @@ class ChaosConfig:
     alphas: int = 11
     bn: str = "interpolate"
     strategy: str = "auto"
+    trace_every: int = 10
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ChaosConfig:
@@ -78,7 +94,16 @@ class ChaosConfig:
             raise ConfigError(f"bn must be 'interpolate' or 'recompute', got {self.bn!r}")
         if self.eval_train < 1 or self.eval_test < 1:
             raise ConfigError("eval_train and eval_test must be >= 1")
+        if isinstance(self.trace_every, bool) or int(self.trace_every) != self.trace_every or self.trace_every < 0:
+            raise ConfigError(f"trace_every must be an integer >= 0 (0: no traces), got {self.trace_every!r}")
         return self
+
+    def trace_iterations(self) -> list[int]:
+        """Iterations of the divergence trace: every ``trace_every`` steps from 0, and every t0 and t1."""
+        if not self.trace_every:
+            return []
+        end = self.t1[-1]
+        return sorted(set(range(0, end + 1, self.trace_every)) | set(self.t1) | {t for t in self.t0 if t <= end})
 
     def members(self) -> list[MemberSpec]:
         specs = [MemberSpec("base", None), MemberSpec("control", self.t0[0], None)]
@@ -124,6 +149,21 @@ class ChaosResult:
     realized: np.ndarray         # (K, 3)
     resumed_from: int | None
     wall_s: float
+    trace_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # (n,)
+    trace: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3)))       # (n, K, 3) NaN before spawn
+    used: dict = field(default_factory=dict)   # eval subset sizes actually used, data fingerprint
+
+    def traces(self) -> list[dict]:
+        """One record per spawned member: ``t``, ``l2``, ``dissimilarity`` from its t0 on (recorded points)."""
+        out = []
+        for k, spec in enumerate(self.members):
+            if spec.t0 is None or not len(self.trace_t):
+                continue
+            ok = (self.trace_t >= spec.t0) & np.isfinite(self.trace[:, k, 0])
+            out.append({"member": spec.kind, "name": spec.name, "t0": spec.t0,
+                        "t": self.trace_t[ok].tolist(), "l2": self.trace[ok, k, 0].tolist(),
+                        "dissimilarity": self.trace[ok, k, 1].tolist()})
+        return out
 
     def records(self) -> list[dict]:
         """One record per (t0, t1, member) with t1 >= t0, for the JSON summary."""
@@ -148,7 +188,8 @@ class ChaosResult:
                 "members": [{"name": s.name, "kind": s.kind, "t0": s.t0,
                              "requested": float(self.realized[k, 0]), "realized_l2": float(self.realized[k, 1]),
                              "realized_linf": float(self.realized[k, 2])} for k, s in enumerate(self.members)],
-                "noise_floor": self.noise_floor(), "records": self.records()}
+                "noise_floor": self.noise_floor(), "used": self.used, "records": self.records(),
+                "trace": self.traces()}
 
     def noise_floor(self) -> float:
         """Largest control-vs-base L2 distance over all t₁ (0.0 when deterministic)."""
@@ -158,8 +199,17 @@ class ChaosResult:
         return float(col.max()) if len(col) else float("nan")
 
 
-def _eval_sets(ds: Dataset, cfg: ChaosConfig, device) -> dict:
+def _eval_sizes(ds: Dataset, cfg: ChaosConfig, quiet: bool) -> tuple[int, int]:
+    """The metric subset sizes, clamped to the data; a clamp is said, and the used sizes recorded."""
     n_tr, n_te = min(cfg.eval_train, len(ds.y_train)), min(cfg.eval_test, len(ds.y_test))
+    if (n_tr, n_te) != (cfg.eval_train, cfg.eval_test) and not quiet:
+        print(f"entk chaos: note: the metric subsets use {n_tr} train / {n_te} test images (asked for "
+              f"{cfg.eval_train} / {cfg.eval_test}; the data has {len(ds.y_train)} / {len(ds.y_test)})",
+              file=sys.stderr)
+    return n_tr, n_te
+
+
+def _eval_sets(ds: Dataset, n_tr: int, n_te: int, cfg: ChaosConfig, device) -> dict:
     sub = ds.subset(n_tr, n_te, seed=cfg.eval_seed)
     return {"train": (normalize(sub.x_train.to(device), ds.mean, ds.std), sub.y_train.to(device)),
             "test": (normalize(sub.x_test.to(device), ds.mean, ds.std), sub.y_test.to(device))}
@@ -193,12 +243,25 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
     fleet = make_fleet(model, tcfg, stream, specs, strategy=cfg.strategy)
     layout = _state_layout(fleet)
     nbytes = int(_pack(fleet, 0).numel())
+    n_tr, n_te = _eval_sizes(ds, cfg, quiet)
+    trace_t = np.array(cfg.trace_iterations(), dtype=np.int64)
+    fingerprint = ds.fingerprint
     job = {**cfg.to_dict(), "strategy": fleet.strategy.value, "device_type": dev.type,
-           "members": [s.name for s in specs], "fields": list(FIELDS), "dataset": ds.describe()}
-    store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets={
-        "metrics": ((len(cfg.t1), k, len(FIELDS)), torch.float64),
-        "realized": ((k, 3), torch.float64),
-        "slot0": ((k, nbytes), torch.uint8), "slot1": ((k, nbytes), torch.uint8)})
+           "members": [s.name for s in specs], "fields": list(FIELDS), "dataset": ds.describe(),
+           "data_fingerprint": fingerprint, "data_source": ds.source, "data_subset": ds.meta.get("subset"),
+           "eval_used": [n_tr, n_te], "trace_fields": list(TRACE_FIELDS)}
+    if Path(out).exists() and not overwrite:
+        _check_same_data(out, job)
+    datasets = {"metrics": ((len(cfg.t1), k, len(FIELDS)), torch.float64),
+                "realized": ((k, 3), torch.float64),
+                "slot0": ((k, nbytes), torch.uint8), "slot1": ((k, nbytes), torch.uint8)}
+    if len(trace_t):
+        datasets["trace_t"] = ((len(trace_t),), torch.int64)
+        datasets["trace"] = ((len(trace_t), k, len(TRACE_FIELDS)), torch.float64)
+    store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets=datasets)
+    # The trace lives on the device for the whole run; it is copied out only with each t1 unit.
+    trace = torch.full((len(trace_t), k, len(TRACE_FIELDS)), float("nan"), dtype=torch.float64, device=dev)
+    trace_row = {int(t): j for j, t in enumerate(trace_t)}
     metrics = np.full((len(cfg.t1), k, len(FIELDS)), np.nan)
     realized = np.zeros((k, 3))
     done = store.complete
@@ -211,12 +274,14 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
         realized[:] = np.array(store.memmap("realized"))
         slot = torch.from_numpy(np.array(store.memmap(f"slot{u % 2}")))
         start = resumed_from = cfg.t1[u]
+        if len(trace_t):
+            trace.copy_(torch.from_numpy(np.array(store.memmap("trace"))).to(dev))
         for i, spec in enumerate(specs):
             st, mom = _unpack(slot[i], layout)
             fleet.load(i, {n: v.to(dev) for n, v in st.items()}, {n: v.to(dev) for n, v in mom.items()})
             fleet.spawned[i] = spec.t0 is None or spec.t0 <= start
     template = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
-    sets = _eval_sets(ds, cfg, dev)
+    sets = _eval_sets(ds, n_tr, n_te, cfg, dev)
     t1_index = {t: u for u, t in enumerate(cfg.t1)}
     t_end = cfg.t1[-1]
     t_start = time.perf_counter()
@@ -231,20 +296,23 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
                     if spec.t0 == t:
                         info = fleet.spawn(i)
                         realized[i] = [info["requested"], info["realized_l2"], info["realized_linf"]]
-                        if spec.kind == "perturbed" and info["realized_l2"] == 0 and not cfg.allow_zero:
-                            raise ZeroPerturbationError(
-                                f"the perturbation of member {spec.name} (eps={cfg.eps}, norm={cfg.norm}) rounds to "
-                                f"zero in {next(iter(fleet.state(0).values())).dtype}; use a larger eps or another "
-                                f"norm, or allow it explicitly (--allow-zero). Results for t1 < {t} are kept in "
-                                f"{out}")
+                        if spec.kind == "perturbed" and not cfg.allow_zero:
+                            _check_perturbation(spec, info, cfg, fleet, t, out)
+                if t in trace_row:
+                    fleet.trace_into(trace, trace_row[t])
                 if t in t1_index:
                     u = t1_index[t]
+                    _check_finite(fleet, specs, t, trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None,
+                                  trace_t)
                     base = fleet.state(0)
                     for i in range(1, k):
                         if fleet.spawned[i]:
                             metrics[u, i] = _measure(template, base, fleet.state(i), sets, cfg)
                     w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
                     w.write("realized", 0, torch.from_numpy(realized))
+                    if len(trace_t):
+                        w.write("trace_t", 0, torch.from_numpy(trace_t))
+                        w.write("trace", 0, trace.cpu())
                     w.write(f"slot{u % 2}", 0, torch.stack([_pack(fleet, i) for i in range(k)]))
                     w.mark_complete(u)
                     ctrl = metrics[u, 1, FIELDS.index("l2")]
@@ -252,7 +320,61 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
             if t < t_end:
                 fleet.step(t)
     return ChaosResult(store=store, config=cfg, members=specs, metrics=metrics, realized=realized,
-                       resumed_from=resumed_from, wall_s=time.perf_counter() - t_start)
+                       resumed_from=resumed_from, wall_s=time.perf_counter() - t_start, trace_t=trace_t,
+                       trace=trace.cpu().numpy(), used=_used(job))
+
+
+def _used(job: dict) -> dict:
+    return {"eval_train": job.get("eval_used", [None, None])[0], "eval_test": job.get("eval_used", [None, None])[1],
+            "data_fingerprint": job.get("data_fingerprint"), "data_source": job.get("data_source"),
+            "data_subset": job.get("data_subset")}
+
+
+def _check_same_data(out, job: dict) -> None:
+    """A resumed job must see the same data: one line naming both fingerprints (and sources)."""
+    try:
+        old = ChaosStore(out).job
+    except Exception:  # not a chaos file, or damaged: open_or_create gives its own one-line error
+        return
+    if old.get("data_fingerprint") != job["data_fingerprint"]:
+        raise ConfigError(
+            f"{out} was computed on other data: it holds {old.get('data_fingerprint')} "
+            f"({old.get('data_source')}, subset {old.get('data_subset')}), this run has {job['data_fingerprint']} "
+            f"({job['data_source']}, subset {job['data_subset']}); pass the same data or --overwrite")
+
+
+def _check_perturbation(spec: MemberSpec, info: dict, cfg: ChaosConfig, fleet: Fleet, t: int, out) -> None:
+    """Refuse a perturbation that does not change the trained (non-zero) parameters in their dtype."""
+    frac = info["changed_nonzero"] / max(info["nonzero"], 1)
+    if info["realized_l2"] > 0 and frac >= MIN_CHANGED_FRACTION:
+        return
+    dtype = next(iter(fleet.state(0).values())).dtype
+    raise ZeroPerturbationError(
+        f"the perturbation of member {spec.name} (eps={cfg.eps}, norm={cfg.norm}) rounds to zero in {dtype} on "
+        f"the trained parameters: it changes {info['changed_nonzero']} of {info['nonzero']} non-zero values "
+        f"(needs {MIN_CHANGED_FRACTION:.1%}; {info['changed']} of {info['coords']} coordinates in all); use a "
+        f"larger eps or another norm, or allow it explicitly (--allow-zero). Results for t1 < {t} are kept in {out}")
+
+
+def _check_finite(fleet: Fleet, specs: list[MemberSpec], t: int, trace: np.ndarray | None, trace_t) -> None:
+    """Name the member that diverged and when (to within the trace spacing) before measuring anything."""
+    for i, spec in enumerate(specs):
+        if not fleet.spawned[i]:
+            continue
+        st = fleet.state(i)
+        if all(bool(torch.isfinite(v).all()) for v in st.values() if v.is_floating_point()):
+            continue
+        who = "the base run" if spec.t0 is None else f"member {spec.name}"
+        when = f"before iteration {t}"
+        if trace is not None:
+            bad = np.flatnonzero(~np.isfinite(trace[:, i, 2]) & (trace_t[:len(trace)] >= (spec.t0 or 0)))
+            if len(bad):
+                j = int(bad[0])
+                when = (f"between iterations {int(trace_t[j - 1])} and {int(trace_t[j])}" if j > 0
+                        else f"by iteration {int(trace_t[j])}")
+        loss = float(fleet.last_loss[i])
+        raise ChaosDivergedError(f"{who} diverged {when}: its parameters are not finite (last batch loss {loss:.3g}); "
+                                 f"lower the learning rate")
 
 
 def write_summary(result: ChaosResult, path: str | Path) -> None:
@@ -269,6 +391,14 @@ def load_chaos(path: str | Path) -> ChaosResult:
     names = {f.name for f in dataclasses.fields(ChaosConfig)} - {"train"}
     cfg = ChaosConfig(train=TrainConfig.from_dict(job["train"]), **{n: job[n] for n in names if n in job})
     metrics = np.array(store.memmap("metrics"))
-    metrics[~store.complete] = np.nan
+    done = store.complete
+    metrics[~done] = np.nan
+    trace_t, trace = np.zeros(0, np.int64), np.zeros((0, metrics.shape[1], 3))
+    if "trace" in store.datasets and done.any():
+        trace_t = np.array(cfg.trace_iterations(), dtype=np.int64)
+        trace = np.array(store.memmap("trace"))
+        last = cfg.t1[int(np.nonzero(done)[0].max())]
+        trace[trace_t > last] = np.nan
     return ChaosResult(store=store, config=cfg, members=cfg.members(), metrics=metrics,
-                       realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"))
+                       realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"),
+                       trace_t=trace_t, trace=trace, used=_used(job))
