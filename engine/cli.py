@@ -210,6 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-every", type=int, metavar="K", help="divergence trace spacing in steps (default: preset's)")
     p.add_argument("--window", type=int, metavar="D", help="growth-rate window after each t0 (default: preset's)")
     p.add_argument("--schedule", choices=["constant", "multistep"], help="learning-rate schedule (default: preset's)")
+    p.add_argument("--analyse-only", action="store_true", help="compute nothing; analyse and report what DIR holds")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     _add_data_args(p)
     # Embedded default: real CIFAR-10 when --data-root is given, else synthetic data (the report says which).
@@ -339,6 +340,7 @@ def _cmd_reproduce(args) -> int:
               cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
               n_test=args.n_test, subset_seed=args.subset_seed, eval_n=args.eval_n, eps=args.eps,
               trace_every=args.trace_every, window=args.window, schedule=args.schedule,
+              analyse_only=args.analyse_only,
               device=resolve_device(args.device), quiet=args.quiet, **lists)
     return 0
 

@@ -101,3 +101,12 @@ def test_study_guards_decay_in_window_warns_and_two_seeds_give_a_spread():
     assert "cannot be attributed to the training dynamics" in words and "[300, 450]" in words
     assert "first or last point of its grid" in words
     assert guard_sentences({**record, "lr_changes": [], "transitions": [spread]}) == []
+
+
+def test_a_window_that_ends_between_trace_points_still_counts():
+    tr = [_trace(4, 0.03, 300, 5)]   # points 4, 9, ..., 104, 109: the window [4, 104] ends on one
+    ts = (4, 10, 20, 100, 110)
+    tr2 = [{**tr[0], "t": list(ts), "l2": [1e-7 * math.exp(0.03 * (t - 4)) for t in ts]}]
+    assert growth_rates(tr, 100)[4] == pytest.approx(0.03, rel=1e-9)
+    assert growth_rates(tr2, 100)[4] == pytest.approx(0.03, rel=1e-9)   # [4, 104] has no point at 104
+    assert math.isnan(growth_rates(tr2, 200)[4])                          # the trace stops at 110

@@ -104,15 +104,16 @@ def growth_rate(t, d, start: float, end: float) -> float:
     """Finite-time growth rate: the least-squares slope of log d against t over start ≤ t ≤ end.
 
     Per iteration (d grows like exp(λ t)). Only finite positive d count; NaN with fewer
-    than two such points or when the points do not reach ``end`` (the window is cut off).
+    than two such points or when the trace stops before ``end`` (the window is cut off).
     """
     t, d = np.asarray(t, dtype=np.float64), np.asarray(d, dtype=np.float64)
     if t.shape != d.shape:
         raise ConfigError(f"{len(t)} trace times but {len(d)} values; they must match")
     if not end > start:
         raise ConfigError(f"the growth window must have end > start, got [{start}, {end}]")
-    ok = (t >= start) & (t <= end) & np.isfinite(d) & (d > 0)
-    if ok.sum() < 2 or t[ok].max() < end:
+    fin = np.isfinite(d)
+    ok = (t >= start) & (t <= end) & fin & (d > 0)
+    if ok.sum() < 2 or not fin.any() or t[fin].max() < end:  # too few points, or the trace stops short
         return float("nan")
     x, y = t[ok], np.log(d[ok])
     x = x - x.mean()

@@ -97,7 +97,10 @@ def _blocks(record: dict, per: dict) -> list[tuple]:
                    ("chaos grid", f"t0 = {ch['t0']}, t1 = {ch['t1']}, eps = {ch['eps']} ({ch['norm']} norm), "
                                   f"metrics on {used.get('eval_train', ch['eval_train'])} train / "
                                   f"{used.get('eval_test', ch['eval_test'])} test images; divergence traced every "
-                                  f"{ch['trace_every']} steps; growth window {win} steps"),
+                                  f"{ch['trace_every']} steps; growth window {win} steps"
+                                  + (f"; **the grid was cut short: completed up to t1 = "
+                                     f"{record['chaos_completed_t1']} of {max(ch['t1'])}**"
+                                     if record.get("chaos_completed_t1", max(ch["t1"])) < max(ch["t1"]) else "")),
                    ("final accuracy", acc)]),
         ("h2", "Hardware and time"),
         ("table", [("stage", "seconds")] + [(k, f"{v:.1f}") for k, v in record["times_s"].items()]
@@ -125,7 +128,7 @@ def _blocks(record: dict, per: dict) -> list[tuple]:
         blocks.append(("p", f"No transition was found by: {', '.join(none)} (on this grid, in this run)."))
     growth = record.get("growth", {})
     t0s = sorted(int(k) for k in growth[str(seeds[0])]["rates"]) if growth else []
-    last_t1 = max(ch["t1"])
+    last_t1 = record.get("chaos_completed_t1", max(ch["t1"]))
     rows = [("t0", f"growth rate over [t0, t0+{win}] (1/iteration)", f"dissimilarity at t0+{win}",
              f"dissimilarity at t1 = {last_t1}")]
     for t0 in t0s:
