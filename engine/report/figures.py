@@ -11,6 +11,7 @@ Every function draws on a fresh ``matplotlib.figure.Figure`` rendered by the Agg
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -320,11 +321,13 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
 def _band(ax, x, ys, color, label, *, geometric: bool = False, marker: str = "o-"):
     """Mean over seeds (geometric for log quantities) with a min–max band; ``ys`` is (seeds, len(x))."""
     ys = np.asarray(ys, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # columns that are NaN for every seed stay NaN
         mid = np.exp(np.nanmean(np.log(ys), axis=0)) if geometric else np.nanmean(ys, axis=0)
+        lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
     ax.plot(x, mid, marker, ms=3, color=color, label=label)
     if len(ys) > 1:
-        ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=color, alpha=0.2, lw=0)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
 
 
 def _mark_transitions(ax, transitions, rules) -> None:
