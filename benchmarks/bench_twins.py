@@ -7,6 +7,11 @@ Groups ``fleet-K<k>`` for K = 1, 2, 4, 8 (every member spawned, i.e. all K compu
 * ``vmap``: the fleet's vmap strategy (stacked parameters, one batched step), eager;
 * ``vmap-graph`` (CUDA only): the vmap step captured in a CUDA graph.
 
+Group ``chaos-traces-<model>``: one whole chaos grid (``run_chaos``: a base, a control and
+four twins, 60 steps, metrics at two t1) without divergence traces (``trace_every=0``, the
+reference) and with them every 10 steps and every step; the ratio is the traces' cost
+(the target: under 5% of the step time at the default spacing).
+
 Throughput = K × batch / step time (images/s summed over members); the ratio table
 compares each with ``sequential``. Targets on an H200 (resnet20, batch 128): fleet of
 8 ≥ 3x sequential, graph ≥ 1.3x eager. The model is resnet20 (cnn on CPU when
@@ -96,3 +101,26 @@ def test_fleet_step(benchmark, data, device, k, impl):
                                 items_per_call=k * BATCH, device=str(device), model=MODEL)
     rounds = 3 if device.type == "cpu" else 30
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("every", [0, 10, 1])
+def test_chaos_grid_traces(benchmark, data, device, tmp_path, every):
+    from engine.jobs import ChaosConfig, run_chaos
+
+    benchmark.group = f"chaos-traces-{MODEL}"
+    set_deterministic(True)
+    steps = 60
+    cfg = ChaosConfig(train=TrainConfig(model=MODEL, steps=steps, batch_size=BATCH, lr=0.05, checkpoints=[]),
+                      t0=[0, 5, 10, 20], t1=[30, steps], eps=1e-3, eval_train=128, eval_test=100, alphas=3,
+                      trace_every=every)
+    n = {"i": 0}
+
+    def call():
+        n["i"] += 1
+        run_chaos(cfg, tmp_path / f"c{n['i']}.h5", dataset=data, device=device, quiet=True)
+        sync(device)
+
+    benchmark.extra_info.update(role="reference" if every == 0 else "engine", unit="member-steps",
+                                items_per_call=2 * steps + sum(steps - t for t in cfg.t0), device=str(device),
+                                model=MODEL, trace_every=every)
+    benchmark.pedantic(call, rounds=3 if device.type == "cpu" else 5, warmup_rounds=1, iterations=1)

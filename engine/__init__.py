@@ -7,7 +7,6 @@ the ``ntk`` loops hand their tiles to; ``ops`` imports nothing above ``errors``)
 ``metrics`` / ``analysis`` → ``jobs`` (jobs that read and write files) → ``report``.
 """
 
-from .analysis import ChaosConfig, load_chaos, run_chaos
 from .data import BatchStream, Dataset, load_cifar10, load_dataset, load_synthetic
 from .determinism import resolve_device, set_deterministic
 from .errors import (
@@ -19,7 +18,7 @@ from .errors import (
     NonFiniteStateError,
     RunFileError,
 )
-from .jobs import checkpoint_kernels, kernel_job
+from .jobs import ChaosConfig, checkpoint_kernels, kernel_job, load_chaos, run_chaos
 from .models import MODEL_NAMES, build_model, count_parameters
 from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
 from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products

@@ -24,7 +24,7 @@ def _load(path: str) -> dict:
     if path.endswith(".json"):
         with open(path) as f:
             return json.load(f)
-    from engine.analysis import load_chaos
+    from engine.jobs import load_chaos
 
     return load_chaos(path).summary()
 

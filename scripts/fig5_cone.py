@@ -37,7 +37,7 @@ def _chaos_records(path: str) -> list[dict]:
     if path.endswith(".json"):
         with open(path) as f:
             return json.load(f)["records"]
-    from engine.analysis import load_chaos
+    from engine.jobs import load_chaos
 
     return load_chaos(path).records()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.analysis.chaos import chaos_transition
 from engine.analysis.cone import (
     analyze_cone,
-    chaos_transition,
     classical_mds,
     half_angle,
     reference_curves,

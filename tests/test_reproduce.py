@@ -5,60 +5,117 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
+
 from engine.cli import main
 
 SHORT = ["reproduce", "--preset", "cpu-small", "--data", "synthetic", "--n-train", "2000", "--steps", "60",
-         "--checkpoints", "0,1,2,3,5,8,12,20,30,45,60", "--probe", "8", "--t0", "0,5,30", "--t1", "30,60",
-         "--eval-n", "100", "--device", "cpu", "--quiet"]
+         "--checkpoints", "0,1,2,3,5,8,12,20,30,45,60", "--probe", "8", "--t0", "0,5,10,30", "--t1", "20,40",
+         "--eval-n", "100", "--device", "cpu", "--quiet", "--seeds", "0,1", "--window", "10",
+         "--trace-every", "2", "--schedule", "multistep"]  # decays at 30 and 45: the report must warn
 
 
 def test_reproduce_writes_every_promised_file_and_resumes(tmp_path, capsys):
     out = tmp_path / "study"
     assert main([*SHORT, "--out", str(out)]) == 0
-    for name in ("run.h5", "kernels.h5", "chaos.h5", "chaos.json", "study.json", "report.md", "report.html"):
+    for s in (0, 1):
+        for name in ("run.h5", "kernels.h5", "chaos.h5", "chaos.json"):
+            assert (out / f"seed{s}" / name).stat().st_size > 0, name
+    for name in ("study.json", "report.md", "report.html"):
         assert (out / name).stat().st_size > 0, name
-    for fig in ("fig3_chaos", "fig4_kernel_distance", "fig5_cone"):
+    figs = ("fig3_chaos", "fig4_kernel_distance", "fig5_cone", "fig6_growth", "fig7_kernels")
+    for fig in figs:
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 5000, f"{fig}.{ext}"
     md = (out / "report.md").read_text()
-    for needle in ("Figure 3", "Figure 4", "Figure 5", "figures/fig3_chaos.png", "figures/fig4_kernel_distance.png",
-                   "figures/fig5_cone.png", "noise floor", "cone transition", "chaos transition", "synthetic",
-                   "Hardware and time"):
+    for needle in ("Figure 3", "Figure 4", "Figure 5", "Figure 6", "Figure 7", "figures/fig6_growth.png",
+                   "Noise floor", "chaos_growth", "chaos_dissimilarity", "cone", "synthetic", "Hardware and time",
+                   "cannot be attributed to the training dynamics", "[30, 45]"):
         assert needle in md, needle
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+    assert page.count("data:image/png;base64,") == len(figs) and "<table>" in page
     rec = json.loads((out / "study.json").read_text())
-    assert rec["estimates"]["noise_floor"] == 0.0
-    assert set(rec["times_s"]) >= {"train", "ntk", "chaos", "analysis"}
+    assert rec["estimates"]["noise_floor"] == 0.0 and rec["lr_changes"] == [30, 45] and rec["seeds"] == [0, 1]
+    trans = {t["rule"]: t for t in rec["transitions"]}
+    assert set(trans) == {"cone", "chaos_dissimilarity", "chaos_window", "chaos_growth"}
+    for t in trans.values():
+        assert set(t) >= {"iteration", "spread", "coincides_with_lr_change", "at_grid_edge", "per_seed"}
+        assert len(t["per_seed"]) == 2
+        if sum(v is not None for v in t["per_seed"]) == 2:
+            assert t["spread"] is not None  # two seeds give a spread
+    chaos = json.loads((out / "seed0" / "chaos.json").read_text())
+    traces = [r for r in chaos["trace"] if r["member"] == "perturbed"]
+    assert len(traces) == 4 and all(set(r) >= {"t", "l2", "dissimilarity"} for r in traces)
+    assert all(v == 0.0 for r in chaos["trace"] if r["member"] == "control" for v in r["l2"])
+    assert set(rec["kernels"]["0"]) >= {"alignment", "top_eigenvalues", "effective_rank", "distance_to_final"}
+    assert set(rec["times_s"]) >= {"seed0/train", "seed0/ntk", "seed0/chaos", "seed1/chaos", "analysis"}
     first_times = dict(rec["times_s"])
     # Rerun: every stage resumes (nothing recomputed), the report is rewritten identically.
     capsys.readouterr()
     assert main([*SHORT, "--out", str(out)]) == 0
     rec2 = json.loads((out / "study.json").read_text())
-    assert rec2["estimates"] == rec["estimates"]
+    assert rec2["estimates"] == rec["estimates"] and rec2["transitions"] == rec["transitions"]
     for stage in ("train", "ntk", "chaos"):
-        assert rec2["times_s"][stage] == first_times[stage], stage
+        assert rec2["times_s"][f"seed0/{stage}"] == first_times[f"seed0/{stage}"], stage
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--steps", "0", "--steps must be a positive integer"),
+    ("--probe", "0", "--probe must be a positive integer"),
+    ("--eval-n", "0", "--eval-n must be a positive integer"),
+    ("--n-test", "0", "--n-test must be a positive integer"),
+    ("--seeds", "1,1", "--seeds must be distinct"),
+    ("--window", "5000", "no growth window"),
+])
+def test_reproduce_refuses_meaningless_flags_in_one_line(tmp_path, capsys, flag, value, match):
+    assert main(["reproduce", "--out", str(tmp_path / "s"), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "s" / "seed0").exists()
+
+
+def test_reproduce_honours_n_test_and_subset_seed(tmp_path, monkeypatch):
+    """--n-test and --subset-seed reach every run of the study (they used to be dropped)."""
+    import engine.report.study as study
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append((cfg.n_test, cfg.subset_seed, cfg.seed))
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(study, "train", fake_train)
+    assert main(["reproduce", "--out", str(tmp_path / "s"), "--n-test", "300", "--subset-seed", "7", "--quiet"]) == 130
+    assert seen == [(300, 7, 0)]
 
 
 def test_presets_are_valid_studies():
-    """Both presets give consistent schedules without running anything."""
-    import pytest
-
+    """Both presets give consistent, confound-free schedules without running anything."""
     from engine.errors import ConfigError
-    from engine.report import preset
+    from engine.report import lr_changes, preset
     from engine.report.study import log_schedule
+    from engine.train import TrainConfig
 
     small = preset("cpu-small")
-    assert small.model == "cnn" and small.steps == 600 and small.checkpoints[0] == 0
-    assert small.checkpoints[-1] == 600 and max(small.t1) == 600 and max(small.t0) < 600
+    assert small.model == "cnn" and small.schedule == "constant" and small.checkpoints[0] == 0
+    assert small.checkpoints[-1] == small.steps and max(small.t1) <= small.steps and max(small.t0) < max(small.t1)
+    assert len(small.t0) >= 8 and len(small.t1) >= 6 and len(small.seeds) >= 2
+    assert max(small.t0) + small.window <= max(small.t1)          # every window fits in the grid
+    ratios = [b / a for a, b in itertools.pairwise(small.t0[1:])]
+    assert min(ratios) >= 1.5                                      # log-spaced
+    assert lr_changes(TrainConfig(steps=small.steps, schedule=small.schedule)) == []
     paper = preset("gpu-paper")
     assert paper.model == "resnet20" and paper.steps == 62_400 and paper.n_train is None  # 160 epochs, all data
+    decay = lr_changes(TrainConfig(steps=paper.steps, schedule=paper.schedule, milestones=paper.milestones))
+    assert decay == [31_200, 46_800]
+    assert max(paper.t1) < decay[0] and max(paper.t0) + paper.window < decay[0]  # crosses the first phase early
+    assert len(paper.t0) >= 8 and len(paper.t1) >= 6
     ck = paper.checkpoints
     assert ck == sorted(set(ck)) and ck[:11] == list(range(11)) and ck[-1] == 62_400
     gaps = [b - a for a, b in itertools.pairwise(ck[10:])]
     assert gaps[-1] > 100 * gaps[0]  # log-spaced: the last gap is far wider than the first
     short = preset("gpu-paper", model="vgg16", steps=2000)
-    assert short.model == "vgg16" and max(short.t1) == 2000 and all(t < 2000 for t in short.t0)
+    assert short.model == "vgg16" and max(short.t1) <= 2000 and all(t < 2000 for t in short.t0)
     assert log_schedule(5) == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="preset"):
         preset("tpu-huge")

@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis import ChaosConfig, ChaosStore, load_chaos, run_chaos
 from engine.cli import main
 from engine.data import BatchStream, load_synthetic
 from engine.errors import ConfigError
+from engine.jobs import FIELDS, ChaosConfig, load_chaos, run_chaos
+from engine.jobs.chaos import ChaosDivergedError
 from engine.models import build_model
-from engine.store import RunFile, StoreError
+from engine.store import ChaosStore, RunFile, StoreError
 from engine.train import TrainConfig, train
 from engine.twins import MemberSpec, Perturbation, ZeroPerturbationError, make_fleet, perturb_model_
+
+FIELDS_IDX = {f: i for i, f in enumerate(FIELDS)}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,7 @@ def test_chaos_grid_records_and_noise_floor(tmp_path, ds):
 
 def test_chaos_resume_after_interruption_is_bit_identical(tmp_path, ds, monkeypatch):
     full = run_chaos(_chaos(t1=[2, 6, 12]), tmp_path / "a.h5", dataset=ds, quiet=True)
-    import engine.analysis.chaos as chaos_mod
+    import engine.jobs.chaos as chaos_mod
 
     real = chaos_mod._measure
     calls = {"n": 0}
@@ -264,3 +267,68 @@ def test_cuda_vmap_fleet_control_zero_graph_matches_eager(ds, graph):
     for k in range(len(SPECS)):
         a, b = eager.state(k), other.state(k)
         assert all(torch.equal(a[n], b[n]) for n in a), f"member {k}: graph replay differs from eager"
+
+
+# -- divergence traces and the defects of issue 11 ------------------------------------------
+
+def test_traces_match_the_metrics_and_the_control_stays_exactly_zero(tmp_path, ds):
+    res = run_chaos(_chaos(trace_every=3), tmp_path / "t.h5", dataset=ds, quiet=True)
+    assert res.trace_t.tolist() == [0, 3, 6, 9, 12]
+    ctrl = next(k for k, s in enumerate(res.members) if s.kind == "control")
+    assert (res.trace[:, ctrl, :2] == 0).all()                      # l2 and 1 - cos exactly 0
+    l2, dis = FIELDS_IDX["l2"], FIELDS_IDX["dissimilarity"]
+    for u, t1 in enumerate(res.config.t1):
+        j = res.trace_t.tolist().index(t1)
+        for k, s in enumerate(res.members):
+            if s.t0 is not None and s.t0 <= t1:
+                assert res.trace[j, k, 0] == pytest.approx(res.metrics[u, k, l2], rel=1e-9, abs=0)
+                assert res.trace[j, k, 1] == pytest.approx(res.metrics[u, k, dis], rel=1e-6, abs=0)
+    late = next(k for k, s in enumerate(res.members) if s.t0 == 6)
+    assert np.isnan(res.trace[:2, late]).all()                      # not spawned yet
+    summary = res.summary()
+    tr = {r["name"]: r for r in summary["trace"]}
+    assert tr["t0=6"]["t"] == [6, 9, 12] and len(tr["t0=6"]["l2"]) == 3 and tr["control"]["l2"] == [0.0] * 5
+    loaded = load_chaos(tmp_path / "t.h5")
+    np.testing.assert_array_equal(loaded.trace, res.trace)
+    assert summary["used"]["data_fingerprint"] == ds.fingerprint
+
+
+def test_vmap_traces_equal_loop_traces_on_the_same_states(ds):
+    cfg = _cfg()
+    fleets = [_fleet(ds, cfg, SPECS, s) for s in ("loop", "vmap")]
+    out = []
+    for f in fleets:
+        buf = torch.full((2, len(SPECS), 3), float("nan"), dtype=torch.float64)
+        for k in range(1, 3):
+            f.spawn(k)
+        f.trace_into(buf, 1)
+        out.append(buf)
+    torch.testing.assert_close(out[0], out[1], equal_nan=True)
+    assert torch.isnan(out[0][0]).all() and torch.isnan(out[0][1, 3]).all() and (out[0][1, 1, :2] == 0).all()
+
+
+def test_a_perturbation_that_only_hits_zero_parameters_is_refused(tmp_path, ds):
+    # 1e-30 in L2 moves the exactly-zero biases but no trained (non-zero) weight in float32.
+    with pytest.raises(ZeroPerturbationError, match=r"changes 0 of \d+ non-zero values"):
+        run_chaos(_chaos(eps=1e-30, t0=[0], t1=[2, 4]), tmp_path / "z.h5", dataset=ds, quiet=True)
+    res = run_chaos(_chaos(eps=1e-30, t0=[0], t1=[2], allow_zero=True), tmp_path / "z2.h5", dataset=ds, quiet=True)
+    assert res.realized[2, 1] > 0   # it did move something (the zeros), which is why the old guard passed
+
+
+def test_resumed_chaos_job_refuses_other_data(tmp_path, ds):
+    run_chaos(_chaos(t1=[2, 6]), tmp_path / "d.h5", dataset=ds, quiet=True)
+    other = load_synthetic(640, 200, seed=4)
+    with pytest.raises(ConfigError, match=r"other data: it holds b2:\w+ .* this run has b2:\w+"):
+        run_chaos(_chaos(t1=[2, 6]), tmp_path / "d.h5", dataset=other, quiet=True)
+
+
+def test_diverged_member_is_named_with_its_iteration(tmp_path, ds):
+    cfg = _chaos(train=_cfg(steps=12, n_train=None, lr=1e5, schedule="constant"), t0=[0], t1=[12], trace_every=2)
+    with pytest.raises(ChaosDivergedError, match=r"the base run diverged (between iterations \d+ and \d+|by)"):
+        run_chaos(cfg, tmp_path / "n.h5", dataset=ds, quiet=True)
+
+
+def test_eval_subsets_larger_than_the_data_are_said_and_recorded(tmp_path, ds, capsys):
+    res = run_chaos(_chaos(eval_test=5000, t1=[6]), tmp_path / "e.h5", dataset=ds, quiet=False)
+    assert "use 64 train / 200 test images (asked for 64 / 5000" in capsys.readouterr().err
+    assert res.summary()["used"]["eval_test"] == 200

@@ -1,20 +1,19 @@
-"""Experiments and analyses built on the engine: the Chaos Effect grid and the Cone Effect analysis."""
+"""Analyses of stored results: the Chaos Effect grid and transition, the Cone Effect of a kernel trajectory."""
 
 from .chaos import (
-    FIELDS,
-    ChaosConfig,
-    ChaosResult,
-    ChaosStore,
     chaos_grid,
+    chaos_transition,
     chaos_transition_of,
-    load_chaos,
-    run_chaos,
-    write_summary,
+    growth_curves,
+    growth_rate,
+    growth_rate_grid,
+    growth_rates,
+    growth_transition,
+    window_values,
 )
 from .cone import (
     ConeAnalysis,
     analyze_cone,
-    chaos_transition,
     classical_mds,
     cosine_matrix,
     half_angle,
@@ -23,25 +22,30 @@ from .cone import (
     suffix_half_angles,
     velocity_curves,
 )
+from .kernel_stats import centred_alignment, effective_rank, label_gram, spectrum, traced
 
 __all__ = [
-    "FIELDS",
-    "ChaosConfig",
-    "ChaosResult",
-    "ChaosStore",
     "ConeAnalysis",
     "analyze_cone",
+    "centred_alignment",
     "chaos_grid",
     "chaos_transition",
     "chaos_transition_of",
     "classical_mds",
     "cosine_matrix",
+    "effective_rank",
+    "growth_curves",
+    "growth_rate",
+    "growth_rate_grid",
+    "growth_rates",
+    "growth_transition",
     "half_angle",
-    "load_chaos",
+    "label_gram",
     "load_cone",
     "reference_curves",
-    "run_chaos",
+    "spectrum",
     "suffix_half_angles",
+    "traced",
     "velocity_curves",
-    "write_summary",
+    "window_values",
 ]

@@ -1,295 +1,70 @@
-"""The Chaos Effect experiment (arXiv 2505.13900, Fig. 3) as one resumable job.
+"""Chaos Effect analysis (arXiv 2505.13900, Fig. 3) of the chaos grid's records
+(:mod:`engine.jobs.chaos` writes them): the (t0, t1) grids of a metric and the chaos transition.
 
-One base run; at each t₀ a member is spawned from the base with a perturbation of
-size ε; one control member is spawned with ε = 0 at the earliest t₀. All train on
-the same batches. At each t₁ every spawned member is compared with the base:
-parameter dissimilarity, loss barrier on fixed train and test subsets, prediction
-disagreement. The control's numbers are the run's noise floor (exactly 0 in
-deterministic mode on the CPU).
+Transition rule (the Chaos Effect, chaos_transition). Given one chaos metric per
+perturbation time t0 (e.g. the twins' parameter dissimilarity at the last compared
+iteration t1), the early level is the largest value and the late level the value at
+the last t0. The chaos transition is the first t0, from the one with the largest value
+on, whose value is at or below the geometric interpolation, a fraction frac (default
+0.5) of the way from the early to the late level in log space:
+value ≤ exp((1 − frac)·log(early) + frac·log(late)). Only finite positive values count;
+with fewer than two of them, or no decrease from the early to the late level, there is
+no transition (None).
 
-Output: an ``entk-chaos`` HDF5 file (docs/FORMAT.md); unit u is the metrics at
-``t1[u]``; the whole fleet state at the last completed t₁ is kept in one of two
-alternating slots, so a killed job resumes bit-identically.
+Growth rates (growth_rate, growth_rates, growth_transition). The chaos job records each
+twin's L2 distance d(t0, t) to the base every few steps (the divergence trace). The
+finite-time growth rate λ(t0) is the least-squares slope of log d over the fixed window
+[t0, t0 + Δ] (per iteration; d ∝ exp(λ t)); growth_rate_grid gives it over [t0, t1] for
+each t1. Unlike a comparison at one absolute t1, a fixed window gives every t0 the same
+time to diverge. The growth transition is the first t0, from the one with the largest λ
+on, with λ(t0) ≤ 0: from there on a perturbation no longer grows over Δ steps. None when
+perturbations grow at every t0 of the grid.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..data import Dataset, normalize
-from ..determinism import set_deterministic
 from ..errors import ConfigError
-from ..metrics import disagreement, loss_barrier, param_dissimilarity
-from ..models import build_model
-from ..progress import progress as progress_bar
-from ..store import BlockFile
-from ..train import TrainConfig
-from ..train.trainer import prepare_data
-from ..twins import NORMS, Fleet, MemberSpec, Perturbation, ZeroPerturbationError, make_fleet
 
-FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
-          "acc_base", "acc_member")
+_EPS = np.finfo(np.float64).eps
 
 
-@dataclass
-class ChaosConfig:
-    """The chaos grid; ``train.steps`` must cover the largest t₁."""
+def chaos_transition(t0s, values, *, frac: float = 0.5) -> int | None:
+    """The first t0 at or below the geometric interpolation between the early and late levels.
 
-    train: TrainConfig
-    t0: list[int]
-    t1: list[int]
-    eps: float = 1e-7
-    norm: str = "l2"
-    perturb_seed: int = 0
-    weights_only: bool = False
-    allow_zero: bool = False
-    eval_train: int = 1000
-    eval_test: int = 1000
-    eval_seed: int = 0
-    alphas: int = 11
-    bn: str = "interpolate"
-    strategy: str = "auto"
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> ChaosConfig:
-        self.train.validate()
-        self.t0, self.t1 = sorted(set(int(t) for t in self.t0)), sorted(set(int(t) for t in self.t1))
-        if not self.t0 or not self.t1:
-            raise ConfigError("need at least one t0 and one t1")
-        if self.t1[-1] < self.t0[0]:
-            raise ConfigError(f"every t1 {self.t1} is before the first t0 {self.t0[0]}: nothing to compare")
-        steps = self.train.steps
-        bad = [t for t in self.t0 + self.t1 if not 0 <= t <= steps]
-        if bad:
-            raise ConfigError(f"iterations {bad[:5]} are outside the run [0, {steps}] (--steps)")
-        if not math.isfinite(self.eps) or self.eps <= 0:
-            raise ConfigError(f"eps must be finite and > 0, got {self.eps}")
-        if self.norm not in NORMS:
-            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.alphas < 2:
-            raise ConfigError(f"alphas must be >= 2, got {self.alphas}")
-        if self.bn not in ("interpolate", "recompute"):
-            raise ConfigError(f"bn must be 'interpolate' or 'recompute', got {self.bn!r}")
-        if self.eval_train < 1 or self.eval_test < 1:
-            raise ConfigError("eval_train and eval_test must be >= 1")
-        return self
-
-    def members(self) -> list[MemberSpec]:
-        specs = [MemberSpec("base", None), MemberSpec("control", self.t0[0], None)]
-        for i, t in enumerate(self.t0):
-            p = Perturbation(self.eps, self.norm, self.perturb_seed + i, self.weights_only)
-            specs.append(MemberSpec(f"t0={t}", t, p))
-        return specs
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-
-class ChaosStore(BlockFile):
-    """``/data/metrics`` (|t1|, K, F) float64 (NaN where t1 < t0), ``/data/realized`` (K, 3)
-    [requested, realized_l2, realized_linf], ``/data/slot0``/``slot1`` (K, bytes) fleet state."""
-
-    FORMAT = "entk-chaos"
-
-
-def _state_layout(fleet: Fleet) -> list[tuple[str, str, tuple, torch.dtype]]:
-    st, mom = fleet.state(0), fleet.momentum(0)
-    return ([("state", n, tuple(v.shape), v.dtype) for n, v in st.items()]
-            + [("momentum", n, tuple(v.shape), v.dtype) for n, v in mom.items()])
-
-
-def _pack(fleet: Fleet, k: int) -> torch.Tensor:
-    st, mom = fleet.state(k), fleet.momentum(k)
-    parts = [v.detach().reshape(-1).cpu().view(torch.uint8) for v in list(st.values()) + list(mom.values())]
-    return torch.cat(parts)
-
-
-def _unpack(buf: torch.Tensor, layout) -> tuple[dict, dict]:
-    st, mom, off = {}, {}, 0
-    for kind, name, shape, dtype in layout:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        t = buf[off:off + n].clone().view(dtype).reshape(shape)
-        (st if kind == "state" else mom)[name] = t
-        off += n
-    return st, mom
-
-
-@dataclass
-class ChaosResult:
-    store: ChaosStore
-    config: ChaosConfig
-    members: list[MemberSpec]
-    metrics: np.ndarray          # (|t1|, K, F)
-    realized: np.ndarray         # (K, 3)
-    resumed_from: int | None
-    wall_s: float
-
-    def records(self) -> list[dict]:
-        """One record per (t0, t1, member) with t1 >= t0, for the JSON summary."""
-        out = []
-        for u, t1 in enumerate(self.config.t1):
-            for k, spec in enumerate(self.members):
-                if spec.t0 is None or t1 < spec.t0 or not np.isfinite(self.metrics[u, k]).any():
-                    continue  # the base itself, not spawned yet, or not computed yet (incomplete job)
-                rec = {"t0": spec.t0, "t1": t1, "member": spec.kind}
-                rec.update({f: float(v) for f, v in zip(FIELDS, self.metrics[u, k], strict=True)})
-                if spec.kind == "control":
-                    # The control is spawned once, at the first t0; report it for every t0 <= t1.
-                    for t0 in self.config.t0:
-                        if t0 <= t1:
-                            out.append({**rec, "t0": t0})
-                else:
-                    out.append(rec)
-        return out
-
-    def summary(self) -> dict:
-        return {"config": self.config.to_dict(),
-                "members": [{"name": s.name, "kind": s.kind, "t0": s.t0,
-                             "requested": float(self.realized[k, 0]), "realized_l2": float(self.realized[k, 1]),
-                             "realized_linf": float(self.realized[k, 2])} for k, s in enumerate(self.members)],
-                "noise_floor": self.noise_floor(), "records": self.records()}
-
-    def noise_floor(self) -> float:
-        """Largest control-vs-base L2 distance over all t₁ (0.0 when deterministic)."""
-        k = next(i for i, s in enumerate(self.members) if s.kind == "control")
-        col = self.metrics[:, k, FIELDS.index("l2")]
-        col = col[np.isfinite(col)]
-        return float(col.max()) if len(col) else float("nan")
-
-
-def _eval_sets(ds: Dataset, cfg: ChaosConfig, device) -> dict:
-    n_tr, n_te = min(cfg.eval_train, len(ds.y_train)), min(cfg.eval_test, len(ds.y_test))
-    sub = ds.subset(n_tr, n_te, seed=cfg.eval_seed)
-    return {"train": (normalize(sub.x_train.to(device), ds.mean, ds.std), sub.y_train.to(device)),
-            "test": (normalize(sub.x_test.to(device), ds.mean, ds.std), sub.y_test.to(device))}
-
-
-def _measure(model, base: dict, other: dict, sets: dict, cfg: ChaosConfig) -> list[float]:
-    d = param_dissimilarity(model, base, other)
-    bn_data = sets["train"][0] if cfg.bn == "recompute" else None
-    bt = loss_barrier(model, base, other, *sets["train"], alphas=cfg.alphas, bn=cfg.bn, bn_data=bn_data)
-    bs = loss_barrier(model, base, other, *sets["test"], alphas=cfg.alphas, bn=cfg.bn, bn_data=bn_data)
-    dg = disagreement(model, base, other, *sets["test"])
-    return [d["dissimilarity"], d["l2"], d["rel_l2"], bt["barrier"], bs["barrier"], dg["disagreement"],
-            dg["acc_a"], dg["acc_b"]]
-
-
-def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = None,
-              device: str | torch.device = "cpu", overwrite: bool = False, quiet: bool = False,
-              cache_dir=None) -> ChaosResult:
-    """Run (or resume) the chaos grid into ``out``."""
-    cfg.validate()
-    dev = torch.device(device)
-    tcfg = cfg.train
-    specs = cfg.members()
-    k = len(specs)
-    set_deterministic(tcfg.deterministic)
-    ds = dataset if dataset is not None else prepare_data(tcfg, cache_dir=cache_dir, quiet=quiet)
-    from ..data.stream import BatchStream
-
-    torch.manual_seed(tcfg.seed)
-    model = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
-    stream = BatchStream.from_dataset(ds, "train", batch_size=tcfg.batch_size, seed=tcfg.stream_seed,
-                                      augment=tcfg.augment, device=dev)
-    fleet = make_fleet(model, tcfg, stream, specs, strategy=cfg.strategy)
-    layout = _state_layout(fleet)
-    nbytes = int(_pack(fleet, 0).numel())
-    job = {**cfg.to_dict(), "strategy": fleet.strategy.value, "device_type": dev.type,
-           "members": [s.name for s in specs], "fields": list(FIELDS), "dataset": ds.describe()}
-    store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets={
-        "metrics": ((len(cfg.t1), k, len(FIELDS)), torch.float64),
-        "realized": ((k, 3), torch.float64),
-        "slot0": ((k, nbytes), torch.uint8), "slot1": ((k, nbytes), torch.uint8)})
-    metrics = np.full((len(cfg.t1), k, len(FIELDS)), np.nan)
-    realized = np.zeros((k, 3))
-    done = store.complete
-    start, resumed_from = 0, None
-    if done.any():
-        u = int(np.nonzero(done)[0].max())
-        if not done[:u + 1].all():
-            raise ConfigError(f"{out} has non-consecutive completed units; rerun with --overwrite")
-        metrics[:u + 1] = np.array(store.memmap("metrics")[:u + 1])
-        realized[:] = np.array(store.memmap("realized"))
-        slot = torch.from_numpy(np.array(store.memmap(f"slot{u % 2}")))
-        start = resumed_from = cfg.t1[u]
-        for i, spec in enumerate(specs):
-            st, mom = _unpack(slot[i], layout)
-            fleet.load(i, {n: v.to(dev) for n, v in st.items()}, {n: v.to(dev) for n, v in mom.items()})
-            fleet.spawned[i] = spec.t0 is None or spec.t0 <= start
-    template = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
-    sets = _eval_sets(ds, cfg, dev)
-    t1_index = {t: u for u, t in enumerate(cfg.t1)}
-    t_end = cfg.t1[-1]
-    t_start = time.perf_counter()
-    with store.writer() as w:
-        bar = progress_bar(range(start, t_end + 1), total=t_end + 1, initial=start,
-                           desc=f"chaos {tcfg.model} K={k} ({fleet.strategy.value})",
-                           enabled=None if not quiet else False, unit="step")
-        for t in bar:
-            resuming_here = resumed_from is not None and t == resumed_from
-            if not resuming_here:
-                for i, spec in enumerate(specs):
-                    if spec.t0 == t:
-                        info = fleet.spawn(i)
-                        realized[i] = [info["requested"], info["realized_l2"], info["realized_linf"]]
-                        if spec.kind == "perturbed" and info["realized_l2"] == 0 and not cfg.allow_zero:
-                            raise ZeroPerturbationError(
-                                f"the perturbation of member {spec.name} (eps={cfg.eps}, norm={cfg.norm}) rounds to "
-                                f"zero in {next(iter(fleet.state(0).values())).dtype}; use a larger eps or another "
-                                f"norm, or allow it explicitly (--allow-zero). Results for t1 < {t} are kept in "
-                                f"{out}")
-                if t in t1_index:
-                    u = t1_index[t]
-                    base = fleet.state(0)
-                    for i in range(1, k):
-                        if fleet.spawned[i]:
-                            metrics[u, i] = _measure(template, base, fleet.state(i), sets, cfg)
-                    w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
-                    w.write("realized", 0, torch.from_numpy(realized))
-                    w.write(f"slot{u % 2}", 0, torch.stack([_pack(fleet, i) for i in range(k)]))
-                    w.mark_complete(u)
-                    ctrl = metrics[u, 1, FIELDS.index("l2")]
-                    bar.set_postfix(t1=t, control_l2=f"{ctrl:.1e}", refresh=False)
-            if t < t_end:
-                fleet.step(t)
-    return ChaosResult(store=store, config=cfg, members=specs, metrics=metrics, realized=realized,
-                       resumed_from=resumed_from, wall_s=time.perf_counter() - t_start)
-
-
-def write_summary(result: ChaosResult, path: str | Path) -> None:
-    with open(path, "w") as f:
-        json.dump(result.summary(), f, indent=2)
-
-
-def load_chaos(path: str | Path) -> ChaosResult:
-    """Read a chaos file (complete or not) without recomputing anything."""
-    import dataclasses
-
-    store = ChaosStore(path)
-    job = store.job
-    names = {f.name for f in dataclasses.fields(ChaosConfig)} - {"train"}
-    cfg = ChaosConfig(train=TrainConfig.from_dict(job["train"]), **{n: job[n] for n in names if n in job})
-    metrics = np.array(store.memmap("metrics"))
-    metrics[~store.complete] = np.nan
-    return ChaosResult(store=store, config=cfg, members=cfg.members(), metrics=metrics,
-                       realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"))
+    ``values[k]`` is a chaos metric for perturbation time ``t0s[k]`` (e.g. the twins'
+    dissimilarity at the last t1). Early level: the largest value; late level: the value
+    at the last t0. Searching from the t0 of the largest value on, return the first t0
+    whose value ≤ exp((1 − frac)·log(early) + frac·log(late)). Only finite positive values
+    count; None with fewer than two of them or when late ≥ early (no decrease).
+    """
+    t0 = np.asarray(t0s, dtype=np.float64).ravel()
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if t0.shape != v.shape:
+        raise ConfigError(f"{len(t0)} t0 values but {len(v)} metric values; they must match")
+    if not (np.isfinite(frac) and 0 <= frac <= 1):
+        raise ConfigError(f"frac must be in [0, 1], got {frac}")
+    ok = np.isfinite(v) & (v > 0) & np.isfinite(t0)
+    t0, v = t0[ok], v[ok]
+    if len(v) < 2:
+        return None
+    order = np.argsort(t0, kind="stable")
+    t0, v = t0[order], v[order]
+    early, late = v.max(), v[-1]
+    if not late < early:
+        return None
+    thr = np.exp((1 - frac) * np.log(early) + frac * np.log(late))
+    start = int(np.argmax(v))
+    hit = np.flatnonzero(v[start:] <= thr * (1 + 4 * _EPS))
+    return int(t0[start + hit[0]])
 
 
 def chaos_transition_of(records: Sequence[dict], field_name: str = "dissimilarity") -> tuple[int | None, dict]:
-    """The chaos transition t0 (:func:`~engine.analysis.cone.chaos_transition`) of the perturbed
+    """The chaos transition t0 (:func:`chaos_transition`) of the perturbed
     twins' ``field_name`` at the largest t1, and those values by t0."""
-    from .cone import chaos_transition
-
     last_t1 = max(r["t1"] for r in records)
     per_t0 = {r["t0"]: r[field_name] for r in records if r["member"] == "perturbed" and r["t1"] == last_t1}
     t0s = sorted(per_t0)
@@ -305,3 +80,96 @@ def chaos_grid(records: Sequence[dict], field_name: str, member: str = "perturbe
         if r["member"] == member:
             m[t0s.index(r["t0"]), t1s.index(r["t1"])] = r[field_name]
     return t0s, t1s, m
+
+
+# --------------------------------------------------------------------------- growth of the divergence
+
+
+def _perturbed_traces(traces: Sequence[dict], field_name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    if field_name not in ("l2", "dissimilarity"):
+        raise ConfigError(f"trace field must be 'l2' or 'dissimilarity', got {field_name!r}")
+    out = {}
+    for r in traces:
+        if r["member"] == "perturbed":
+            out[int(r["t0"])] = (np.asarray(r["t"], dtype=np.float64), np.asarray(r[field_name], dtype=np.float64))
+    return dict(sorted(out.items()))
+
+
+def growth_curves(traces: Sequence[dict], field_name: str = "l2") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The growth curve d(t0, t) of every perturbed twin: ``{t0: (t, d)}`` from the summary's ``trace``."""
+    return _perturbed_traces(traces, field_name)
+
+
+def growth_rate(t, d, start: float, end: float) -> float:
+    """Finite-time growth rate: the least-squares slope of log d against t over start ≤ t ≤ end.
+
+    Per iteration (d grows like exp(λ t)). Only finite positive d count; NaN with fewer
+    than two such points or when the trace stops before ``end`` (the window is cut off).
+    """
+    t, d = np.asarray(t, dtype=np.float64), np.asarray(d, dtype=np.float64)
+    if t.shape != d.shape:
+        raise ConfigError(f"{len(t)} trace times but {len(d)} values; they must match")
+    if not end > start:
+        raise ConfigError(f"the growth window must have end > start, got [{start}, {end}]")
+    fin = np.isfinite(d)
+    ok = (t >= start) & (t <= end) & fin & (d > 0)
+    if ok.sum() < 2 or not fin.any() or t[fin].max() < end:  # too few points, or the trace stops short
+        return float("nan")
+    x, y = t[ok], np.log(d[ok])
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def growth_rates(traces: Sequence[dict], window: int, field_name: str = "l2") -> dict[int, float]:
+    """λ(t0): the growth rate of each perturbed twin over the fixed window [t0, t0 + window]."""
+    if int(window) != window or window < 1:
+        raise ConfigError(f"the growth window must be a positive number of iterations, got {window}")
+    return {t0: growth_rate(t, d, t0, t0 + window) for t0, (t, d) in _perturbed_traces(traces, field_name).items()}
+
+
+def growth_rate_grid(traces: Sequence[dict], t1s: Sequence[int], field_name: str = "l2"
+                     ) -> tuple[list[int], list[int], np.ndarray]:
+    """λ over the windows [t0, t1] ending at each t1: (t0 values, t1 values, matrix) with NaN where t1 ≤ t0."""
+    curves = _perturbed_traces(traces, field_name)
+    t1s = sorted(int(t) for t in t1s)
+    m = np.full((len(curves), len(t1s)), np.nan)
+    for i, (t0, (t, d)) in enumerate(curves.items()):
+        for j, t1 in enumerate(t1s):
+            if t1 > t0:
+                m[i, j] = growth_rate(t, d, t0, t1)
+    return list(curves), t1s, m
+
+
+def window_values(traces: Sequence[dict], window: int, field_name: str = "l2") -> dict[int, float]:
+    """The metric at the fixed window t1 = t0 + window (log-linear between trace points; NaN past the end)."""
+    out = {}
+    for t0, (t, d) in _perturbed_traces(traces, field_name).items():
+        target = t0 + window
+        ok = np.isfinite(d) & (d > 0)
+        if not ok.any() or t[ok].max() < target or t[ok].min() > target:
+            out[t0] = float("nan")
+            continue
+        out[t0] = float(np.exp(np.interp(target, t[ok], np.log(d[ok]))))
+    return out
+
+
+def growth_transition(t0s, rates, *, stop: float = 0.0) -> int | None:
+    """The first t0, from the one with the largest growth rate on, whose λ(t0) ≤ ``stop``.
+
+    Where perturbations stop growing over the window (``stop = 0``: d(t0 + Δ) no larger than
+    d(t0) in the least-squares sense). NaN rates are skipped; None when no t0 qualifies
+    (perturbations grow at every t0 of the grid) or with fewer than two finite rates.
+    """
+    t0 = np.asarray(t0s, dtype=np.float64).ravel()
+    v = np.asarray(rates, dtype=np.float64).ravel()
+    if t0.shape != v.shape:
+        raise ConfigError(f"{len(t0)} t0 values but {len(v)} growth rates; they must match")
+    ok = np.isfinite(v) & np.isfinite(t0)
+    t0, v = t0[ok], v[ok]
+    if len(v) < 2:
+        return None
+    order = np.argsort(t0, kind="stable")
+    t0, v = t0[order], v[order]
+    start = int(np.argmax(v))
+    hit = np.flatnonzero(v[start:] <= stop)
+    return int(t0[start + hit[0]]) if len(hit) else None

@@ -23,16 +23,6 @@ half-angle. A trajectory that keeps rotating freely also produces a transition b
 this rule (its suffix half-angle shrinks only because fewer kernels remain), but then
 the cone half-angle stays close to rho · a_0 and the suffix curve falls steadily
 instead of dropping and then staying flat, which is what plot_cone shows.
-
-Transition rule (the Chaos Effect, chaos_transition). Given one chaos metric per
-perturbation time t0 (e.g. the twins' parameter dissimilarity at the last compared
-iteration t1), the early level is the largest value and the late level the value at
-the last t0. The chaos transition is the first t0, from the one with the largest value
-on, whose value is at or below the geometric interpolation, a fraction frac (default
-0.5) of the way from the early to the late level in log space:
-value ≤ exp((1 − frac)·log(early) + frac·log(late)). Only finite positive values count;
-with fewer than two of them, or no decrease from the early to the late level, there is
-no transition (None).
 """
 
 from __future__ import annotations
@@ -47,7 +37,6 @@ from ..errors import ConfigError
 __all__ = [
     "ConeAnalysis",
     "analyze_cone",
-    "chaos_transition",
     "classical_mds",
     "cosine_matrix",
     "half_angle",
@@ -257,36 +246,6 @@ def velocity_curves(a: ConeAnalysis, lags: Sequence[int] = (1, 2, 4)
         dt = (a.iterations[i + k] - a.iterations[i]).astype(np.float64)
         out[k] = (a.iterations[i].copy(), s, s / dt)
     return out
-
-
-def chaos_transition(t0s, values, *, frac: float = 0.5) -> int | None:
-    """The first t0 at or below the geometric interpolation between the early and late levels.
-
-    ``values[k]`` is a chaos metric for perturbation time ``t0s[k]`` (e.g. the twins'
-    dissimilarity at the last t1). Early level: the largest value; late level: the value
-    at the last t0. Searching from the t0 of the largest value on, return the first t0
-    whose value ≤ exp((1 − frac)·log(early) + frac·log(late)). Only finite positive values
-    count; None with fewer than two of them or when late ≥ early (no decrease).
-    """
-    t0 = np.asarray(t0s, dtype=np.float64).ravel()
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if t0.shape != v.shape:
-        raise ConfigError(f"{len(t0)} t0 values but {len(v)} metric values; they must match")
-    if not (np.isfinite(frac) and 0 <= frac <= 1):
-        raise ConfigError(f"frac must be in [0, 1], got {frac}")
-    ok = np.isfinite(v) & (v > 0) & np.isfinite(t0)
-    t0, v = t0[ok], v[ok]
-    if len(v) < 2:
-        return None
-    order = np.argsort(t0, kind="stable")
-    t0, v = t0[order], v[order]
-    early, late = v.max(), v[-1]
-    if not late < early:
-        return None
-    thr = np.exp((1 - frac) * np.log(early) + frac * np.log(late))
-    start = int(np.argmax(v))
-    hit = np.flatnonzero(v[start:] <= thr * (1 + 4 * _EPS))
-    return int(t0[start + hit[0]])
 
 
 def load_cone(kernels_path, *, rho: float = 0.5) -> ConeAnalysis:

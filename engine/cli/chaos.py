@@ -44,6 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
                    help="fleet execution: loop (one model per twin) or vmap (stacked); "
                         "auto: vmap on CUDA, loop on CPU")
+    g.add_argument("--trace-every", type=int, default=10, metavar="K",
+                   help="record every twin's L2 distance and 1-cos to the base every K steps (0: off; default 10)")
     g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
     add_overwrite(g)
     add_data_args(p)
@@ -67,7 +69,7 @@ def run(args) -> int:
     cfg = ChaosConfig(train=train_config(args, []), t0=t0, t1=t1, eps=args.eps, norm=args.norm,
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
-                      strategy=args.strategy).validate()
+                      strategy=args.strategy, trace_every=args.trace_every).validate()
     check_outputs(files=[("--out", args.out), (json_flag, args.json)])
     res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,
                     quiet=args.quiet, cache_dir=args.cache_dir)

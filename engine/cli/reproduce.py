@@ -17,8 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "the kernel trajectory, and write figures (PNG, PDF), report.md and a "
                                    "self-contained report.html into --out. Rerunning resumes every stage.")
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "gpu-paper"],
-                   help="cpu-small: minutes on 2 CPU cores (cnn, 10,000 images, 600 steps); gpu-paper: the "
-                        "paper's setting (full CIFAR-10, 160 epochs) (default: cpu-small)")
+                   help="cpu-small: under 15 minutes on 2 idle CPU cores (cnn, 10,000 images, constant "
+                        "learning rate); gpu-paper: the paper's setting (full CIFAR-10, 160 epochs) "
+                        "(default: cpu-small)")
     p.add_argument("--model", help="architecture (default: cnn for cpu-small, resnet20 for gpu-paper)")
     p.add_argument("--out", required=True, metavar="DIR", help="study directory (created; resumed if present)")
     p.add_argument("--steps", type=int, help="shorten (or lengthen) the run: SGD steps")
@@ -28,6 +29,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--t1", metavar="LIST", help="chaos comparison iterations (default: the preset's)")
     p.add_argument("--eps", type=float, help="perturbation size (default: 1e-7)")
     p.add_argument("--eval-n", type=int, metavar="N", help="images in the chaos metric subsets (default: preset's)")
+    p.add_argument("--seeds", metavar="LIST", help="repeat the study for these seeds (init, data order, perturbation)")
+    p.add_argument("--trace-every", type=int, metavar="K", help="divergence trace spacing in steps (default: preset's)")
+    p.add_argument("--window", type=int, metavar="D", help="growth-rate window after each t0 (default: preset's)")
+    p.add_argument("--schedule", choices=["constant", "multistep"], help="learning-rate schedule (default: preset's)")
+    p.add_argument("--analyse-only", action="store_true", help="compute nothing; analyse and report what DIR holds")
     add_device(p)
     add_data_args(p)
     # Embedded default: real CIFAR-10 when --data-root is given, else synthetic data (the report says which).
@@ -40,12 +46,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     lists = {k: int_list(getattr(args, k), f"--{k}") if getattr(args, k) else None
-             for k in ("checkpoints", "t0", "t1")}
+             for k in ("checkpoints", "t0", "t1", "seeds")}
     data = args.data or ("cifar10" if args.data_root else "synthetic")
     check_outputs(dirs=[("--out", args.out)], files=[("--json", args.json)])
     record = reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
                        cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
-                       eval_n=args.eval_n, eps=args.eps, device=resolve_device(args.device), quiet=args.quiet,
+                       n_test=args.n_test, subset_seed=args.subset_seed, eval_n=args.eval_n, eps=args.eps,
+                       trace_every=args.trace_every, window=args.window, schedule=args.schedule,
+                       analyse_only=args.analyse_only, device=resolve_device(args.device), quiet=args.quiet,
                        **lists)
     if args.json:
         write_json(args.json, "reproduce", {"out": str(args.out), **record})

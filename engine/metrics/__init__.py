@@ -1,7 +1,7 @@
 """Metrics comparing two network states (twin runs): parameter dissimilarity, loss
-barrier along the linear path, prediction disagreement. See :mod:`engine.metrics.chaos`."""
+barrier along the linear path, prediction disagreement. See :mod:`engine.metrics.twins`."""
 
-from .chaos import BN_MODES, disagreement, loss_barrier, loss_barrier_reference, param_dissimilarity
+from .twins import BN_MODES, disagreement, loss_barrier, loss_barrier_reference, param_dissimilarity
 
 __all__ = [
     "BN_MODES",

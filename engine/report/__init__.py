@@ -2,8 +2,8 @@
 display needed), the report documents, and the one-command study behind `entk reproduce`."""
 
 from .document import write_report
-from .figures import plot_chaos, plot_cone, plot_kernel_distance
-from .study import Preset, hardware, preset, reproduce
+from .figures import plot_chaos, plot_cone, plot_growth, plot_kernel_diagnostics, plot_kernel_distance
+from .study import Preset, hardware, lr_changes, preset, reproduce, transition_entry
 
-__all__ = ["Preset", "hardware", "plot_chaos", "plot_cone", "plot_kernel_distance", "preset", "reproduce",
-           "write_report"]
+__all__ = ["Preset", "hardware", "lr_changes", "plot_chaos", "plot_cone", "plot_growth", "plot_kernel_diagnostics",
+           "plot_kernel_distance", "preset", "reproduce", "transition_entry", "write_report"]

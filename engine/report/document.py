@@ -16,68 +16,169 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _blocks(record: dict, cone, chaos_summary: dict) -> list[tuple]:
+def _est(t: dict) -> str:
+    if t["iteration"] is None:
+        return "none found"
+    spread = f" ± {t['spread']:.3g}" if t["spread"] is not None else " (one seed: no spread)"
+    return f"{t['iteration']:.4g}{spread}"
+
+
+def _mean_std(vals) -> str:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return "n/a"
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return f"{m:.3g}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return f"{m:.3g} ± {sd:.2g}"
+
+
+def guard_sentences(record: dict) -> list[str]:
+    """The report's warnings: estimates that cannot be attributed to the training dynamics."""
+    out = []
+    changes, factor = record.get("lr_changes", []), record.get("lr_near_factor", 2.0)
+    ch = record["chaos"]
+    ck = record["train"]["checkpoints"]
+    inside = [c for c in changes if min(ch["t0"]) < c <= max(ch["t1"]) or ck[0] < c <= ck[-1]]
+    if inside:
+        out.append(f"The learning rate changes at iteration(s) {inside}, inside the analysed window (chaos grid "
+                   f"t0 {min(ch['t0'])}..t1 {max(ch['t1'])}, checkpoints {ck[0]}..{ck[-1]}): any change of "
+                   f"behaviour there may be the schedule's, not the dynamics'.")
+    for t in record.get("transitions", []):
+        if t["iteration"] is None:
+            continue
+        if t["coincides_with_lr_change"]:
+            out.append(f"The {t['rule']} estimate ({_est(t)}) lies within a factor of {factor:g} of a learning-rate "
+                       f"change ({changes}): it cannot be attributed to the training dynamics.")
+        if t["at_grid_edge"]:
+            out.append(f"The {t['rule']} estimate ({_est(t)}) falls on the first or last point of its grid "
+                       f"({t['grid'][0]}..{t['grid'][1]}) for at least one seed: the transition may lie outside "
+                       f"the grid, so it cannot be attributed to the training dynamics.")
+    return out
+
+
+def _blocks(record: dict, per: dict) -> list[tuple]:
     tr, ch, est = record["train"], record["chaos"], record["estimates"]
+    seeds = record.get("seeds", [0])
     data_note = ("synthetic CIFAR-shaped data (no CIFAR-10 location was given; pass "
                  "`--data cifar10 --data-root PATH` for the real data set)" if record.get("synthetic")
                  else f"CIFAR-10 from `{tr['data_root']}`")
-    recs = chaos_summary["records"]
-    last_t1 = max(r["t1"] for r in recs)
-    pert = sorted((r for r in recs if r["member"] == "perturbed" and r["t1"] == last_t1), key=lambda r: r["t0"])
-    size = len(cone.iterations)
+    cone0, sum0 = per[seeds[0]]
+    size = len(cone0.iterations)
+    win = record.get("window")
+    changes = record.get("lr_changes", [])
+    sched = (f"{tr['schedule']}" + (f", milestones {tr['milestones']} (lr changes at {changes})"
+                                    if tr["schedule"] == "multistep" else "")
+             + (f", warmup {tr['warmup_steps']} steps" if tr.get("warmup_steps") else ""))
+    accs = record["train_result"]
+    acc = ", ".join(f"seed {s}: train {_fmt(accs[str(s)]['train_acc'])} / test {_fmt(accs[str(s)]['test_acc'])}"
+                    for s in seeds if str(s) in accs)
+    used = sum0.get("used") or {}
     blocks: list[tuple] = [
         ("h1", "Two-phase learning dynamics: reproduction report"),
         ("p", f"Reproduces the Chaos Effect (Fig. 3) and the Cone Effect (Figs. 4, 5) of Zhou, Yang, Sugiyama "
               f"and Yan, *New Evidence of the Two-Phase Learning Dynamics of Neural Networks* (arXiv 2505.13900) "
-              f"for **{tr['model']}** on {data_note}, preset `{record['preset']}` ({record['preset_description']})."),
+              f"for **{tr['model']}** on {data_note}, preset `{record['preset']}` ({record['preset_description']}), "
+              f"with the controls the paper's claims need: the learning-rate schedule, growth over a fixed window, "
+              f"{len(seeds)} seed(s) and the edges of every grid."),
         ("h2", "Configuration"),
         ("table", [("item", "value"),
                    ("model / data", f"{tr['model']} / {tr['data']}" + (f", {tr['n_train']} training images"
-                                                                       if tr.get("n_train") else "")),
-                   ("training", f"{tr['steps']} SGD steps, batch {tr['batch_size']}, lr {tr['lr']} "
-                                f"({tr['schedule']}, milestones {tr['milestones']}), momentum {tr['momentum']}, "
-                                f"weight decay {tr['weight_decay']}, seed {tr['seed']}"),
+                                                                       if tr.get("n_train") else "")
+                    + (f", data {used.get('data_fingerprint')}" if used.get("data_fingerprint") else "")),
+                   ("training", f"{tr['steps']} SGD steps, batch {tr['batch_size']}, lr {tr['lr']} ({sched}), "
+                                f"momentum {tr['momentum']}, weight decay {tr['weight_decay']}"),
+                   ("seeds", f"{seeds} (initialisation, data order and perturbation directions; same data subset)"),
                    ("checkpoints", f"{len(tr['checkpoints'])}: {tr['checkpoints'][:12]}"
                                    + (" ..." if len(tr["checkpoints"]) > 12 else "")),
                    ("eNTK", f"{record['probe']} seeded class-balanced test images, full kernel, BatchNorm in eval "
                             f"mode, {size} checkpoints"),
                    ("chaos grid", f"t0 = {ch['t0']}, t1 = {ch['t1']}, eps = {ch['eps']} ({ch['norm']} norm), "
-                                  f"metrics on {ch['eval_train']} train / {ch['eval_test']} test images"),
-                   ("final accuracy", f"train {_fmt(record['train_result']['train_acc'])}, "
-                                      f"test {_fmt(record['train_result']['test_acc'])}")]),
+                                  f"metrics on {used.get('eval_train', ch['eval_train'])} train / "
+                                  f"{used.get('eval_test', ch['eval_test'])} test images; divergence traced every "
+                                  f"{ch['trace_every']} steps; growth window {win} steps"
+                                  + (f"; **the grid was cut short: completed up to t1 = "
+                                     f"{record['chaos_completed_t1']} of {max(ch['t1'])}**"
+                                     if record.get("chaos_completed_t1", max(ch["t1"])) < max(ch["t1"]) else "")),
+                   ("final accuracy", acc)]),
         ("h2", "Hardware and time"),
         ("table", [("stage", "seconds")] + [(k, f"{v:.1f}") for k, v in record["times_s"].items()]
-         + [("hardware", record["hardware"])]),
-        ("h2", "Results"),
-        ("table", [("estimate", "value"),
-                   ("noise floor (control twin vs base, L2)", _fmt(est["noise_floor"])),
-                   ("cone transition (iteration)", _fmt(est["cone_transition_iteration"])),
-                   ("cone half-angle after the transition", f"{est['cone_half_angle_deg']:.2f} degrees"),
-                   ("chaos transition (t0)", _fmt(est["chaos_transition_t0"]))]),
-        ("p", f"Cone rule: {est['cone_rule'].rstrip('.')}. Chaos rule: the first t0 whose dissimilarity at "
-              f"t1 = {last_t1} is at or below the geometric midpoint between the earliest t0's level and the "
-              f"last t0's level."),
-        ("p", "Dissimilarity 1 - cos at t1 = " + str(last_t1) + ": "
-              + ", ".join(f"t0={r['t0']}: {_fmt(r['dissimilarity'])}" for r in pert) + "."),
+         + [("total", f"{sum(record['times_s'].values()):.1f}"), ("hardware", record["hardware"])]),
+        ("h2", "Transition estimates"),
+        ("p", f"Mean over the seeds that give an estimate ± the sample standard deviation. An estimate "
+              f"\"near an lr change\" lies within a factor of {record.get('lr_near_factor', 2.0):g} of one "
+              f"(about one step of the log-spaced grids); \"at grid edge\" means some seed's estimate is the "
+              f"first or last point of the rule's grid."),
+        ("table", [("rule", "estimate (iteration)", "per seed", "near an lr change", "at grid edge")]
+         + [(t["rule"], _est(t), str(t["per_seed"]), "yes" if t["coincides_with_lr_change"] else "no",
+             "yes" if t["at_grid_edge"] else "no") for t in record["transitions"]]),
     ]
+    for t in record["transitions"]:
+        blocks.append(("p", f"`{t['rule']}`: {t['description'].rstrip('.')}."))
+    warn = guard_sentences(record)
+    blocks.append(("h3", "What these estimates can and cannot say"))
+    if warn:
+        blocks += [("p", "**Warning.** " + w) for w in warn]
+    else:
+        blocks.append(("p", "No estimate falls near a learning-rate change or on the edge of its grid"
+                            + (" (the learning rate is constant over the whole run)." if not changes else ".")))
+    none = [t["rule"] for t in record["transitions"] if t["iteration"] is None]
+    if none:
+        blocks.append(("p", f"No transition was found by: {', '.join(none)} (on this grid, in this run)."))
+    growth = record.get("growth", {})
+    t0s = sorted(int(k) for k in growth[str(seeds[0])]["rates"]) if growth else []
+    last_t1 = record.get("chaos_completed_t1", max(ch["t1"]))
+    rows = [("t0", f"growth rate over [t0, t0+{win}] (1/iteration)", f"dissimilarity at t0+{win}",
+             f"dissimilarity at t1 = {last_t1}")]
+    for t0 in t0s:
+        ends = []
+        for s in seeds:
+            recs = per[s][1]["records"]
+            ends.append(next((r["dissimilarity"] for r in recs if r["member"] == "perturbed" and r["t0"] == t0
+                              and r["t1"] == last_t1), None))
+        rows.append((str(t0), _mean_std([growth[str(s)]["rates"][str(t0)] for s in seeds]),
+                     _mean_std([growth[str(s)]["window_dissimilarity"][str(t0)] for s in seeds]), _mean_std(ends)))
+    blocks += [("h2", "Growth of perturbations"), ("table", rows),
+               ("p", f"Noise floor (control twin vs base, L2, all seeds): {_fmt(est['noise_floor'])}. Cone half-angle "
+                     f"after the cone transition: {est['cone_half_angle_deg']:.2f} degrees (seed mean).")]
     figs = record["figures"]
-    s = cone.distance
-    late = s[cone.transition_index:, cone.transition_index:]
+    s = cone0.distance
+    late = s[cone0.transition_index:, cone0.transition_index:]
+    kd = record.get("kernels", {}).get(str(seeds[0]))
+    kd_text = ""
+    if kd:
+        kd_text = (f" For seed {seeds[0]}: the kernel-label alignment goes from {_fmt(kd['alignment'][0])} at "
+                   f"iteration 0 to {_fmt(kd['alignment'][-1])} at the end; the effective rank from "
+                   f"{_fmt(kd['effective_rank'][0])} to {_fmt(kd['effective_rank'][-1])}; the distance to the "
+                   f"final kernel falls from {_fmt(kd['distance_to_final'][0])}.")
+    lr_note = f" Learning-rate changes are drawn as grey dash-dot lines ({changes})." if changes else ""
     fig_text = {
         "fig3": ("Figure 3 (Chaos Effect)",
-                 f"Twins perturbed at early t0 drift apart (dissimilarity up to "
-                 f"{_fmt(max(r['dissimilarity'] for r in pert))}) "
-                 f"while twins perturbed late stay together; the control twin stays at {_fmt(est['noise_floor'])}."),
+                 f"Dissimilarity, loss barrier and prediction disagreement of twins perturbed at t0 and compared "
+                 f"with the base at t1 (mean over {len(seeds)} seed(s)). Comparing at one absolute t1 gives a later "
+                 f"t0 less time to diverge; Figure 6 compares over a fixed window instead.{lr_note}"),
         "fig4": ("Figure 4 (kernel distance between checkpoints)",
-                 f"Kernel distances reach {_fmt(float(s.max()))} across the whole run but stay below "
-                 f"{_fmt(float(late.max()))} among checkpoints after iteration {est['cone_transition_iteration']}."),
+                 f"Seed {seeds[0]}: kernel distances reach {_fmt(float(s.max()))} across the whole run and stay "
+                 f"below {_fmt(float(late.max()))} among checkpoints after iteration "
+                 f"{cone0.transition_iteration}.{lr_note}"),
         "fig5": ("Figure 5 (the cone)",
-                 f"The eNTK keeps moving after the transition yet stays within a cone of half-angle "
-                 f"{est['cone_half_angle_deg']:.1f} degrees: (a) distance to reference checkpoints, (b) kernel "
-                 f"velocity, (c) polar view, (d) MDS of the angular distances."),
+                 f"Seed {seeds[0]}: (a) distance to reference checkpoints, (b) kernel velocity, (c) polar view, "
+                 f"(d) MDS of the angular distances, (e) the suffix half-angle that defines the cone transition "
+                 f"({cone0.transition_iteration}).{lr_note}"),
+        "fig6": ("Figure 6 (growth of perturbations)",
+                 f"(a) The L2 distance of every perturbed twin to its base over time; (b) the finite-time growth rate "
+                 f"over [t0, t0 + {win}] with the growth-rule transition; (c) the dissimilarity at the fixed window "
+                 f"against the one at the last t1. Bands: min-max over seeds.{lr_note}"),
+        "fig7": ("Figure 7 (kernel-trajectory diagnostics)",
+                 "Per checkpoint: (a) centred kernel alignment of the output-traced eNTK with the probe labels' "
+                 "one-hot Gram, (b) the top eigenvalues of the eNTK, (c) its effective rank, (d) its distance "
+                 f"S = 1 - cos to the final kernel.{kd_text}{lr_note}"),
     }
     blocks.append(("h2", "Figures"))
-    for key in ("fig3", "fig4", "fig5"):
+    for key in ("fig3", "fig4", "fig5", "fig6", "fig7"):
+        if key not in figs:
+            continue
         title, sentence = fig_text[key]
         png = next(f for f in figs[key] if f.endswith(".png"))
         blocks.append(("h3", title))
@@ -131,14 +232,16 @@ def _html(blocks, root: Path) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
-def write_report(out_dir: str | Path, record: dict, *, cone, chaos_summary: dict) -> list[Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths."""
+def write_report(out_dir: str | Path, record: dict, *, per: dict) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths.
+
+    ``per`` maps each seed to its (cone analysis, chaos summary)."""
     root = Path(out_dir)
-    blocks = _blocks(record, cone, chaos_summary)
+    blocks = _blocks(record, per)
     md, page = root / "report.md", root / "report.html"
     md.write_text(_markdown(blocks))
     page.write_text(_html(blocks, root))
     return [md, page]
 
 
-__all__ = ["write_report"]
+__all__ = ["guard_sentences", "write_report"]

@@ -1,4 +1,8 @@
-"""The paper's figures from stored results: Fig. 3 (Chaos Effect), Fig. 4 (kernel distance), Fig. 5 (Cone Effect).
+"""The paper's figures from stored results: Fig. 3 (Chaos Effect), Fig. 4 (kernel distance), Fig. 5 (Cone Effect),
+and the study's controls: Fig. 6 (growth of the divergence, growth rates), Fig. 7 (kernel-trajectory diagnostics).
+
+Every time axis draws the learning-rate changes (``lr_changes``, grey dash-dot lines) so that an
+effect that coincides with a change of the schedule is visible as such.
 
 Every function draws on a fresh ``matplotlib.figure.Figure`` rendered by the Agg canvas
 (no pyplot state, no display needed, safe to call from any backend), writes
@@ -7,6 +11,7 @@ Every function draws on a fresh ``matplotlib.figure.Figure`` rendered by the Agg
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,13 +20,40 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 
-from ..analysis.chaos import chaos_grid
+from ..analysis.chaos import chaos_grid, growth_curves, growth_rates, window_values
 from ..analysis.cone import ConeAnalysis, reference_curves, velocity_curves
 from ..errors import ConfigError
 
 DPI = 130
 _TRANSITION = {"color": "black", "ls": "--", "lw": 1.2}
 _CHAOS = {"color": "tab:red", "ls": ":", "lw": 1.6}
+_LR = {"color": "0.35", "ls": "-.", "lw": 1.1}
+
+
+def _lr_lines(ax, changes, *, axis: str = "x", pos=None) -> None:
+    """Draw the learning-rate changes on a time axis (``pos`` maps an iteration to axis units)."""
+    changes = list(changes or [])
+    for n, c in enumerate(changes):
+        x = c if pos is None else pos(c)
+        if x is None:
+            continue
+        label = "lr change" if n == 0 else None
+        (ax.axvline if axis == "x" else ax.axhline)(x, **_LR, label=label)
+
+
+def _index_pos(ts):
+    """Iteration → fractional cell index on a heatmap whose cells are the iterations ``ts``."""
+    ts = np.asarray(ts, dtype=np.float64)
+
+    def pos(c):
+        if len(ts) < 2 or not ts[0] <= c <= ts[-1]:
+            return None
+        return float(np.interp(c, ts, np.arange(len(ts))))
+    return pos
+
+
+def _summaries(summary) -> list[dict]:
+    return [summary] if isinstance(summary, dict) else list(summary)
 
 
 def _new_figure(figsize) -> Figure:
@@ -44,15 +76,18 @@ def _save(fig: Figure, out_stem) -> list[Path]:
 # --------------------------------------------------------------------------- Fig. 3
 
 
-def plot_chaos(summary: dict, out_stem, barrier: str = "test") -> list[Path]:
+def plot_chaos(summary, out_stem, barrier: str = "test", *, lr_changes=()) -> list[Path]:
     """Fig. 3: heatmaps over (t0, t1) of dissimilarity (log colour), loss barrier and disagreement.
 
-    ``summary`` is ``ChaosResult.summary()`` (or the ``--json`` summary of ``entk chaos``).
+    ``summary`` is ``ChaosResult.summary()`` (or the ``--json`` summary of ``entk chaos``), or a
+    list of them (one per seed of one grid): each cell is then the mean over the seeds.
     """
     if barrier not in ("test", "train"):
         raise ConfigError(f"barrier must be 'test' or 'train', got {barrier!r}")
+    sums = _summaries(summary)
+    summary = sums[0]
     recs = summary["records"]
-    if not recs:
+    if not recs or not all(s["records"] for s in sums):
         raise ConfigError("the chaos summary has no completed (t0, t1) pairs yet")
     panels = [("dissimilarity", r"parameter dissimilarity $1-\cos(\theta,\theta')$", True),
               (f"barrier_{barrier}", f"loss barrier ({barrier})", False),
@@ -62,6 +97,11 @@ def plot_chaos(summary: dict, out_stem, barrier: str = "test") -> list[Path]:
     axes = fig.subplots(1, 3)
     for ax, (field, title, log) in zip(axes, panels, strict=True):
         t0s, t1s, m = chaos_grid(recs, field)
+        if len(sums) > 1:
+            grids = [chaos_grid(s["records"], field)[2] for s in sums]
+            if any(g.shape != m.shape for g in grids):
+                raise ConfigError("the chaos summaries of the seeds have different grids")
+            m = np.mean(grids, axis=0)
         vals = m[np.isfinite(m)]
         norm = None
         if log and len(vals) and (vals > 0).any():
@@ -74,11 +114,15 @@ def plot_chaos(summary: dict, out_stem, barrier: str = "test") -> list[Path]:
         ax.set_xlabel("$t_1$ (iteration compared)")
         ax.set_ylabel("$t_0$ (iteration perturbed)")
         ax.set_title(title)
+        _lr_lines(ax, lr_changes, pos=_index_pos(t1s))
+        _lr_lines(ax, lr_changes, axis="y", pos=_index_pos(t0s))
         fig.colorbar(im, ax=ax)
-    floor = summary.get("noise_floor")
+    floor = max(s.get("noise_floor") for s in sums)
     tc = cfg["train"]
-    fig.suptitle(f"Chaos Effect: {tc['model']} on {tc['data']}, eps={cfg['eps']} ({cfg['norm']}); "
-                 f"noise floor (control vs base, L2) = {floor:.3g}")
+    seeds = f", mean of {len(sums)} seeds" if len(sums) > 1 else ""
+    fig.suptitle(f"Chaos Effect: {tc['model']} on {tc['data']}, eps={cfg['eps']} ({cfg['norm']}){seeds}; "
+                 f"noise floor (control vs base, L2) = {floor:.3g}"
+                 + (f"; lr changes at {list(lr_changes)}" if lr_changes else "; constant learning rate"))
     return _save(fig, out_stem)
 
 
@@ -104,7 +148,7 @@ def _deg(x: float) -> str:
     return f"{np.degrees(x):.3g}°"
 
 
-def plot_kernel_distance(a: ConeAnalysis, out_stem, *, title: str | None = None) -> list[Path]:
+def plot_kernel_distance(a: ConeAnalysis, out_stem, *, title: str | None = None, lr_changes=()) -> list[Path]:
     """Fig. 4: the T×T kernel distance S(H_i, H_j) on a log(1+t) grid, transition marked."""
     centres, edges = _log_edges(a.iterations)
     fig = _new_figure((7.2, 6.0))
@@ -120,6 +164,9 @@ def plot_kernel_distance(a: ConeAnalysis, out_stem, *, title: str | None = None)
     edge = edges[a.transition_index]   # the transition cell's lower edge: the cone is up and right of it
     ax.axvline(edge, color="tab:red", ls="--", lw=1.6, label=f"transition t = {a.transition_iteration}")
     ax.axhline(edge, color="tab:red", ls="--", lw=1.6)
+    inside = [c for c in lr_changes if a.iterations[0] <= c <= a.iterations[-1]]
+    _lr_lines(ax, inside, pos=lambda c: float(np.log1p(c)))
+    _lr_lines(ax, inside, axis="y", pos=lambda c: float(np.log1p(c)))
     ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
     fig.colorbar(im, ax=ax, label=r"$S = 1 - \langle H_i, H_j\rangle_F / (\|H_i\|\,\|H_j\|)$", shrink=0.85)
     post = a.distance[np.ix_(a.post_transition, a.post_transition)]
@@ -142,10 +189,11 @@ def default_taus(iterations, n: int = 4) -> list[int]:
     return [int(cand[i]) for i in sorted(picks)]
 
 
-def _mark(ax, a: ConeAnalysis, chaos_t0: int | None) -> None:
+def _mark(ax, a: ConeAnalysis, chaos_t0: int | None, lr_changes=()) -> None:
     ax.axvline(a.transition_iteration, **_TRANSITION, label=f"cone transition t = {a.transition_iteration}")
     if chaos_t0 is not None:
         ax.axvline(chaos_t0, **_CHAOS, label=f"chaos transition $t_0$ = {chaos_t0}")
+    _lr_lines(ax, [c for c in lr_changes if c <= a.iterations[-1]])
 
 
 def _iteration_axis(ax, a: ConeAnalysis, chaos_t0: int | None) -> None:
@@ -162,7 +210,7 @@ def _iteration_norm(a: ConeAnalysis) -> SymLogNorm:
 
 
 def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, lags: Sequence[int] = (1, 2, 4),
-              chaos_t0: int | None = None, title: str | None = None) -> list[Path]:
+              chaos_t0: int | None = None, title: str | None = None, lr_changes=()) -> list[Path]:
     """Fig. 5: the Cone Effect in six panels.
 
     (a) S(θ_τ, θ_t) vs t for reference checkpoints τ; (b) S(θ_t, θ_{t+k}) for lags of k
@@ -182,7 +230,7 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
     colors = [f"C{k}" for k in range(len(refs))]
     for (tau, (t, s)), col in zip(refs.items(), colors, strict=True):
         ax.plot(t, s, "o-", ms=3.5, color=col, label=rf"$\tau$ = {tau}")
-    _mark(ax, a, chaos_t0)
+    _mark(ax, a, chaos_t0, lr_changes)
     _iteration_axis(ax, a, chaos_t0)
     ax.set_ylabel(r"$S(\theta_\tau, \theta_t)$")
     ax.set_title(r"(a) kernel distance from reference checkpoint $\tau$")
@@ -200,7 +248,7 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
     for ax, ylab, ttl in ((ax_s, r"$S(\theta_{t_i}, \theta_{t_{i+k}})$", "(b) kernel distance between checkpoints"),
                           (ax_r, r"$S(\theta_{t_i}, \theta_{t_{i+k}})\,/\,(t_{i+k} - t_i)$",
                            "(b') kernel distance per iteration")):
-        _mark(ax, a, chaos_t0)
+        _mark(ax, a, chaos_t0, lr_changes)
         _iteration_axis(ax, a, chaos_t0)
         ax.set_yscale("log")
         ax.set_xlabel("iteration $t_i$")
@@ -253,7 +301,7 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
             label=r"half-angle of $\{H_j : t_j \geq t\}$")
     ax.axhline(np.degrees(a.rho * a.suffix_half_angle[0]), color="0.4", lw=1,
                label=f"rho × whole-run half-angle (rho = {a.rho:g})")
-    _mark(ax, a, chaos_t0)
+    _mark(ax, a, chaos_t0, lr_changes)
     _iteration_axis(ax, a, chaos_t0)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("suffix half-angle (degrees)")
@@ -264,4 +312,131 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
     fig.suptitle(f"{head}Cone Effect over {len(a.iterations)} checkpoints: transition at t = "
                  f"{a.transition_iteration}, cone half-angle {_deg(a.cone_half_angle)} "
                  f"(whole trajectory {_deg(a.suffix_half_angle[0])})")
+    return _save(fig, out_stem)
+
+
+# --------------------------------------------------------------------------- Fig. 6
+
+
+def _band(ax, x, ys, color, label, *, geometric: bool = False, marker: str = "o-"):
+    """Mean over seeds (geometric for log quantities) with a min–max band; ``ys`` is (seeds, len(x))."""
+    ys = np.asarray(ys, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # columns that are NaN for every seed stay NaN
+        mid = np.exp(np.nanmean(np.log(ys), axis=0)) if geometric else np.nanmean(ys, axis=0)
+        lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+    ax.plot(x, mid, marker, ms=3, color=color, label=label)
+    if len(ys) > 1:
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def _mark_transitions(ax, transitions, rules) -> None:
+    styles = {"chaos_growth": {"color": "tab:red", "ls": ":"}, "chaos_window": {"color": "tab:purple", "ls": ":"},
+              "chaos_dissimilarity": {"color": "tab:brown", "ls": ":"}, "cone": {"color": "black", "ls": "--"}}
+    for t in transitions or []:
+        if t["rule"] in rules and t["iteration"] is not None:
+            spread = f" ± {t['spread']:.0f}" if t.get("spread") is not None else ""
+            ax.axvline(t["iteration"], lw=1.5, **styles.get(t["rule"], {}),
+                       label=f"{t['rule']}: {t['iteration']:.0f}{spread}")
+            if t.get("spread"):
+                ax.axvspan(t["iteration"] - t["spread"], t["iteration"] + t["spread"],
+                           color=styles.get(t["rule"], {}).get("color", "0.5"), alpha=0.08)
+
+
+def plot_growth(summaries, out_stem, *, window: int, lr_changes=(), transitions=None) -> list[Path]:
+    """Fig. 6: (a) growth curves d(t0, t) (L2 twin-base distance) per t0; (b) growth rate λ(t0) over
+    [t0, t0 + window]; (c) dissimilarity at the fixed window t0 + window and at the last t1, per t0.
+    With several seeds: geometric (a) or arithmetic (b) mean and a min–max band."""
+    sums = _summaries(summaries)
+    traces = [s.get("trace") or [] for s in sums]
+    if not all(traces):
+        raise ConfigError("the chaos summaries have no divergence traces (run the chaos job with trace_every > 0)")
+    curves = [growth_curves(tr) for tr in traces]
+    t0s = sorted(curves[0])
+    fig = _new_figure((17, 5.2))
+    ax_a, ax_b, ax_c = fig.subplots(1, 3)
+    cmap = __import__("matplotlib").colormaps["viridis"]
+    for n, t0 in enumerate(t0s):
+        t = curves[0][t0][0]
+        ys = [c[t0][1] for c in curves if t0 in c and len(c[t0][1]) == len(t)]
+        _band(ax_a, t, ys, cmap(n / max(len(t0s) - 1, 1)), f"$t_0$ = {t0}", geometric=True, marker="-")
+    ax_a.set_yscale("log")
+    ax_a.set_xscale("symlog", linthresh=10, linscale=0.5)
+    ax_a.set_xlabel("iteration t")
+    ax_a.set_ylabel(r"$d(t_0, t) = \|\theta'_t - \theta_t\|_2$")
+    ax_a.set_title("(a) growth of the twin-base distance")
+    _lr_lines(ax_a, lr_changes)
+    ax_a.legend(fontsize=7, ncol=2)
+
+    rates = [growth_rates(tr, window) for tr in traces]
+    x = np.array(t0s, dtype=np.float64)
+    _band(ax_b, x, [[r.get(t, np.nan) for t in t0s] for r in rates], "C0",
+          rf"$\lambda(t_0)$ over $[t_0, t_0 + {window}]$")
+    ax_b.axhline(0, color="0.5", lw=1)
+    _mark_transitions(ax_b, transitions, {"chaos_growth"})
+    _lr_lines(ax_b, lr_changes)
+    ax_b.set_xscale("symlog", linthresh=10, linscale=0.5)
+    ax_b.set_xlabel("$t_0$ (iteration perturbed)")
+    ax_b.set_ylabel(r"growth rate $\lambda$ (per iteration)")
+    ax_b.set_title("(b) finite-time growth rate of log d")
+    ax_b.legend(fontsize=7)
+
+    wins = [window_values(tr, window, "dissimilarity") for tr in traces]
+    _band(ax_c, x, [[w.get(t, np.nan) for t in t0s] for w in wins], "C1",
+          f"at $t_1 = t_0 + {window}$", geometric=True)
+    last = max(r["t1"] for r in sums[0]["records"])
+    ends = []
+    for s in sums:
+        per = {r["t0"]: r["dissimilarity"] for r in s["records"] if r["member"] == "perturbed" and r["t1"] == last}
+        ends.append([per.get(t, np.nan) for t in t0s])
+    _band(ax_c, x, ends, "C2", f"at the last $t_1$ = {last}", geometric=True)
+    _mark_transitions(ax_c, transitions, {"chaos_window", "chaos_dissimilarity"})
+    _lr_lines(ax_c, lr_changes)
+    ax_c.set_yscale("log")
+    ax_c.set_xscale("symlog", linthresh=10, linscale=0.5)
+    ax_c.set_xlabel("$t_0$ (iteration perturbed)")
+    ax_c.set_ylabel(r"dissimilarity $1 - \cos(\theta, \theta')$")
+    ax_c.set_title("(c) fixed window vs fixed end")
+    ax_c.legend(fontsize=7)
+    seeds = f"{len(sums)} seeds (mean, min-max band)" if len(sums) > 1 else "1 seed"
+    fig.suptitle(f"Divergence of perturbed twins: {seeds}; "
+                 + (f"lr changes at {list(lr_changes)}" if lr_changes else "constant learning rate"))
+    return _save(fig, out_stem)
+
+
+# --------------------------------------------------------------------------- Fig. 7
+
+
+def plot_kernel_diagnostics(diags, out_stem, *, lr_changes=(), cone_transition=None) -> list[Path]:
+    """Fig. 7: per checkpoint, (a) kernel–label alignment (CKA), (b) the top eigenvalues of the eNTK,
+    (c) its effective rank, (d) its distance S to the final kernel; mean and min–max band over seeds."""
+    diags = list(diags)
+    t = np.asarray(diags[0].iterations, dtype=np.float64)
+    if any(len(d.iterations) != len(t) for d in diags):
+        raise ConfigError("the seeds' kernel trajectories have different checkpoints")
+    fig = _new_figure((17, 4.6))
+    axes = fig.subplots(1, 4)
+    _band(axes[0], t, [d.alignment for d in diags], "C0", "CKA(traced H, $YY^T$)")
+    axes[0].set_title("(a) kernel-label alignment")
+    top = np.stack([d.top_eigenvalues for d in diags])  # (seeds, T, k)
+    for j in range(top.shape[2]):
+        _band(axes[1], t, top[:, :, j], f"C{j}", rf"$\lambda_{j + 1}$", geometric=True, marker="-")
+    axes[1].set_yscale("log")
+    axes[1].set_title("(b) top eigenvalues of H")
+    _band(axes[2], t, [d.effective_rank for d in diags], "C2", "effective rank")
+    axes[2].set_title("(c) effective rank of H")
+    dist = [np.where(np.asarray(d.distance_to_final) > 0, d.distance_to_final, np.nan) for d in diags]
+    _band(axes[3], t, dist, "C3", r"$S(H_t, H_{final})$", geometric=True)
+    axes[3].set_yscale("log")
+    axes[3].set_title("(d) distance to the final kernel")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+        ax.set_xlabel("iteration t")
+        _lr_lines(ax, [c for c in lr_changes if c <= t[-1]])
+        if cone_transition is not None:
+            ax.axvline(cone_transition, **_TRANSITION, label=f"cone transition {cone_transition:.0f}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    seeds = f"{len(diags)} seeds (mean, min-max band)" if len(diags) > 1 else "1 seed"
+    fig.suptitle(f"Kernel trajectory diagnostics: {seeds}")
     return _save(fig, out_stem)

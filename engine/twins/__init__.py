@@ -1,6 +1,6 @@
 """Twin-run fleets: lockstep training with identical SGD noise and perturbation injection.
 
-The chaos-grid experiment built on them lives in :mod:`engine.analysis.chaos`."""
+The chaos-grid job built on them lives in :mod:`engine.jobs.chaos`."""
 
 from .fleet import Fleet, LoopFleet, MemberSpec, Strategy, VmapFleet, make_fleet, resolve_strategy
 from .perturb import NORMS, Perturbation, ZeroPerturbationError, perturb_, perturb_model_

@@ -121,6 +121,39 @@ class Fleet:
         self.realized[k] = info
         return info
 
+    def _param_stacks(self, rows: list[int]):
+        """Per trainable parameter, a (len(rows), numel) view or copy of those members' values."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def trace_into(self, out: torch.Tensor, j: int) -> None:
+        """Record the divergence of every spawned member from the base into row ``j`` of ``out``.
+
+        ``out`` is a preallocated (n, K, 3) float64 tensor on the fleet's device; ``out[j, k]``
+        becomes (‖θ_k − θ_0‖₂, 1 − cos(θ_0, θ_k), ‖θ_k‖₂) over the trainable parameters, computed
+        in float64 on the device with no host synchronisation (rows of unspawned members are left
+        as they are). 1 − cos is formed as (‖δ‖² − (‖θ_k‖ − ‖θ_0‖)²) / (2‖θ_0‖‖θ_k‖) with
+        ‖θ_k‖ − ‖θ_0‖ = Σ δ(θ_k + θ_0) / (‖θ_k‖ + ‖θ_0‖), δ = θ_k − θ_0: every term comes from the
+        difference itself, so it keeps its relative precision for nearly parallel states (1 − cos
+        ≈ 1e-14 after a 1e-7 perturbation) and is exactly 0 for identical ones (the control).
+        """
+        rows = [k for k in range(self.k) if self.spawned[k]]
+        d2 = s = n2 = None
+        for x in self._param_stacks(rows):
+            x = x.double()
+            x0 = x[:1]
+            diff = x - x0
+            terms = ((diff * diff).sum(1), (diff * (x + x0)).sum(1), (x * x).sum(1))
+            d2, s, n2 = terms if d2 is None else (d2 + terms[0], s + terms[1], n2 + terms[2])
+        nb = n2.sqrt()
+        na = nb[:1]
+        dn = s / (na + nb)
+        vals = torch.stack([d2.sqrt(), (d2 - dn * dn).clamp_min(0) / (2 * na * nb), nb], dim=1)
+        if len(rows) == self.k:
+            out[j].copy_(vals)
+        else:
+            out[j].index_copy_(0, torch.tensor(rows, device=out.device), vals)
+
 
 class LoopFleet(Fleet):
     """One module and optimizer per member; only spawned members are stepped."""
@@ -160,6 +193,10 @@ class LoopFleet(Fleet):
 
     def _param_list(self, k):
         return [(n, p) for n, p in self.models[k].named_parameters() if p.requires_grad]
+
+    def _param_stacks(self, rows):
+        per_member = [[p for _, p in self._param_list(k)] for k in rows]
+        return [torch.stack([ps[i].reshape(-1) for ps in per_member]) for i in range(len(per_member[0]))]
 
 
 class VmapFleet(Fleet):
@@ -257,6 +294,12 @@ class VmapFleet(Fleet):
 
     def _param_list(self, k):
         return [(n, p[k]) for n, p in self.P.items()]
+
+    def _param_stacks(self, rows):
+        if len(rows) == self.k:
+            return [p.reshape(self.k, -1) for p in self.P.values()]
+        idx = torch.tensor(rows, device=self.device)
+        return [p.reshape(self.k, -1).index_select(0, idx) for p in self.P.values()]
 
 
 def make_fleet(model: nn.Module, cfg: TrainConfig, stream: BatchStream, specs: list[MemberSpec], *,

@@ -67,11 +67,14 @@ def perturb_(params: list[tuple[str, torch.Tensor]], pert: Perturbation) -> dict
     """Add the perturbation in place to ``params`` ``[(name, tensor)]``; return its sizes.
 
     The realized perturbation is measured from the stored values after rounding to
-    the parameter dtype: ``realized_l2 = ‖θ' − θ‖₂``, ``realized_linf``, and the
-    number of coordinates that actually changed.
+    the parameter dtype: ``realized_l2 = ‖θ' − θ‖₂``, ``realized_linf``, the number of
+    coordinates that actually changed (``changed`` of ``coords``), and how many of the non-zero
+    (trained) ones did (``changed_nonzero`` of ``nonzero``): a perturbation that lands only on
+    exactly-zero parameters is lost in the first step.
     """
     info = {"requested": pert.eps, "norm": pert.norm, "realized_l2": 0.0, "realized_linf": 0.0,
-            "changed": 0, "coords": sum(p.numel() for _, p in params)}
+            "changed": 0, "coords": sum(p.numel() for _, p in params),
+            "changed_nonzero": 0, "nonzero": sum(int((p != 0).sum()) for _, p in params)}
     if pert.eps == 0 or not params:
         return info
     d = direction([p.shape for _, p in params], pert.seed)
@@ -86,7 +89,7 @@ def perturb_(params: list[tuple[str, torch.Tensor]], pert: Perturbation) -> dict
         d = [torch.sign(x) * pert.eps for x in d]
     else:  # gaussian
         d = [x * pert.eps for x in d]
-    sq, mx, changed = 0.0, 0.0, 0
+    sq, mx, changed, changed_nz = 0.0, 0.0, 0, 0
     for (_, p), delta in zip(params, d, strict=True):
         old = p.detach().clone()
         p.copy_((p.double() + delta.to(p.device)).to(p.dtype))
@@ -94,7 +97,8 @@ def perturb_(params: list[tuple[str, torch.Tensor]], pert: Perturbation) -> dict
         sq += float((diff * diff).sum())
         mx = max(mx, float(diff.abs().max()))
         changed += int((diff != 0).sum())
-    info.update(realized_l2=math.sqrt(sq), realized_linf=mx, changed=changed)
+        changed_nz += int(((diff != 0) & (old != 0)).sum())
+    info.update(realized_l2=math.sqrt(sq), realized_linf=mx, changed=changed, changed_nonzero=changed_nz)
     return info
 
 
