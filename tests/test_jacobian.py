@@ -437,7 +437,7 @@ def test_bad_inputs_are_config_errors():
         jacobian(model, [[1.0]])
     with pytest.raises(ConfigError, match=r"projection must be a float tensor of shape \(10,\)"):
         jacobian(model, x, projection=torch.randn(3))
-    with pytest.raises(ConfigError, match="unknown Jacobian backend 'fast'; valid: auto, reference, structured"):
+    with pytest.raises(ConfigError, match="Jacobian backend must be one of auto, reference, structured, got 'fast'"):
         jacobian(model, x, backend="fast")
     with pytest.raises(ConfigError, match="chunk_size"):
         jacobian(model, x, chunk_size=0)

@@ -22,7 +22,7 @@ from ..ops import OpsBackend, kernel_pair_products
 from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
 from ..store.h5raw import from_numpy, torch_dtype_of
-from .gram import _prefetched
+from .gram import prefetched
 
 DistanceBackend = OpsBackend  # the one backend switch of engine.ops
 
@@ -151,7 +151,7 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
         return _staged(kernels, r0, r1, c0, device, dtype)
 
     bar = progress_bar(total=m, desc="kernel distances", enabled=progress, unit="row")
-    for (_, (r0, r1)), (x, diag_offset) in _prefetched(list(enumerate(tiles)), load):
+    for (_, (r0, r1)), (x, diag_offset) in prefetched(list(enumerate(tiles)), load):
         g += kernel_pair_products(x, symmetric=symmetric, diag_offset=diag_offset, backend=b)
         bar.update(r1 - r0)
     bar.close()

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, parse_enum
 from ..ops import OpsBackend, gram_tile
 from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
@@ -34,10 +34,7 @@ class KernelKind(enum.StrEnum):
 
 
 def _kind(kernel: str | KernelKind) -> KernelKind:
-    try:
-        return KernelKind(kernel)
-    except ValueError:
-        raise ConfigError(f"kernel must be one of {[k.value for k in KernelKind]}, got {kernel!r}") from None
+    return parse_enum(KernelKind, kernel, "kernel")
 
 
 class _Source:
@@ -103,7 +100,7 @@ def plan_tiles(rows: int, cols: int, *, itemsize: int, budget_bytes: int, multip
     return block_rows, int(max(1, min(cols, block_cols)))
 
 
-def _prefetched(keys: list, load: Callable) -> Iterator:
+def prefetched(keys: list, load: Callable) -> Iterator:
     """Yield ``(key, load(key))`` in order with the next load running in a background thread."""
     if not keys:
         return
@@ -209,7 +206,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
 
     bar = progress_bar(total=len(keys), desc="gram tiles", enabled=progress, unit="tile")
     a = None
-    for (_, i, j), blk in _prefetched(keys, load):
+    for (_, i, j), blk in prefetched(keys, load):
         if j == i:
             a = blk
         r0, r1 = (x // mult for x in row_blocks[i])

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.overrides import TorchFunctionMode
 
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError, EngineError, parse_enum
 from engine.ntk._layers import LayerRule, is_batch_dependent, rule_for
 
 __all__ = ["JacobianBackend", "jacobian", "parameter_layout", "structured_coverage"]
@@ -78,7 +78,7 @@ class JacobianBackend(str, enum.Enum):  # noqa: UP042 - same str-mixin form as t
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     name: str
     param: nn.Parameter
     start: int
@@ -89,7 +89,7 @@ def _model_name(model: nn.Module) -> str:
     return str(getattr(model, "arch", type(model).__name__))
 
 
-def _entries(model: nn.Module, param_names: Iterable[str] | None) -> list[_Entry]:
+def selected_entries(model: nn.Module, param_names: Iterable[str] | None) -> list[Entry]:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
@@ -114,12 +114,12 @@ def _entries(model: nn.Module, param_names: Iterable[str] | None) -> list[_Entry
                 f"parameter(s) {', '.join(map(repr, frozen))} do not require grad; the Jacobian has columns "
                 "only for trainable parameters"
             )
-    out: list[_Entry] = []
+    out: list[Entry] = []
     col = 0
     for name, p in named:
         if not p.requires_grad or (wanted is not None and name not in wanted):
             continue
-        out.append(_Entry(name, p, col, col + p.numel()))
+        out.append(Entry(name, p, col, col + p.numel()))
         col += p.numel()
     if not out:
         raise ConfigError(f"model {_model_name(model)} has no trainable parameters")
@@ -135,21 +135,17 @@ def parameter_layout(
     name), restricted to ``param_names`` when given; ``col_end - col_start`` is the
     parameter's numel. Raises ``ConfigError`` naming unknown or frozen names.
     """
-    return [(e.name, e.param.shape, e.start, e.end) for e in _entries(model, param_names)]
+    return [(e.name, e.param.shape, e.start, e.end) for e in selected_entries(model, param_names)]
 
 
 # --------------------------------------------------------------------------- checks
 
 
 def _parse_backend(backend: JacobianBackend | str) -> JacobianBackend:
-    try:
-        return JacobianBackend(backend)
-    except ValueError:
-        valid = ", ".join(b.value for b in JacobianBackend)
-        raise ConfigError(f"unknown Jacobian backend {backend!r}; valid: {valid}") from None
+    return parse_enum(JacobianBackend, backend, "Jacobian backend")
 
 
-def _compute_dtype(model: nn.Module, entries: Sequence[_Entry]) -> tuple[torch.dtype, torch.device]:
+def params_dtype_device(model: nn.Module, entries: Sequence[Entry]) -> tuple[torch.dtype, torch.device]:
     dtypes = {e.param.dtype for e in entries}
     devices = {e.param.device for e in entries}
     if len(dtypes) != 1 or len(devices) != 1:
@@ -179,7 +175,7 @@ def _check_x(x: object, dtype: torch.dtype, device: torch.device) -> Tensor:
     return x
 
 
-def _check_mode(model: nn.Module, force_eval: bool) -> None:
+def check_mode(model: nn.Module, force_eval: bool) -> None:
     if not force_eval and any(m.training for m in model.modules()):
         raise ConfigError(
             f"model {_model_name(model)} is in train mode; BatchNorm must use running statistics: "
@@ -194,7 +190,7 @@ def _check_mode(model: nn.Module, force_eval: bool) -> None:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Every module in eval mode inside; each module's own flag restored after, even on error."""
     saved = [(m, m.training) for m in model.modules()]
     try:
@@ -225,7 +221,7 @@ def _probe(model: nn.Module, x: Tensor) -> int:
     return int(y.shape[1])
 
 
-def _check_projection(v: object, c: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def check_projection(v: object, c: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     if not isinstance(v, Tensor) or not (v.dtype.is_floating_point) or tuple(v.shape) != (c,):
         what = f"shape {tuple(v.shape)} dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
         raise ConfigError(f"projection must be a float tensor of shape ({c},) (one weight per output), got {what}")
@@ -264,7 +260,7 @@ def _check_chunk(chunk_size: object) -> int | None:
 def _reference_into(
     model: nn.Module,
     x: Tensor,
-    entries: Sequence[_Entry],
+    entries: Sequence[Entry],
     out3: Tensor,
     projection: Tensor | None,
     chunk_size: int | None,
@@ -374,7 +370,7 @@ class _UseTracker(TorchFunctionMode):
 
 
 @dataclass(eq=False)
-class _Call:
+class Call:
     """One call of a hooked module: its input (detached) and output (in the graph)."""
 
     module: nn.Module
@@ -384,31 +380,31 @@ class _Call:
     versions: tuple[int, int]
     # The call whose stored output gradient this call uses, and the factor along
     # the output's dim 1 (None: its own gradient).
-    base: _Call | None = None
+    base: Call | None = None
     scale: Tensor | None = None
 
 
 @dataclass
-class _Plan:
+class Plan:
     """Static part of the structured backend for one model and parameter selection."""
 
-    entries: list[_Entry]
+    entries: list[Entry]
     # param id -> ids of the modules holding it (only for structured params)
     owners: dict[int, frozenset[int]]
     structured: set[int]  # param ids every holder of which has a rule for that slot
     modules: list[nn.Module]  # modules to hook: holders of structured params
     rules: dict[int, LayerRule] = field(default_factory=dict)  # module id -> rule
-    slots: dict[int, list[tuple[str, _Entry]]] = field(default_factory=dict)  # module id -> (attr, entry)
+    slots: dict[int, list[tuple[str, Entry]]] = field(default_factory=dict)  # module id -> (attr, entry)
 
 
-def _plan(model: nn.Module, entries: list[_Entry]) -> _Plan:
+def make_plan(model: nn.Module, entries: list[Entry]) -> Plan:
     by_id = {id(e.param): e for e in entries}
     holders: dict[int, list[tuple[nn.Module, str]]] = {pid: [] for pid in by_id}
     for m in model.modules():
         for attr, p in m._parameters.items():
             if p is not None and id(p) in holders:
                 holders[id(p)].append((m, attr))
-    plan = _Plan(entries, {}, set(), [])
+    plan = Plan(entries, {}, set(), [])
     for e in entries:
         slots = holders[id(e.param)]
         rules = [rule_for(m) for m, _ in slots]
@@ -425,13 +421,13 @@ def _plan(model: nn.Module, entries: list[_Entry]) -> _Plan:
     return plan
 
 
-class _Recorder:
+class Recorder:
     """Hooks the planned modules for one forward: their calls and who must fall back."""
 
-    def __init__(self, plan: _Plan, n: int):
+    def __init__(self, plan: Plan, n: int):
         self.plan = plan
         self.n = n
-        self.calls: list[_Call] = []
+        self.calls: list[Call] = []
         self.bad_modules: set[int] = set()
         self.tracker = _UseTracker(plan.owners)
         self._handles: list = []
@@ -459,10 +455,10 @@ class _Recorder:
             return
         src = id(a)
         a = a.detach()
-        self.calls.append(_Call(module, a, y, src, (a._version, y._version)))
+        self.calls.append(Call(module, a, y, src, (a._version, y._version)))
         self.tracker.uses[id(y)] = 0
 
-    def __enter__(self) -> _Recorder:
+    def __enter__(self) -> Recorder:
         try:
             for m in self.plan.modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre))
@@ -498,7 +494,7 @@ class _Recorder:
             out.update(id(e.param) for _, e in self.plan.slots[key])
         return out
 
-    def resolve(self, fallback: set[int]) -> list[_Call]:
+    def resolve(self, fallback: set[int]) -> list[Call]:
         """The calls that contribute columns, each linked to the call whose gradient it uses.
 
         A call whose output is consumed by exactly one op, the input of a following
@@ -514,7 +510,7 @@ class _Recorder:
         calls = [c for c in self.calls if id(c) in keep]
         # Walk backwards so that by_src only holds later calls: an earlier call's
         # input may have been freed and its id() reused by this call's output.
-        by_src: dict[int, _Call] = {}
+        by_src: dict[int, Call] = {}
         for c in reversed(calls):
             nxt = by_src.get(id(c.y))
             rule = None if nxt is None else plan.rules[id(nxt.module)]
@@ -526,9 +522,9 @@ class _Recorder:
         return calls
 
 
-def _per_sample_bytes(plan: _Plan, model: nn.Module, x1: Tensor, k: int) -> int:
+def _per_sample_bytes(plan: Plan, model: nn.Module, x1: Tensor, k: int) -> int:
     """Rough memory per input sample of one structured block, from a one-sample forward."""
-    rec = _Recorder(plan, 1)
+    rec = Recorder(plan, 1)
     with rec, torch.no_grad():
         model(x1)
     calls = rec.resolve(set()) if rec.calls else []
@@ -545,7 +541,7 @@ def _per_sample_bytes(plan: _Plan, model: nn.Module, x1: Tensor, k: int) -> int:
     return max(1, total * x1.element_size())
 
 
-def _output_grads(f: Tensor, ys: list[Tensor], projection: Tensor | None) -> list[Tensor | None]:
+def output_grads(f: Tensor, ys: list[Tensor], projection: Tensor | None) -> list[Tensor | None]:
     """Per captured output y: the (n, K, *y.shape[1:]) gradients of the K scalar outputs.
 
     One backward per output c (samples are independent, so the gradient of Σ_n f_c(x_n)
@@ -586,13 +582,13 @@ def _output_grads(f: Tensor, ys: list[Tensor], projection: Tensor | None) -> lis
 
 def _structured_block(
     model: nn.Module,
-    plan: _Plan,
+    plan: Plan,
     x: Tensor,
     out3: Tensor,
     projection: Tensor | None,
-) -> list[_Entry]:
+) -> list[Entry]:
     """Fill the structured columns of one block of rows; returns the entries left to the fallback."""
-    rec = _Recorder(plan, x.shape[0])
+    rec = Recorder(plan, x.shape[0])
     with rec, torch.enable_grad():
         f = model(x)
     fallback = rec.fallback_ids()
@@ -600,7 +596,7 @@ def _structured_block(
     written: set[int] = set()
     if calls and f.requires_grad:
         own = [c for c in calls if c.base is None]
-        grads = dict(zip(map(id, own), _output_grads(f, [c.y for c in own], projection), strict=True))
+        grads = dict(zip(map(id, own), output_grads(f, [c.y for c in own], projection), strict=True))
         del f
         with torch.no_grad():
             for call in calls:
@@ -630,12 +626,12 @@ def _structured_block(
 def _structured_into(
     model: nn.Module,
     x: Tensor,
-    entries: list[_Entry],
+    entries: list[Entry],
     out3: Tensor,
     projection: Tensor | None,
     chunk_size: int | None,
 ) -> None:
-    plan = _plan(model, entries)
+    plan = make_plan(model, entries)
     n, k = x.shape[0], out3.shape[1]
     if chunk_size is None:
         chunk_size = max(1, min(n, _STRUCTURED_CHUNK_BYTES // _per_sample_bytes(plan, model, x[:1], k)))
@@ -660,14 +656,14 @@ def structured_coverage(
     reasons: a module called on an unbatched input, a parameter used outside its
     module (tied weights), an in-place op on a hooked module's input or output.
     """
-    entries = _entries(model, param_names)
-    plan = _plan(model, entries)
+    entries = selected_entries(model, param_names)
+    plan = make_plan(model, entries)
     fallback = {id(e.param) for e in entries if id(e.param) not in plan.structured}
     if x is not None:
-        dtype, device = _compute_dtype(model, entries)
+        dtype, device = params_dtype_device(model, entries)
         x = _check_x(x, dtype, device)
-        with _eval_mode(model):
-            rec = _Recorder(plan, x.shape[0])
+        with eval_mode(model):
+            rec = Recorder(plan, x.shape[0])
             with rec, torch.no_grad():
                 model(x)
             fallback |= rec.fallback_ids()
@@ -712,16 +708,16 @@ def jacobian(
         projection. Parameters and buffers are left untouched.
     """
     kind = _parse_backend(backend)
-    entries = _entries(model, param_names)
+    entries = selected_entries(model, param_names)
     chunk = _check_chunk(chunk_size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
-    _check_mode(model, force_eval)
-    cdtype, device = _compute_dtype(model, entries)
+    check_mode(model, force_eval)
+    cdtype, device = params_dtype_device(model, entries)
     x = _check_x(x, cdtype, device)
-    with _eval_mode(model):
+    with eval_mode(model):
         c = _probe(model, x)
-        v = None if projection is None else _check_projection(projection, c, cdtype, device)
+        v = None if projection is None else check_projection(projection, c, cdtype, device)
         n, k = x.shape[0], (1 if v is not None else c)
         width = entries[-1].end
         result = _check_out(out, (n * k, width) if v is None else (n, width), dtype, device)

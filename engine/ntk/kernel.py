@@ -23,13 +23,13 @@ from ..progress import progress as progress_bar
 from ..store import JacobianStore
 from .gram import KernelKind
 from .jacobian import (
-    _check_mode,
-    _check_projection,
-    _compute_dtype,
-    _entries,
-    _eval_mode,
+    check_mode,
+    check_projection,
+    eval_mode,
     jacobian,
     parameter_layout,
+    params_dtype_device,
+    selected_entries,
 )
 from .onepass import EntkKernel, Implementation, bf16_matrix_unit, onepass_kernel
 
@@ -176,9 +176,9 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
     parse_backend(ops_backend)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    entries = _entries(model, param_names)
-    pdtype, device = _compute_dtype(model, entries)
-    _check_mode(model, force_eval)
+    entries = selected_entries(model, param_names)
+    pdtype, device = params_dtype_device(model, entries)
+    check_mode(model, force_eval)
     if compute_dtype is None or compute_dtype == pdtype:
         bf16 = False
     elif compute_dtype == torch.bfloat16:
@@ -204,13 +204,13 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
         warnings.warn("this CPU has no bfloat16 matrix unit (no amx_bf16 / avx512_bf16 flag): "
                       "compute_dtype=bfloat16 is emulated in float32, with bfloat16's error and no speed-up",
                       RuntimeWarning, stacklevel=2)
-    with _eval_mode(model):
+    with eval_mode(model):
         c = _probe_outputs(model, xs1, "x1")
         if xs2 is not None:
             _probe_outputs(model, xs2, "x2")
         v = None
         if projection is not None:
-            v = _check_projection(projection, c, pdtype, device)
+            v = check_projection(projection, c, pdtype, device)
         elif kind is EntkKernel.PNTK:
             v = torch.full((c,), 1 / math.sqrt(c), dtype=pdtype, device=device)
         k = 1 if v is not None else c

@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import ConfigError
 from ._layers import LayerRule
-from .jacobian import _Call, _Entry, _output_grads, _Plan, _plan, _Recorder
+from .jacobian import Call, Entry, Plan, Recorder, make_plan, output_grads
 
 __all__ = ["EntkKernel", "Implementation", "bf16_matrix_unit", "onepass_kernel"]
 
@@ -114,7 +114,7 @@ class _Block:
 
     x: Inputs
     n: int
-    calls: dict[int, list[_Call]] = field(default_factory=dict)  # module id -> its calls, in order
+    calls: dict[int, list[Call]] = field(default_factory=dict)  # module id -> its calls, in order
     grads: dict[int, Tensor | None] = field(default_factory=dict)  # id(call) -> (n, K, *y.shape[1:])
     fallback: set[int] = field(default_factory=set)  # param ids whose columns come from torch.func
 
@@ -132,16 +132,16 @@ def _batched_grads(f: Tensor, ys: list[Tensor], v: Tensor | None) -> list[Tensor
             gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True,
                                      retain_graph=True)
     except RuntimeError:
-        return _output_grads(f, ys, None)  # one backward per output
+        return output_grads(f, ys, None)  # one backward per output
     return [None if g is None else g.transpose(0, 1).contiguous() for g in gs]
 
 
-def _forward_backward(model: nn.Module, plan: _Plan | None, x: Inputs, v: Tensor | None,
+def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor | None,
                       always_fallback: set[int]) -> _Block:
     blk = _Block(x, _size(x))
     if plan is None:  # implementation="reference": every column from torch.func
         return blk
-    rec = _Recorder(plan, blk.n)
+    rec = Recorder(plan, blk.n)
     with rec, torch.enable_grad():
         f = _call(model, x)
     blk.fallback = rec.fallback_ids() | always_fallback
@@ -166,9 +166,9 @@ class _Piece:
     key: str  # per-layer name
     width: int
     module: nn.Module | None = None  # structured: the module, else fallback
-    slots: tuple[tuple[str, _Entry], ...] = ()
+    slots: tuple[tuple[str, Entry], ...] = ()
     chunk: tuple[int, int] | None = None  # output-channel range of a chunked module
-    entries: tuple[_Entry, ...] = ()  # fallback params
+    entries: tuple[Entry, ...] = ()  # fallback params
 
 
 def _chunkable(m: nn.Module) -> int | None:
@@ -180,7 +180,7 @@ def _chunkable(m: nn.Module) -> int | None:
     return None
 
 
-def _module_pieces(m: nn.Module, key: str, slots: list[tuple[str, _Entry]], max_cols: int) -> list[_Piece]:
+def _module_pieces(m: nn.Module, key: str, slots: list[tuple[str, Entry]], max_cols: int) -> list[_Piece]:
     width = sum(e.end - e.start for _, e in slots)
     out_ch = _chunkable(m)
     if width <= max_cols or out_ch is None:
@@ -317,7 +317,7 @@ def _contract(out: Tensor, ja: Tensor, jb: Tensor | None, t: _Tile) -> None:
         _gram_into(out, ja.reshape(na * k, w), jb.reshape(-1, w), t.sym, t.bf16)
 
 
-def _linear_closed_form(out: Tensor, m: nn.Module, slots, ca: _Call, ga: Tensor, cb: _Call, gb: Tensor,
+def _linear_closed_form(out: Tensor, m: nn.Module, slots, ca: Call, ga: Tensor, cb: Call, gb: Tensor,
                         t: _Tile) -> None:
     """The contribution of a Linear on (n, I) inputs: (g_a·g_b)(a_a·a_b) for the weight, g_a·g_b for the bias."""
     attrs = {a for a, _ in slots}
@@ -348,8 +348,8 @@ def _linear_closed_form(out: Tensor, m: nn.Module, slots, ca: _Call, ga: Tensor,
 @dataclass
 class _Setup:
     model: nn.Module
-    entries: list[_Entry]
-    plan: _Plan | None
+    entries: list[Entry]
+    plan: Plan | None
     v: Tensor | None
     k: int
     kind: EntkKernel
@@ -362,7 +362,7 @@ class _Setup:
     always_fallback: set[int]
 
 
-def _owner_names(model: nn.Module, entries: list[_Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
+def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
     names = {id(m): n for n, m in model.named_modules()}
     holders: dict[int, list[str]] = {}
     for mname, m in model.named_modules():
@@ -396,13 +396,13 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
                 closed.append((key, m, slots, ca[0], cb[0]))
                 continue
             pieces += _module_pieces(m, key, slots, s.max_cols)
-    by_key: dict[str, list[_Entry]] = {}
+    by_key: dict[str, list[Entry]] = {}
     for e in fallback_entries:
         by_key.setdefault(s.owner_name[id(e.param)] if s.per_layer else "", []).append(e)
     for key, es in by_key.items():
         width = sum(e.end - e.start for e in es)
         # Fallback columns are formed by torch.func per parameter group: chunk by parameter.
-        group: list[_Entry] = []
+        group: list[Entry] = []
         for e in es:
             if group and sum(x.end - x.start for x in group) + e.end - e.start > s.max_cols:
                 pieces.append(_Piece(key, sum(x.end - x.start for x in group), entries=tuple(group)))
@@ -468,7 +468,7 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
     """Rough memory per input sample of one block's data (graph, patches, stored gradients)."""
     if s.plan is None:
         return max(1, 4 * s.k * s.entries[-1].end)  # torch.func's per-sample Jacobian
-    rec = _Recorder(s.plan, 1)
+    rec = Recorder(s.plan, 1)
     with rec, torch.no_grad():
         _call(s.model, x1)
     # Held per block: the graph (~2 activations per hooked output) and the K stored output
@@ -482,7 +482,7 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
     return max(1, total * 4)
 
 
-def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[_Entry], *,
+def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
                    kind: EntkKernel, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
                    bf16: bool, dtype: torch.dtype, budget_bytes: int,
                    progress: Callable | None = None) -> Tensor | dict[str, Tensor]:
@@ -494,7 +494,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     Inputs are checked by the caller (eval mode, dtypes, devices).
     """
     device = entries[0].param.device
-    plan = None if implementation is Implementation.REFERENCE else _plan(model, entries)
+    plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
     names, owner, shared = _owner_names(model, entries)
     mode = None
     if bf16:
@@ -566,7 +566,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     return outs if per_layer else outs[""]
 
 
-def _widest_unit(plan: _Plan | None, entries: list[_Entry]) -> int:
+def _widest_unit(plan: Plan | None, entries: list[Entry]) -> int:
     """The most columns that must be formed together: one output channel of a chunkable layer
     (its weight row and bias), a whole other module, a whole fallback parameter."""
     widest = max(e.end - e.start for e in entries)

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ..errors import ConfigError, EngineError
+from ..errors import EngineError, parse_enum
 
 
 class OpsBackend(enum.StrEnum):
@@ -35,10 +35,7 @@ class BackendUnavailableError(EngineError, RuntimeError):
 
 
 def parse_backend(backend: str | OpsBackend) -> OpsBackend:
-    try:
-        return OpsBackend(backend)
-    except ValueError:
-        raise ConfigError(f"backend must be one of {[b.value for b in OpsBackend]}, got {backend!r}") from None
+    return parse_enum(OpsBackend, backend, "backend")
 
 
 def triton_interpreted() -> bool:

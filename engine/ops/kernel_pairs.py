@@ -54,7 +54,7 @@ def weights(r: int, n: int, diag_offset: int, *, device=None, dtype=torch.float6
     return ((cols >= rows).to(dtype) + (cols > rows).to(dtype))
 
 
-def _mirror(g: torch.Tensor) -> torch.Tensor:
+def mirror(g: torch.Tensor) -> torch.Tensor:
     return torch.triu(g) + torch.triu(g, 1).T
 
 
@@ -68,7 +68,7 @@ def kernel_pairs_reference(x: torch.Tensor, *, symmetric: bool = False, diag_off
         w = weights(x.shape[1], x.shape[2], diag_offset, device=x.device)
         x64 = torch.where(w > 0, x64, 0.0)  # select, not multiply: a NaN below the diagonal is not read
         y = x64 * w
-    return _mirror(y.reshape(t, -1) @ x64.reshape(t, -1).T)
+    return mirror(y.reshape(t, -1) @ x64.reshape(t, -1).T)
 
 
 def _backend_for(x: torch.Tensor, backend: OpsBackend) -> OpsBackend:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.stream import BatchStream
-from ..errors import ConfigError
+from ..errors import ConfigError, parse_enum
 from ..train import TrainConfig, load_momentum, make_optimizer, momentum_state, sgd_step
 from ..train.schedule import lr_at
 from .perturb import Perturbation, perturb_
@@ -64,10 +64,7 @@ class MemberSpec:
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> Strategy:
-    try:
-        s = Strategy(strategy)
-    except ValueError:
-        raise ConfigError(f"strategy must be one of {[x.value for x in Strategy]}, got {strategy!r}") from None
+    s = parse_enum(Strategy, strategy, "strategy")
     if s is Strategy.AUTO:
         return Strategy.VMAP if device.type == "cuda" else Strategy.LOOP
     return s

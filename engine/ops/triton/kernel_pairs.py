@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
-from ..kernel_pairs import _mirror
+from ..kernel_pairs import mirror
 
 T_BLOCK = 64         # most kernels per pass
 SMEM_BUDGET = 160 * 1024   # per SM, for the pipelined segment loads of the resident programs (H200: 228 KiB)
@@ -385,4 +385,4 @@ def kernel_pairs_triton(x: torch.Tensor, *, symmetric: bool, diag_offset: int, f
                 SPLIT2=split2 and i0 == j0, num_warps=num_warps, num_stages=num_stages)
             ni, nj = min(tp, t - i0), min(tp, t - j0)
             g[i0:i0 + ni, j0:j0 + nj] = part.sum(0)[:ni, :nj]
-    return _mirror(g)
+    return mirror(g)
