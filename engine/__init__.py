@@ -20,7 +20,7 @@ from .errors import (
 )
 from .jobs import ChaosConfig, checkpoint_kernels, kernel_job, load_chaos, run_chaos
 from .models import MODEL_NAMES, build_model, count_parameters
-from .ntk import entk, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
+from .ntk import entk, entk_fn, gram, jacobian, jacobian_to_store, kernel_distance, pairwise_kernel_distance
 from .ops import BackendUnavailableError, OpsBackend, gram_tile, kernel_pair_products
 from .store import JacobianStore, KernelStore, RunFile, StoreError, open_kernel
 from .train import TrainConfig, TrainResult, parse_iterations, train
@@ -54,6 +54,7 @@ __all__ = [
     "checkpoint_kernels",
     "count_parameters",
     "entk",
+    "entk_fn",
     "gram",
     "gram_tile",
     "jacobian",

@@ -17,6 +17,7 @@ from .distance import (
     kernel_gram,
     pairwise_kernel_distance,
 )
+from .functional import KernelShape, entk_fn
 from .gram import KernelKind, gram
 from .jacobian import JacobianBackend, jacobian, parameter_layout
 from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
@@ -28,9 +29,11 @@ __all__ = [
     "Implementation",
     "JacobianBackend",
     "KernelKind",
+    "KernelShape",
     "KernelValueError",
     "distance_from_gram",
     "entk",
+    "entk_fn",
     "gram",
     "jacobian",
     "jacobian_to_store",
