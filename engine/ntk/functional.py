@@ -23,6 +23,7 @@ from torch.func import grad, jacrev, vmap
 
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
+from .gram import symmetrize
 
 DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian blocks held at once
 
@@ -266,18 +267,6 @@ def _bmm_nt(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return torch.bmm(a, a.transpose(1, 2)).to(acc)
 
 
-def _mirror_upper(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
-    """Copy the upper triangle onto the lower one in place (exact symmetry), tile by tile."""
-    m = h.shape[0]
-    for r0 in range(0, m, tile):
-        r1 = min(r0 + tile, m)
-        d = h[r0:r1, r0:r1]
-        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-        if r1 < m:
-            h[r1:, r0:r1] = h[r0:r1, r1:].T
-    return h
-
-
 def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, x2: Inputs | None = None, *,
             kernel: str | KernelShape = "full", param_names: Iterable[str] | None = None, per_layer: bool = False,
             compute_dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
@@ -375,5 +364,5 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
         if shape is KernelShape.DIAGONAL:
             h.copy_(torch.triu(h) + torch.triu(h, 1).transpose(1, 2))
         elif n2 is None:
-            _mirror_upper(h)
+            symmetrize(h)
     return out if per_layer else out[""]

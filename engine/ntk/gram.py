@@ -192,7 +192,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         for c0, c1 in col_chunks:
             blk = src.load(0, src.rows, c0, c1)
             _accumulate(out, blk, blk, kind, c, fused, op_backend, upper=True)
-        return _symmetrize(out)
+        return symmetrize(out)
 
     # Load order: for each column chunk and row block i, block i, then blocks j > i.
     keys = [(ci, i, j) for ci in range(len(col_chunks)) for i in range(len(row_blocks))
@@ -215,7 +215,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         bar.update()
     bar.close()
     # Mirror the strictly upper tiles (and the diagonal tiles' upper halves) downward.
-    return _symmetrize(out)
+    return symmetrize(out)
 
 
 def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int, fused: bool,
@@ -228,7 +228,7 @@ def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: Kerne
         gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend=backend)
 
 
-def _symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
+def symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
     """Copy the upper triangle onto the lower one in place, tile by tile (exact symmetry,
     O(tile²) extra memory)."""
     m = h.shape[0]

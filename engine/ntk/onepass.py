@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import ConfigError
 from ._layers import LayerRule
+from .gram import symmetrize
 from .jacobian import Call, Entry, Plan, Recorder, make_plan, output_grads
 
 __all__ = ["EntkKernel", "Implementation", "bf16_matrix_unit", "onepass_kernel"]
@@ -562,7 +563,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
         del b
     if x2 is None and kind is not EntkKernel.DIAGONAL:
         for o in outs.values():
-            _mirror(o)
+            symmetrize(o)
     return outs if per_layer else outs[""]
 
 
@@ -585,14 +586,3 @@ def _widest_unit(plan: Plan | None, entries: list[Entry]) -> int:
             chunked.update(id(e.param) for _, e in plan.slots[id(m)])
     units += [e.end - e.start for e in entries if id(e.param) not in chunked]
     return max(units) if units else widest
-
-
-def _mirror(h: Tensor, tile: int = 2048) -> None:
-    """Copy the upper triangle onto the lower one in place."""
-    m = h.shape[0]
-    for r0 in range(0, m, tile):
-        r1 = min(r0 + tile, m)
-        d = h[r0:r1, r0:r1]
-        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-        if r1 < m:
-            h[r1:, r0:r1] = h[r0:r1, r1:].T
