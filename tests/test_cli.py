@@ -41,13 +41,14 @@ def test_every_subcommand_shares_the_option_groups():
     """--json everywhere; --device, --quiet, --overwrite, --data-root wherever they apply (one definition each)."""
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
-    assert set(flags) == {"train", "ntk", "chaos", "reproduce", "data", "ext"}
+    tools = {"kernel-predict", "kernel-info"}  # read stored kernels only: no data, device or progress
+    assert set(flags) == {"train", "ntk", "chaos", "reproduce", "data", "ext", "kernel", *tools}
     for name, have in flags.items():
         assert "--json" in have, name
-        assert "--quiet" in have or name == "ext", name
-        assert "--device" in have or name == "data", name
-        assert "--data-root" in have or name == "ext", name
-        assert ("--overwrite" in have) == (name in ("train", "ntk", "chaos")), name
+        assert "--quiet" in have or name in ("ext", *tools), name
+        assert "--device" in have or name in ("data", *tools), name
+        assert "--data-root" in have or name in ("ext", *tools), name
+        assert ("--overwrite" in have) == (name in ("train", "ntk", "chaos", "kernel")), name
 
 
 def test_module_entry_point_version_and_usage_exit_codes():

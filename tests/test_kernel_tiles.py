@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -108,5 +110,6 @@ def test_not_a_kernel_file(tmp_path):
     p = tmp_path / "x.h5"
     with h5py.File(p, "w") as f:
         f.attrs["format"] = "other"
-    with pytest.raises(StoreError, match="not an entk-kernel-tiles file"):
+    msg = "is not an entk tiled kernel file (format attribute 'other', expected 'entk-kernel-tiles'"
+    with pytest.raises(StoreError, match=re.escape(msg)):
         open_kernel(p)

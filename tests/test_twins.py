@@ -205,8 +205,10 @@ def test_chaos_resume_after_interruption_is_bit_identical(tmp_path, ds, monkeypa
 
 
 def test_zero_perturbation_stops_loudly_keeping_results(tmp_path, ds):
+    # Spawned at t0 = 3, after the t1 = 0 unit: that unit is kept when the perturbation is refused.
     with pytest.raises(ZeroPerturbationError, match="rounds to zero"):
-        run_chaos(_chaos(eps=1e-45, norm="linf", t1=[0, 6, 12]), tmp_path / "z.h5", dataset=ds, quiet=True)
+        run_chaos(_chaos(eps=1e-45, norm="linf", t0=[3, 6], t1=[0, 6, 12]), tmp_path / "z.h5", dataset=ds,
+                  quiet=True)
     assert ChaosStore(tmp_path / "z.h5").complete.tolist() == [True, False, False]
 
 

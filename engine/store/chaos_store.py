@@ -10,3 +10,4 @@ class ChaosStore(BlockFile):
     [requested, realized_l2, realized_linf], ``/data/slot0``/``slot1`` (K, bytes) fleet state."""
 
     FORMAT = "entk-chaos"
+    NOUN = "entk chaos file"

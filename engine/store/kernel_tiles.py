@@ -34,6 +34,7 @@ class KernelTiles(BlockFile):
     """
 
     FORMAT = "entk-kernel-tiles"
+    NOUN = "entk tiled kernel file"
 
     @classmethod
     def create_for(cls, path: str | Path, *, job: Mapping, matrix_shape: tuple[int, int],

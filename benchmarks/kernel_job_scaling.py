@@ -1,6 +1,6 @@
 """``entk kernel`` end to end: the full eNTK of cnn on N real CIFAR-10 training images, 1 vs 2 processes.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_kernel_job.py --n 1000 --budget-gb 1 \\
+    nice -n 10 .venv/bin/python benchmarks/kernel_job_scaling.py --n 1000 --budget-gb 1 \\
         --json benchmarks/results/kernel-job-cpu-2core.json
 
 Default N = 5000 (the issue's 50,000 x 50,000 kernel, 10 GB on disk) with --budget-gb 2. Each
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-kernel-"))
     work.mkdir(parents=True, exist_ok=True)
-    common = ["--model-fn", "benchmarks.bench_kernel_job:make_cnn", "--data", "cifar10", "--data-root",
+    common = ["--model-fn", "benchmarks.kernel_job_scaling:make_cnn", "--data", "cifar10", "--data-root",
               args.data_root, "--x1", f"train:{args.n}", "--kernel", args.kernel, "--budget-gb",
               str(args.budget_gb), "--quiet", "--device", "cpu"]
     base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
