@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..determinism import resolve_device
-from ..report import reproduce
 from .options import add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
 
 
@@ -49,6 +48,8 @@ def run(args) -> int:
              for k in ("checkpoints", "t0", "t1", "seeds")}
     data = args.data or ("cifar10" if args.data_root else "synthetic")
     check_outputs(dirs=[("--out", args.out)], files=[("--json", args.json)])
+    from ..report import reproduce  # matplotlib: only the command that draws pays its import
+
     record = reproduce(args.out, preset_name=args.preset, model=args.model, data=data, data_root=args.data_root,
                        cache_dir=args.cache_dir, steps=args.steps, probe=args.probe, n_train=args.n_train,
                        n_test=args.n_test, subset_seed=args.subset_seed, eval_n=args.eval_n, eps=args.eps,

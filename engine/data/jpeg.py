@@ -31,7 +31,15 @@ def _jpeg_decoder() -> tuple[Callable | None, int]:
         return None, 0
 
 
-_DECODE_JPEG, _RGB = _jpeg_decoder()
+_DECODER: tuple[Callable | None, int] | None = None  # loaded on the first decode: importing
+# torchvision costs ~3 s of CPU, which every `entk` process start would otherwise pay
+
+
+def _decoder() -> tuple[Callable | None, int]:
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = _jpeg_decoder()
+    return _DECODER
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -43,10 +51,11 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     op rejects (PNG, odd JPEGs) and when torchvision's image extension is missing.
     """
     img = None
-    if _DECODE_JPEG is not None and data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+    decode, rgb = _decoder()
+    if decode is not None and data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            img = _DECODE_JPEG(buf, _RGB, False).numpy()
+            img = decode(buf, rgb, False).numpy()
         except RuntimeError:
             img = None
     if img is None:

@@ -72,6 +72,8 @@ class Implementation(enum.StrEnum):
 _STRIP_ROWS = 512
 # Longest inner dimension of one Gram product (see _gram_into).
 _INNER = 8192
+_BATCHED_BACKWARD = True
+_CHUNK_BYTES = 1 << 62
 
 
 @cache
@@ -149,7 +151,8 @@ def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor 
     calls = rec.resolve(blk.fallback)
     if calls and f.requires_grad:
         own = [c for c in calls if c.base is None]
-        gs = dict(zip(map(id, own), _batched_grads(f, [c.y for c in own], v), strict=True))
+        grads = _batched_grads if _BATCHED_BACKWARD else output_grads
+        gs = dict(zip(map(id, own), grads(f, [c.y for c in own], v), strict=True))
         for c in calls:
             blk.grads[id(c)] = gs[id(c.base or c)]
             blk.calls.setdefault(id(c.module), []).append(c)
@@ -518,7 +521,8 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     else:
         b1 = b2 = max(1, budget_bytes // 4 // per_sample)
     rows = k * max(min(b1, n1), min(b2, n2) if n2 else 0)
-    s.max_cols = max(widest, budget_bytes // 4 // max(rows * itemsize, 1))
+    chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
+    s.max_cols = max(widest, chunk_bytes // max(rows * itemsize, 1))
 
     m1 = n1 * (1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k)
     m2 = (n2 if x2 is not None else n1) * (1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k)
