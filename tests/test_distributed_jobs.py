@@ -38,19 +38,26 @@ def _one_process(*args):
         torch.set_num_threads(n)
 
 
-@pytest.mark.slow  # one torchrun launch of two fresh processes
-def test_ntk_two_ranks_write_the_bits_of_one_process(tmp_path):
+@pytest.mark.slow  # two torchrun launches of two fresh processes each
+def test_ntk_two_ranks_a_rank_dies_rerun_resumes_bit_identical_to_one_process(tmp_path):
     run = shard_driver.tiny_train(tmp_path / "run.h5")
     _one_process("ntk", run, tmp_path / "one.h5")
-    two = _torchrun("ntk", run, tmp_path / "two.h5")
-    assert two.returncode == 0, two.stderr[-3000:]
-    ks = KernelStore(tmp_path / "two.h5")
+    out = tmp_path / "two.h5"
+    # Checkpoint k on rank k % 2: rank 1 SIGKILLs itself after its first kernel (checkpoint 1 of 0..3).
+    dead = _torchrun("ntk", run, out, 1, 1)
+    assert dead.returncode != 0, dead.stderr[-3000:]
+    done = KernelStore(out).complete.tolist()
+    assert done[1] and not done[3] and not done[4], f"units done after the crash: {done}"
+    again = _torchrun("ntk", run, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ks = KernelStore(out)
     assert ks.complete.all() and ks.completed_iterations() == [0, 2, 5, 8]
-    # Checkpoint k on rank k % 2; the distances (unit 4) once, on rank 0, after every kernel.
-    assert (tmp_path / "two.h5.rank0").read_text() == "0 2 4"
-    assert (tmp_path / "two.h5.rank1").read_text() == "1 3"
-    # The whole file: layout, every checkpoint's kernel, the distances.
-    assert (tmp_path / "two.h5").read_bytes() == (tmp_path / "one.h5").read_bytes()
+    # The rerun computes only the missing checkpoints, each on its rank; the distances (unit 4) once, on
+    # rank 0, after every kernel.
+    assert (tmp_path / "two.h5.rank1").read_text() == "3"
+    assert (tmp_path / "two.h5.rank0").read_text() in ("4", "2 4", "0 2 4")
+    # The whole file: layout, every checkpoint's kernel, the distances: the bits of one process.
+    assert out.read_bytes() == (tmp_path / "one.h5").read_bytes()
 
 
 @pytest.fixture(scope="module")
