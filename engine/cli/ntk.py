@@ -23,7 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "store them in one HDF5 file and print the pairwise kernel distances "
                                    "S = 1 - <H1,H2>_F / (|H1| |H2|). Rerunning resumes at the first missing "
                                    "checkpoint. Under torchrun --nproc-per-node K the checkpoints are shared over the "
-                                   "K ranks (checkpoint k to rank k %% K; cuda:LOCAL_RANK or the CPU with gloo), "
+                                   "K ranks (checkpoint k to rank k % K; cuda:LOCAL_RANK or the CPU with gloo), "
                                    "bit-identical to one process.")
     p.add_argument("--run", required=True, metavar="RUN.h5", help="the run file written by entk train")
     p.add_argument("--checkpoints", default="all", metavar="LIST",
