@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..determinism import resolve_device
@@ -19,7 +20,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "control twin with eps=0); train all on identical batches; at each t1 "
                                    "compare every twin with the base (parameter dissimilarity, loss barrier on "
                                    "train and test subsets, prediction disagreement). Resumes after an "
-                                   "interruption (arXiv 2505.13900, Fig. 3).")
+                                   "interruption (arXiv 2505.13900, Fig. 3). Under torchrun --nproc-per-node K the "
+                                   "twins are shared over the K ranks (member i, the control first, to rank "
+                                   "(i-1) % K), each rank training its own copy of the base on the same batches; "
+                                   "bit-identical to one process with --strategy loop.")
     add_run_args(p, TrainConfig())
     p.set_defaults(steps=None)  # default: the last t1 (the lr schedule spans --steps)
     g = p.add_argument_group("chaos grid")
@@ -43,7 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "train subset at each alpha (default: interpolate)")
     g.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
                    help="fleet execution: loop (one model per twin) or vmap (stacked); "
-                        "auto: vmap on CUDA, loop on CPU")
+                        "auto: vmap on CUDA, loop on CPU and under torchrun")
     g.add_argument("--trace-every", type=int, default=10, metavar="K",
                    help="record every twin's L2 distance and 1-cos to the base every K steps (0: off; default 10)")
     g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
@@ -70,9 +74,13 @@ def run(args) -> int:
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
                       strategy=args.strategy, trace_every=args.trace_every).validate()
-    check_outputs(files=[("--out", args.out), (json_flag, args.json)])
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 checks, prints and writes --json
+    if rank0:
+        check_outputs(files=[("--out", args.out), (json_flag, args.json)])
     res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,
                     quiet=args.quiet, cache_dir=args.cache_dir)
+    if not rank0:
+        return 0
     resumed = f", resumed from t={res.resumed_from}" if res.resumed_from is not None else ""
     print(f"chaos grid {cfg.train.model}: {len(res.members)} members, t0={cfg.t0}, t1={cfg.t1}{resumed}")
     print(f"noise floor (control vs base, L2): {res.noise_floor():.3g}")

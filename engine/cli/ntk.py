@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -21,7 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "on a fixed, seeded, class-balanced probe set (BatchNorm in eval mode), "
                                    "store them in one HDF5 file and print the pairwise kernel distances "
                                    "S = 1 - <H1,H2>_F / (|H1| |H2|). Rerunning resumes at the first missing "
-                                   "checkpoint.")
+                                   "checkpoint. Under torchrun --nproc-per-node K the checkpoints are shared over the "
+                                   "K ranks (checkpoint k to rank k % K; cuda:LOCAL_RANK or the CPU with gloo), "
+                                   "bit-identical to one process.")
     p.add_argument("--run", required=True, metavar="RUN.h5", help="the run file written by entk train")
     p.add_argument("--checkpoints", default="all", metavar="LIST",
                    help="iterations to use: 'all' (every completed checkpoint; default) or a list as in "
@@ -69,7 +72,9 @@ def run(args) -> int:
         its = parse_iterations(args.checkpoints, RunFile(args.run).steps, include_final=False)
         if not its:
             raise EngineError(f"--checkpoints {args.checkpoints!r} selects no iterations")
-    check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 checks, prints and writes --json
+    if rank0:
+        check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
     t0 = time.perf_counter()
     res = checkpoint_kernels(args.run, args.out, iterations=its, probe=args.probe, probe_seed=args.probe_seed,
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,
@@ -80,6 +85,8 @@ def run(args) -> int:
                              device=resolve_device(args.device), budget_bytes=int(args.budget_gb * 2**30),
                              data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,
                              quiet=args.quiet)
+    if not rank0:
+        return 0
     its = res.iterations
     size = res.store.job["size"]
     print(f"{len(its)} kernels of {size}x{size} ({args.kernel}) in {args.out}, {time.perf_counter() - t0:.1f} s")

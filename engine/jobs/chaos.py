@@ -16,6 +16,16 @@ finite-time growth rates.
 Output: an ``entk-chaos`` HDF5 file (docs/FORMAT.md); unit u is the metrics at
 ``t1[u]``; the whole fleet state at the last completed t₁ is kept in one of two
 alternating slots, so a killed job resumes bit-identically.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the members are shared over the ranks: member i ≥ 1
+(the control, then the twins in t₀ order) goes to rank ``(i - 1) % world``, on
+``cuda:LOCAL_RANK`` or the CPU. Every rank trains its own copy of the base on the same batch
+stream, so each member sees the SGD noise it sees in one process. At each t₁ the ranks hand
+their members' metrics, trace columns and packed states to rank 0 (over gloo), and rank 0
+alone writes the file, exactly as one process does. The members are stepped one by one
+(``loop``; ``auto`` picks it under torchrun, ``vmap`` is refused: a batched kernel's rounding
+depends on how many members it batches), so the file is bit-identical to a one-process
+``loop`` run, and a rerun after any rank died resumes at the last completed t₁.
 """
 
 from __future__ import annotations
@@ -38,7 +48,17 @@ from ..models import build_model
 from ..progress import progress as progress_bar
 from ..store import ChaosStore
 from ..train import TrainConfig, prepare_data
-from ..twins import NORMS, Fleet, MemberSpec, Perturbation, ZeroPerturbationError, make_fleet
+from ..twins import (
+    NORMS,
+    Fleet,
+    MemberSpec,
+    Perturbation,
+    Strategy,
+    ZeroPerturbationError,
+    make_fleet,
+    resolve_strategy,
+)
+from .distributed import Dist, RankFailed, rank_device
 
 FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
           "acc_base", "acc_member")
@@ -228,42 +248,96 @@ def _measure(model, base: dict, other: dict, sets: dict, cfg: ChaosConfig) -> li
 def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = None,
               device: str | torch.device = "cpu", overwrite: bool = False, quiet: bool = False,
               cache_dir=None) -> ChaosResult:
-    """Run (or resume) the chaos grid into ``out``."""
+    """Run (or resume) the chaos grid into ``out``.
+
+    Under torchrun the members are shared over the ranks, each rank training its own copy of the
+    base (module docstring); every rank returns the whole result.
+    """
     cfg.validate()
-    dev = torch.device(device)
+    d = Dist()
+    try:
+        return _run_chaos(d, cfg, out, dataset=dataset, device=device, overwrite=overwrite, quiet=quiet,
+                          cache_dir=cache_dir)
+    finally:
+        d.close()
+
+
+def _sharded_strategy(strategy: str, k: int, d: Dist, dev: torch.device) -> str:
+    """The fleet strategy of a rank's share of the members (one process: ``strategy`` as given)."""
+    if d.world == 1:
+        return strategy
+    if d.world > k - 1:
+        raise ConfigError(f"the chaos grid has {k - 1} members (the control and {k - 2} perturbed twins) to share "
+                          f"over {d.world} ranks: launch at most {k - 1} processes")
+    if resolve_strategy(strategy, dev) is Strategy.VMAP:
+        if strategy != Strategy.AUTO.value:
+            raise ConfigError("--strategy vmap batches the members of a fleet into one kernel, whose rounding "
+                              "depends on how many are batched, so a run sharded over ranks would not be "
+                              "bit-identical to one process: use --strategy loop (auto picks it under torchrun)")
+        return Strategy.LOOP.value
+    return strategy
+
+
+def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, quiet, cache_dir) -> ChaosResult:
+    dev = torch.device(device) if d.world == 1 else rank_device(device, d)
     tcfg = cfg.train
     specs = cfg.members()
     k = len(specs)
+    # Member i >= 1 is rank (i - 1) % world's; every rank trains its own copy of the base, member 0.
+    local = [0] + [i for i in range(1, k) if d.owns(i - 1)]
+    lspecs = [specs[i] for i in local]
+    strategy = _sharded_strategy(cfg.strategy, k, d, dev)
     set_deterministic(tcfg.deterministic)
     ds = dataset if dataset is not None else prepare_data(tcfg, cache_dir=cache_dir, quiet=quiet)
     torch.manual_seed(tcfg.seed)
     model = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
     stream = BatchStream.from_dataset(ds, "train", batch_size=tcfg.batch_size, seed=tcfg.stream_seed,
                                       augment=tcfg.augment, device=dev)
-    fleet = make_fleet(model, tcfg, stream, specs, strategy=cfg.strategy)
+    fleet = make_fleet(model, tcfg, stream, lspecs, strategy=strategy)
     layout = _state_layout(fleet)
     nbytes = int(_pack(fleet, 0).numel())
-    n_tr, n_te = _eval_sizes(ds, cfg, quiet)
+    n_tr, n_te = _eval_sizes(ds, cfg, quiet or not d.main)
     trace_t = np.array(cfg.trace_iterations(), dtype=np.int64)
     fingerprint = ds.fingerprint
     job = {**cfg.to_dict(), "strategy": fleet.strategy.value, "device_type": dev.type,
            "members": [s.name for s in specs], "fields": list(FIELDS), "dataset": ds.describe(),
            "data_fingerprint": fingerprint, "data_source": ds.source, "data_subset": ds.meta.get("subset"),
            "eval_used": [n_tr, n_te], "trace_fields": list(TRACE_FIELDS)}
-    if Path(out).exists() and not overwrite:
-        _check_same_data(out, job)
     datasets = {"metrics": ((len(cfg.t1), k, len(FIELDS)), torch.float64),
                 "realized": ((k, 3), torch.float64),
                 "slot0": ((k, nbytes), torch.uint8), "slot1": ((k, nbytes), torch.uint8)}
     if len(trace_t):
         datasets["trace_t"] = ((len(trace_t),), torch.int64)
         datasets["trace"] = ((len(trace_t), k, len(TRACE_FIELDS)), torch.float64)
-    store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets=datasets)
-    # The trace lives on the device for the whole run; it is copied out only with each t1 unit.
-    trace = torch.full((len(trace_t), k, len(TRACE_FIELDS)), float("nan"), dtype=torch.float64, device=dev)
+    err = None
+    if d.main:  # rank 0 lays the file out (or resumes it)
+        try:
+            if Path(out).exists() and not overwrite:
+                _check_same_data(out, job)
+            store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1),
+                                              datasets=datasets)
+        except Exception as e:
+            if d.world == 1:
+                raise
+            err = e
+    d.agree(err)
+    if not d.main:  # the other ranks open it, checking it holds their job too
+        err = None
+        try:
+            store = ChaosStore.open_or_create(out, job=job, overwrite=False, n_units=len(cfg.t1), datasets=datasets)
+        except Exception as e:
+            err = e
+        d.agree(err)
+    elif d.world > 1:
+        d.agree()
+    # The trace of this rank's members (column j: member local[j]) lives on the device for the whole
+    # run; it is copied out only with each t1 unit.
+    trace = torch.full((len(trace_t), len(local), len(TRACE_FIELDS)), float("nan"), dtype=torch.float64, device=dev)
     trace_row = {int(t): j for j, t in enumerate(trace_t)}
+    # Every rank keeps the whole grid's arrays but fills only its members' entries; rank 0 writes them all.
     metrics = np.full((len(cfg.t1), k, len(FIELDS)), np.nan)
     realized = np.zeros((k, 3))
+    full_trace = np.full((len(trace_t), k, len(TRACE_FIELDS)), np.nan)
     done = store.complete
     start, resumed_from = 0, None
     if done.any():
@@ -272,56 +346,85 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
             raise ConfigError(f"{out} has non-consecutive completed units; rerun with --overwrite")
         metrics[:u + 1] = np.array(store.memmap("metrics")[:u + 1])
         realized[:] = np.array(store.memmap("realized"))
-        slot = torch.from_numpy(np.array(store.memmap(f"slot{u % 2}")))
+        slot = torch.from_numpy(np.array(store.memmap(f"slot{u % 2}")[local]))
         start = resumed_from = cfg.t1[u]
         if len(trace_t):
-            trace.copy_(torch.from_numpy(np.array(store.memmap("trace"))).to(dev))
-        for i, spec in enumerate(specs):
-            st, mom = _unpack(slot[i], layout)
-            fleet.load(i, {n: v.to(dev) for n, v in st.items()}, {n: v.to(dev) for n, v in mom.items()})
-            fleet.spawned[i] = spec.t0 is None or spec.t0 <= start
+            full_trace[:] = np.array(store.memmap("trace"))
+            trace.copy_(torch.from_numpy(full_trace[:, local]).to(dev))
+        for j, i in enumerate(local):
+            st, mom = _unpack(slot[j], layout)
+            fleet.load(j, {n: v.to(dev) for n, v in st.items()}, {n: v.to(dev) for n, v in mom.items()})
+            fleet.spawned[j] = specs[i].t0 is None or specs[i].t0 <= start
     template = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
     sets = _eval_sets(ds, n_tr, n_te, cfg, dev)
     t1_index = {t: u for u, t in enumerate(cfg.t1)}
     t_end = cfg.t1[-1]
     t_start = time.perf_counter()
+    err = None
     with store.writer() as w:
-        bar = progress_bar(range(start, t_end + 1), total=t_end + 1, initial=start,
-                           desc=f"chaos {tcfg.model} K={k} ({fleet.strategy.value})",
-                           enabled=None if not quiet else False, unit="step")
-        for t in bar:
-            resuming_here = resumed_from is not None and t == resumed_from
-            if not resuming_here:
-                for i, spec in enumerate(specs):
-                    if spec.t0 == t:
-                        info = fleet.spawn(i)
-                        realized[i] = [info["requested"], info["realized_l2"], info["realized_linf"]]
-                        if spec.kind == "perturbed" and not cfg.allow_zero:
-                            _check_perturbation(spec, info, cfg, fleet, t, out)
-                if t in trace_row:
-                    fleet.trace_into(trace, trace_row[t])
-                if t in t1_index:
-                    u = t1_index[t]
-                    _check_finite(fleet, specs, t, trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None,
-                                  trace_t)
-                    base = fleet.state(0)
-                    for i in range(1, k):
-                        if fleet.spawned[i]:
-                            metrics[u, i] = _measure(template, base, fleet.state(i), sets, cfg)
-                    w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
-                    w.write("realized", 0, torch.from_numpy(realized))
-                    if len(trace_t):
-                        w.write("trace_t", 0, torch.from_numpy(trace_t))
-                        w.write("trace", 0, trace.cpu())
-                    w.write(f"slot{u % 2}", 0, torch.stack([_pack(fleet, i) for i in range(k)]))
-                    w.mark_complete(u)
-                    ctrl = metrics[u, 1, FIELDS.index("l2")]
-                    bar.set_postfix(t1=t, control_l2=f"{ctrl:.1e}", refresh=False)
-            if t < t_end:
-                fleet.step(t)
+        try:
+            desc = f"chaos {tcfg.model} K={k} ({fleet.strategy.value})" + (f", {d.world} ranks" if d.world > 1 else "")
+            bar = progress_bar(range(start, t_end + 1), total=t_end + 1, initial=start, desc=desc,
+                               enabled=None if not quiet and d.main else False, unit="step")
+            for t in bar:
+                resuming_here = resumed_from is not None and t == resumed_from
+                if not resuming_here:
+                    for j, spec in enumerate(lspecs):
+                        if spec.t0 == t:
+                            info = fleet.spawn(j)
+                            realized[local[j]] = [info["requested"], info["realized_l2"], info["realized_linf"]]
+                            if spec.kind == "perturbed" and not cfg.allow_zero:
+                                _check_perturbation(spec, info, cfg, fleet, t, out)
+                    if t in trace_row:
+                        fleet.trace_into(trace, trace_row[t])
+                    if t in t1_index:
+                        u = t1_index[t]
+                        _check_finite(fleet, lspecs, t,
+                                      trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None, trace_t)
+                        base = fleet.state(0)
+                        for j in range(1, len(local)):
+                            if fleet.spawned[j]:
+                                metrics[u, local[j]] = _measure(template, base, fleet.state(j), sets, cfg)
+                        parts = d.gather(_unit_part(fleet, local, d.main, u, metrics, realized, trace))
+                        if d.main:
+                            slots = torch.empty((k, nbytes), dtype=torch.uint8)
+                            for p in parts:
+                                rows = p["members"]
+                                metrics[u, rows], realized[rows] = p["metrics"], p["realized"]
+                                full_trace[:, rows], slots[rows] = p["trace"], p["slots"]
+                            w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
+                            w.write("realized", 0, torch.from_numpy(realized))
+                            if len(trace_t):
+                                w.write("trace_t", 0, torch.from_numpy(trace_t))
+                                w.write("trace", 0, torch.from_numpy(full_trace))
+                            w.write(f"slot{u % 2}", 0, slots)
+                            w.mark_complete(u)
+                            ctrl = metrics[u, 1, FIELDS.index("l2")]
+                            bar.set_postfix(t1=t, control_l2=f"{ctrl:.1e}", refresh=False)
+                if t < t_end:
+                    fleet.step(t)
+        except (Exception, KeyboardInterrupt) as e:
+            if d.world == 1 or isinstance(e, (KeyboardInterrupt, RankFailed)) or d.failed:
+                raise
+            err = e
+        d.gather(None, err)  # the end, or a rank's failure, on every rank
+    if not d.main:  # rank 0 wrote the whole grid: read it back
+        metrics, realized = np.array(store.memmap("metrics")), np.array(store.memmap("realized"))
+        if len(trace_t):
+            full_trace = np.array(store.memmap("trace"))
     return ChaosResult(store=store, config=cfg, members=specs, metrics=metrics, realized=realized,
                        resumed_from=resumed_from, wall_s=time.perf_counter() - t_start, trace_t=trace_t,
-                       trace=trace.cpu().numpy(), used=_used(job))
+                       trace=full_trace, used=_used(job))
+
+
+def _unit_part(fleet: Fleet, local: list[int], main: bool, u: int, metrics: np.ndarray, realized: np.ndarray,
+               trace: torch.Tensor) -> dict:
+    """What a rank hands rank 0 at t1 unit ``u``: its members' metrics, realized sizes, trace columns and
+    packed states (rank 0 also the base's)."""
+    cols = range(len(local)) if main else range(1, len(local))
+    rows = [local[j] for j in cols]
+    return {"members": rows, "metrics": metrics[u, rows], "realized": realized[rows],
+            "trace": trace[:, list(cols)].cpu().numpy(), "slots": torch.stack([_pack(fleet, j) for j in cols])}
 
 
 def _used(job: dict) -> dict:

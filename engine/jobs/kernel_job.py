@@ -28,7 +28,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,13 @@ from torch import nn
 
 from ..data import Dataset, load_dataset, normalize
 from ..determinism import set_deterministic
-from ..errors import ConfigError, EngineError, parse_enum
+from ..errors import ConfigError, parse_enum
 from ..models import build_model
 from ..ntk import entk, jacobian, num_outputs
 from ..progress import progress as progress_bar
 from ..store import JacobianStore, KernelTiles, RunFile, StoreError, TiledKernel
 from ..train import TrainConfig
+from .distributed import Dist, rank_device
 
 GiB = 2**30
 DEFAULT_BUDGET = 2 * GiB
@@ -214,62 +214,6 @@ def memory_in_use(model: nn.Module, inputs: list[torch.Tensor], dataset: Dataset
     return PROCESS_ALLOWANCE + 2 * sd + sum(u.numel() * u.element_size() for u in inputs) + data
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-class _Dist:
-    """Rank, world and the few collectives the job needs (gloo; None-safe for one process)."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self._owned = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                hours = float(os.environ.get("ENTK_DIST_TIMEOUT_H", "48"))
-                dist.init_process_group("gloo", timeout=timedelta(hours=hours))
-                self._owned = True
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def agree(self, error: BaseException | None = None) -> None:
-        """Barrier; if any rank failed, every rank raises (the failed one its own error)."""
-        if self.world == 1:
-            if error is not None:
-                raise error
-            return
-        import torch.distributed as dist
-
-        msgs: list = [None] * self.world
-        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            raise error
-        bad = next(((r, m) for r, m in enumerate(msgs) if m), None)
-        if bad:
-            raise EngineError(f"rank {bad[0]} failed ({bad[1]})")
-
-    def close(self) -> None:
-        if self._owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _device(device: str | torch.device | None, d: _Dist) -> torch.device:
-    from ..determinism import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and d.world > 1 and dev.index is None:
-        dev = torch.device("cuda", d.local_rank % max(torch.cuda.device_count(), 1))
-    return dev
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -394,9 +338,9 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
 
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run
-    d = _Dist()
+    d = Dist()
     try:
-        dev = _device(device, d)
+        dev = rank_device(device, d)
         if run is not None:
             model, ds, subset, base_seed, info = _from_run(run, checkpoint, data_root, cache_dir, quiet)
         else:

@@ -3,6 +3,14 @@
 This is the job behind ``entk ntk``: every checkpoint's kernel is written as soon as
 it is computed, so an interrupted job resumes at the first missing checkpoint; the
 pairwise kernel distances are computed in one streaming pass once all are there.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the checkpoints are shared over the ranks: checkpoint
+k (in the order of ``iterations``) goes to rank ``k % world``, on ``cuda:LOCAL_RANK`` or the
+CPU. The file is written as ``entk kernel`` writes its tiles, without parallel HDF5: rank 0
+creates it with its whole layout fixed; each rank then writes only the raw bytes of its own
+kernels and their completion flags, at fixed offsets; after a barrier rank 0 alone computes
+the distances. A kernel is a pure function of the checkpoint and the probes, so the file is
+bit-identical for any number of ranks, and a rerun after any rank died resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from ..ntk.kernel import DEFAULT_BUDGET
 from ..progress import progress as progress_bar
 from ..store import KernelStore, RunFile, data_mismatch, data_record, kernel_name
 from ..train import TrainConfig, prepare_data
+from .distributed import Dist, rank_device
 
 
 @dataclass
@@ -77,8 +86,27 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     default), computed in ``compute_dtype`` (``torch.bfloat16`` for the bfloat16 mode).
     ``backend`` picks the Jacobian implementation; ``ops_backend`` the fused Gram tiles and the
     all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``).
+    Under torchrun each rank computes its share of the checkpoints (module docstring); every rank
+    returns the whole result, ``seconds`` included.
     """
     kernel = parse_enum(EntkKernel, kernel, "kernel").value
+    d = Dist()
+    try:
+        if d.world > 1:
+            device = rank_device(device, d)
+        return _checkpoint_kernels(d, run_path, out, iterations=iterations, probe=probe, probe_seed=probe_seed,
+                                   probe_split=probe_split, kernel=kernel, backend=backend, dtype=dtype,
+                                   param_names=param_names, compute_dtype=compute_dtype, store_dtype=store_dtype,
+                                   device=device, budget_bytes=budget_bytes, data_root=data_root,
+                                   cache_dir=cache_dir, overwrite=overwrite, quiet=quiet, ops_backend=ops_backend,
+                                   dataset=dataset)
+    finally:
+        d.close()
+
+
+def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed, probe_split, kernel, backend,
+                        dtype, param_names, compute_dtype, store_dtype, device, budget_bytes, data_root, cache_dir,
+                        overwrite, quiet, ops_backend, dataset) -> CheckpointKernels:
     _check_ops_backend(ops_backend, torch.device(device))  # before any long work
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
@@ -95,7 +123,8 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
 
     def note(msg: str) -> None:
         notes.append(msg)
-        print(f"entk: note: {msg}", file=sys.stderr)
+        if d.main:
+            print(f"entk: note: {msg}", file=sys.stderr)
 
     if every_completed and len(done) < len(run.iterations):
         note(f"{run_path} is incomplete (training was interrupted or is running): only its {len(done)} completed "
@@ -125,35 +154,72 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
            "mode": "eval", "kernel": kernel, "num_outputs": c, "accumulate": str(dtype),
            "params": "all" if param_names is None else param_names,
            "compute_dtype": str(compute_dtype or "params")}
-    store = KernelStore.create_for(out, job=job, iterations=iterations, size=size, dtype=store_dtype,
-                                   data=data, overwrite=overwrite, shape=shape)
+    create = {"job": job, "iterations": iterations, "size": size, "dtype": store_dtype, "data": data,
+              "shape": shape}
+    if d.world == 1:
+        store = KernelStore.create_for(out, overwrite=overwrite, **create)
+    else:
+        err = None
+        if d.main:  # rank 0 lays the file out (or resumes it); the others open it, checking it is their job too
+            try:
+                KernelStore.create_for(out, overwrite=overwrite, **create)
+            except Exception as e:
+                err = e
+        d.agree(err)
+        err, store = None, None
+        try:
+            store = KernelStore.create_for(out, overwrite=False, **create)
+        except Exception as e:
+            err = e
+        d.agree(err)
     seconds: dict[int, float] = {}
-    todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False)) if not ok]
+    todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False))
+            if not ok and d.owns(k)]
+    desc = f"eNTK {cfg.model} N={probe}" + (f" (rank {d.rank}/{d.world})" if d.world > 1 else "")
+    err = None
     with store.writer() as w:
-        for k, it in progress_bar(todo, desc=f"eNTK {cfg.model} N={probe}", enabled=None if not quiet else False,
-                                  unit="ckpt"):
-            run.load_into(model, it)
-            model.eval()
-            t0 = time.perf_counter()
-            h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
-                     param_names=param_names, compute_dtype=compute_dtype,
-                     ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
-            h = h.reshape(shape)
-            seconds[it] = time.perf_counter() - t0
-            if not torch.isfinite(h).all():
-                raise ConfigError(f"the eNTK of checkpoint {it} contains NaN/Inf (diverged weights?); "
-                                  f"kernels before it are kept in {out}")
-            w.write(kernel_name(it), 0, h.to(store_dtype))
-            w.mark_complete(k)
-        prev = store.distances()
-        if prev is None:
-            g = kernel_gram(store.kernels(), symmetric=kernel != "diagonal", budget_bytes=budget_bytes, device=device,
-                            backend=ops_backend,
-                            progress=None if not quiet else False)
-            dist = distance_from_gram(g)
-            w.write("kernel_gram", 0, g)
-            w.write("distance", 0, dist)
-            w.mark_complete(len(iterations))
-        else:
-            dist = torch.from_numpy(prev[1])
+        try:
+            for k, it in progress_bar(todo, desc=desc, enabled=None if not quiet and d.main else False, unit="ckpt"):
+                run.load_into(model, it)
+                model.eval()
+                t0 = time.perf_counter()
+                h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
+                         param_names=param_names, compute_dtype=compute_dtype,
+                         ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
+                h = h.reshape(shape)
+                seconds[it] = time.perf_counter() - t0
+                if not torch.isfinite(h).all():
+                    raise ConfigError(f"the eNTK of checkpoint {it} contains NaN/Inf (diverged weights?); "
+                                      f"kernels before it are kept in {out}")
+                w.write(kernel_name(it), 0, h.to(store_dtype))
+                w.mark_complete(k)
+        except (Exception, KeyboardInterrupt) as e:
+            if d.world == 1 or isinstance(e, KeyboardInterrupt):
+                raise
+            err = e
+        d.agree(err)  # every rank's kernels are on disk
+        err, dist = None, None
+        if d.main:
+            try:
+                prev = store.distances()
+                if prev is None:
+                    g = kernel_gram(store.kernels(), symmetric=kernel != "diagonal", budget_bytes=budget_bytes,
+                                    device=device, backend=ops_backend,
+                                    progress=None if not quiet else False)
+                    dist = distance_from_gram(g)
+                    w.write("kernel_gram", 0, g)
+                    w.write("distance", 0, dist)
+                    w.mark_complete(len(iterations))
+                else:
+                    dist = torch.from_numpy(prev[1])
+            except (Exception, KeyboardInterrupt) as e:
+                if d.world == 1 or isinstance(e, KeyboardInterrupt):
+                    raise
+                err = e
+        d.agree(err)
+    if not d.main:
+        dist = torch.from_numpy(store.distances()[1])
+    if d.world > 1:
+        merged = {it: s for part in d.all_gather(seconds) for it, s in part.items()}
+        seconds = {it: merged[it] for it in iterations if it in merged}
     return CheckpointKernels(store=store, iterations=iterations, distance=dist, seconds=seconds, notes=notes)

@@ -1,0 +1,148 @@
+"""torch.distributed for the jobs: rank, world, the device of a rank and the few collectives they need.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) a job shards its units of work over the ranks; one
+process (``WORLD_SIZE`` unset) runs everything and no process group is made. The collectives
+run over gloo (also on GPUs: they carry only barriers, short status messages and, for the
+chaos job, the members' results), so a job on the CPU and one on GPUs synchronise the same way.
+
+A rank that fails hands its error to the next collective instead of leaving the others waiting
+there: :meth:`Dist.agree` and :meth:`Dist.gather` make every rank raise (the failed one its own
+error, the others :class:`RankFailed`), so the job ends everywhere with one line naming the rank.
+A rank that dies (SIGKILL) is torchrun's to notice: it stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ..errors import EngineError
+
+
+class RankFailed(EngineError):
+    """Another rank of the job failed (its error is in the message); raised on the ranks that did not."""
+
+
+class Dist:
+    """Rank, world and the collectives of a job (gloo; every method is a no-op for one process).
+
+    The process group is created here when the launcher has not made one, and destroyed again
+    by :meth:`close`. ``failed`` becomes True once a collective raised: after that no rank may
+    call another collective (the peers are gone or are raising too).
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.failed = False
+        self._owned = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                hours = float(os.environ.get("ENTK_DIST_TIMEOUT_H", "48"))
+                dist.init_process_group("gloo", timeout=timedelta(hours=hours))
+                self._owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, k: int) -> bool:
+        """Whether unit ``k`` of a job is this rank's: unit k goes to rank ``k % world``."""
+        return k % self.world == self.rank
+
+    @staticmethod
+    def _message(error: BaseException | None) -> str | None:
+        return None if error is None else f"{type(error).__name__}: {error}"
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """Barrier; if any rank failed, every rank raises (the failed one its own error)."""
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        import torch.distributed as dist
+
+        msgs: list = [None] * self.world
+        try:
+            dist.all_gather_object(msgs, self._message(error))
+        except BaseException:
+            self.failed = True
+            raise
+        if error is not None:
+            self.failed = True
+            raise error
+        bad = next(((r, m) for r, m in enumerate(msgs) if m), None)
+        if bad:
+            self.failed = True
+            raise RankFailed(f"rank {bad[0]} failed ({bad[1]})")
+
+    def gather(self, obj: Any, error: BaseException | None = None) -> list | None:
+        """Every rank's ``obj`` to rank 0 (a list in rank order; None on the other ranks).
+
+        Also a barrier with :meth:`agree`'s failure rule: a rank passing ``error`` sends that instead
+        of an object, and then every rank raises.
+        """
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return [obj]
+        import torch.distributed as dist
+
+        got: list | None = [None] * self.world if self.main else None
+        status: list = [None]
+        try:
+            dist.gather_object((self._message(error), None if error is not None else obj), got, dst=0)
+            if self.main:
+                status[0] = next(((r, m) for r, (m, _) in enumerate(got) if m), None)
+            dist.broadcast_object_list(status, src=0)
+        except BaseException:
+            self.failed = True
+            raise
+        if error is not None:
+            self.failed = True
+            raise error
+        if status[0] is not None:
+            self.failed = True
+            raise RankFailed(f"rank {status[0][0]} failed ({status[0][1]})")
+        return [o for _, o in got] if self.main else None
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, on every rank (a list in rank order)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        try:
+            dist.all_gather_object(out, obj)
+        except BaseException:
+            self.failed = True
+            raise
+        return out
+
+    def close(self) -> None:
+        if self._owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owned = False
+
+
+def rank_device(device: str | torch.device | None, d: Dist) -> torch.device:
+    """``device`` resolved (``auto``: CUDA when available); a bare ``cuda`` under torchrun is ``cuda:LOCAL_RANK``."""
+    from ..determinism import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and d.world > 1 and dev.index is None:
+        dev = torch.device("cuda", d.local_rank % max(torch.cuda.device_count(), 1))
+    return dev
+
+
+__all__ = ["Dist", "RankFailed", "rank_device"]
