@@ -1,8 +1,8 @@
 """One-pass eNTK: per-layer Jacobian chunks contracted straight into the kernel tiles.
 
 For a block of inputs the model runs forward once (hooks record each ruled module's
-input), and the K output-gradient backward passes run once, as one batched backward
-(``is_grads_batched``: the backward runs at batch K·n). Then, layer by layer, the
+input), and the K output-gradient backward passes run once (one backward per output, each
+captured gradient copied into its ``(n, K, ...)`` slot as it is formed). Then, layer by layer, the
 per-sample parameter gradients of that layer (the rules of ``engine/ntk/_layers.py``)
 are formed for a chunk of its columns (output channels) and contracted into the tile
 at once, ``tile += J_chunk,a J_chunk,bᵀ``: J never exists beyond one chunk, and no
@@ -34,7 +34,6 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -69,11 +68,13 @@ class Implementation(enum.StrEnum):
 # Row strips of a symmetric diagonal tile: each strip multiplies only the columns at
 # and right of its first row. Strips narrower than this lose more to BLAS efficiency
 # than they save.
-_STRIP_ROWS = 512
+_STRIP_ROWS = 128
 # Longest inner dimension of one Gram product (see _gram_into).
 _INNER = 8192
-_BATCHED_BACKWARD = True
-_CHUNK_BYTES = 1 << 62
+# Bound on one column-chunk buffer: a chunk is formed and then read by the Gram while still
+# in the last-level cache, and a small reused buffer is not faulted in afresh for every
+# chunk (this VM maps fresh memory slowly).
+_CHUNK_BYTES = 32 << 20
 
 
 @cache
@@ -122,23 +123,6 @@ class _Block:
     fallback: set[int] = field(default_factory=set)  # param ids whose columns come from torch.func
 
 
-def _batched_grads(f: Tensor, ys: list[Tensor], v: Tensor | None) -> list[Tensor | None]:
-    """(n, K, *y.shape[1:]) output gradients per y: one batched backward over the K outputs."""
-    n, c = f.shape
-    if v is not None:
-        gs = torch.autograd.grad(f, ys, grad_outputs=v.expand(n, c), allow_unused=True)
-        return [None if g is None else g.unsqueeze(1) for g in gs]
-    eye = torch.eye(c, dtype=f.dtype, device=f.device).view(c, 1, c).expand(c, n, c)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no batching rule" performance notes
-            gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True,
-                                     retain_graph=True)
-    except RuntimeError:
-        return output_grads(f, ys, None)  # one backward per output
-    return [None if g is None else g.transpose(0, 1).contiguous() for g in gs]
-
-
 def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor | None,
                       always_fallback: set[int]) -> _Block:
     blk = _Block(x, _size(x))
@@ -151,8 +135,10 @@ def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor 
     calls = rec.resolve(blk.fallback)
     if calls and f.requires_grad:
         own = [c for c in calls if c.base is None]
-        grads = _batched_grads if _BATCHED_BACKWARD else output_grads
-        gs = dict(zip(map(id, own), grads(f, [c.y for c in own], v), strict=True))
+        # One backward per output, each gradient copied into its (n, K, ...) slot by a hook:
+        # measured faster than one is_grads_batched backward, whose vmap fallbacks (no
+        # batching rule for convolution_backward) stack the K results and then transpose them.
+        gs = dict(zip(map(id, own), output_grads(f, [c.y for c in own], v), strict=True))
         for c in calls:
             blk.grads[id(c)] = gs[id(c.base or c)]
             blk.calls.setdefault(id(c.module), []).append(c)
@@ -473,12 +459,14 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
     if s.plan is None:
         return max(1, 4 * s.k * s.entries[-1].end)  # torch.func's per-sample Jacobian
     rec = Recorder(s.plan, 1)
-    with rec, torch.no_grad():
+    with rec, torch.enable_grad():  # with a graph, so that resolve() sees who borrows a gradient
         _call(s.model, x1)
-    # Held per block: the graph (~2 activations per hooked output) and the K stored output
-    # gradients; transient, one layer at a time: the unfolded patches and the batched
-    # backward's K gradients of the widest activation (twice: input and output of an op).
-    held = sum((2 + s.k) * c.y.numel() for c in rec.calls)
+    own = {id(c) for c in rec.resolve(rec.fallback_ids() | s.always_fallback) if c.base is None}
+    # Held per block: the graph (~2 activations per hooked output) and the K output gradients
+    # of the calls that keep their own (a conv feeding only a BatchNorm borrows the BatchNorm's);
+    # transient, one layer at a time: the unfolded patches and the batched backward's K
+    # gradients of the widest activation (twice: input and output of an op).
+    held = sum((2 + (s.k if id(c) in own else 0)) * c.y.numel() for c in rec.calls)
     patches = max((math.prod(int(d) for d in getattr(c.module, "kernel_size", (1,))) * c.a.numel()
                    for c in rec.calls), default=0)
     widest = max((c.y.numel() for c in rec.calls), default=0)
