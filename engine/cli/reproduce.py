@@ -16,8 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "the kernel trajectory, and write figures (PNG, PDF), report.md and a "
                                    "self-contained report.html into --out. Rerunning resumes every stage.")
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "gpu-paper"],
-                   help="cpu-small: under 15 minutes on 2 idle CPU cores (cnn, 10,000 images, constant "
-                        "learning rate); gpu-paper: the paper's setting (full CIFAR-10, 160 epochs) "
+                   help="cpu-small: about 15 minutes per seed on 2 CPU cores, seeds 0,1,2 (cnn, 10,000 "
+                        "images, constant learning rate); gpu-paper: the paper's setting (full CIFAR-10, 160 epochs) "
                         "(default: cpu-small)")
     p.add_argument("--model", help="architecture (default: cnn for cpu-small, resnet20 for gpu-paper)")
     p.add_argument("--out", required=True, metavar="DIR", help="study directory (created; resumed if present)")

@@ -93,8 +93,8 @@ _GPU_WINDOW = 2000
 
 
 def preset(name: str, *, model: str | None = None, steps: int | None = None) -> Preset:
-    """``cpu-small``: a small CNN on 10,000 images at a constant learning rate, two seeds, under
-    15 minutes on 2 idle CPU cores. ``gpu-paper``: the paper's setting (full CIFAR-10, 160 epochs
+    """``cpu-small``: a small CNN on 10,000 images at a constant learning rate, three seeds, about
+    15 minutes per seed on 2 CPU cores (most of it the chaos grid). ``gpu-paper``: the paper's setting (full CIFAR-10, 160 epochs
     of batch 128 = 62,400 steps, lr 0.1 divided by 10 at 50% and 75%). ``steps`` rescales the
     grids of either."""
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
@@ -105,7 +105,7 @@ def preset(name: str, *, model: str | None = None, steps: int | None = None) -> 
                       _scaled(_CPU_T0, s, _CPU_STEPS), _scaled(_CPU_T1, s, _CPU_STEPS), 400, alphas=7,
                       window=max(1, round(_CPU_WINDOW * s / _CPU_STEPS)), trace_every=max(1, round(5 * s / _CPU_STEPS)),
                       seeds=[0, 1, 2], description=f"small CNN on 10,000 training images, {s} SGD steps at a constant "
-                                                f"learning rate; minutes on a CPU")
+                                                f"learning rate; about 15 minutes per seed on 2 CPU cores")
     if name == "gpu-paper":
         s = _GPU_STEPS if steps is None else int(steps)
         return Preset(name, model or "resnet20", s, None, log_schedule(s, 40), 100,
