@@ -94,9 +94,9 @@ _GPU_WINDOW = 2000
 
 def preset(name: str, *, model: str | None = None, steps: int | None = None) -> Preset:
     """``cpu-small``: a small CNN on 10,000 images at a constant learning rate, three seeds, about
-    15 minutes per seed on 2 CPU cores (most of it the chaos grid). ``gpu-paper``: the paper's setting (full CIFAR-10, 160 epochs
-    of batch 128 = 62,400 steps, lr 0.1 divided by 10 at 50% and 75%). ``steps`` rescales the
-    grids of either."""
+    15 minutes per seed on 2 CPU cores (most of it the chaos grid). ``gpu-paper``: the paper's
+    setting (full CIFAR-10, 160 epochs of batch 128 = 62,400 steps, lr 0.1 divided by 10 at 50%
+    and 75%). ``steps`` rescales the grids of either."""
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
     if name == "cpu-small":
