@@ -527,16 +527,22 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     if kind is EntkKernel.DIAGONAL:
         todo = [(i, None) for i in range(len(blocks1))]
     elif x2 is None:
-        todo = [(i, j) for i in range(len(blocks1)) for j in range(i, len(blocks1))]
+        # Each row's column blocks run last to first, so the last one a row computes (i + 1)
+        # is the next row's own block and is carried over instead of recomputed.
+        m = len(blocks1)
+        todo = [(i, j) for i in range(m) for j in (i, *range(m - 1, i, -1))]
     else:
         blocks2 = [(s0, min(n2, s0 + b2)) for s0 in range(0, n2, b2)]
         todo = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks2))]
     cached2: _Block | None = None
     a = None
     cur = -1
+    carry: tuple[int, _Block] | None = None  # (j, block j) kept for row j
     for i, j in (progress(todo) if progress else todo):
         if i != cur:
-            a, cur = fb(_slice(x1, *blocks1[i])), i
+            a = None
+            a, cur = carry[1] if carry is not None and carry[0] == i else fb(_slice(x1, *blocks1[i])), i
+            carry = None
         p0, p1 = blocks1[i]
         if kind is EntkKernel.DIAGONAL:
             _tile(s, outs, lambda o, p0=p0, p1=p1: o[p0:p1], a, None, bufs)
@@ -544,6 +550,8 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
         if x2 is None:
             q0, q1 = blocks1[j]
             b = None if i == j else fb(_slice(x1, q0, q1))
+            if b is not None and j == i + 1:
+                carry = (j, b)
         else:
             q0, q1 = blocks2[j]
             if len(blocks2) == 1:
