@@ -83,7 +83,7 @@ def test_json_of_reproduce_is_the_study_record(tmp_path, monkeypatch):
         seen.update(kw, out=out)
         return {"preset": kw["preset_name"], "times_s": {"train": 1.0}}
 
-    monkeypatch.setattr("engine.cli.reproduce.reproduce", fake)
+    monkeypatch.setattr("engine.report.reproduce", fake)  # imported by the command when it runs
     js = tmp_path / "study-summary.json"
     assert main(["reproduce", "--out", str(tmp_path / "study"), "--json", str(js), "--t0", "0,5"]) == 0
     rec = _json(js)

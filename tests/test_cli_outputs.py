@@ -113,7 +113,7 @@ def test_missing_output_directories_are_created(tmp_path, monkeypatch, capsys):
         got["out"] = out
         return {}
 
-    monkeypatch.setattr("engine.cli.reproduce.reproduce", fake)
+    monkeypatch.setattr("engine.report.reproduce", fake)  # imported by the command when it runs
     out = tmp_path / "runs" / "deep" / "study"
     assert main(["reproduce", "--out", str(out), "--json", str(tmp_path / "js" / "s.json")]) == 0
     assert out.is_dir() and (tmp_path / "js" / "s.json").is_file() and got["out"] == str(out)
