@@ -14,7 +14,7 @@ from engine.cli import main
 TINY = ["--model", "cnn", "--n-train", "200", "--n-test", "100", "--batch-size", "20", "--eval-train", "100",
         "--device", "cpu", "--quiet"]
 WORK = {"train": "engine.cli.train.train", "chaos": "engine.cli.chaos.run_chaos",
-        "reproduce": "engine.cli.reproduce.reproduce", "ntk": "engine.cli.ntk.checkpoint_kernels",
+        "reproduce": "engine.report.reproduce", "ntk": "engine.cli.ntk.checkpoint_kernels",
         "data": "engine.cli.data.load_dataset"}
 
 

@@ -34,6 +34,9 @@ from .jacobian import (
 from .onepass import EntkKernel, Implementation, bf16_matrix_unit, onepass_kernel
 
 DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian held at once
+# entk()'s working memory: 4 GiB holds the block data of 256 resnet20 samples in one block
+# (11.9 MB each, see onepass._per_sample_bytes), so no inner block is recomputed per tile.
+ENTK_BUDGET = 4 << 30
 
 
 def probe_hash(x: torch.Tensor) -> str:
@@ -128,7 +131,7 @@ _warned_bf16 = False
 
 def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "full",
          param_names: Iterable[str] | None = None, per_layer: bool = False,
-         compute_dtype: torch.dtype | None = None, budget_bytes: int = DEFAULT_BUDGET,
+         compute_dtype: torch.dtype | None = None, budget_bytes: int = ENTK_BUDGET,
          implementation: str | Implementation = "auto", ops_backend: str = "auto", force_eval: bool = False,
          progress: bool | None = False, projection: torch.Tensor | None = None,
          dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -153,7 +156,9 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
             products accumulate in float32 (native on CUDA / CPUs with AMX or
             AVX512-BF16; elsewhere emulated in float32 at float32 speed, with a warning).
         budget_bytes: bound on the working memory (block data and column chunks, not
-            the result); a budget below what one sample needs is refused up front.
+            the result; default 4 GiB); a budget below what one sample needs is refused up
+            front. Inputs whose block data exceed it are split into blocks, and the inner
+            blocks are recomputed per tile (more time, bounded memory).
         implementation: ``"auto"`` (= ``"structured"``: layer rules, torch.func for the
             rest) or ``"reference"`` (torch.func for every column).
         ops_backend: accepted for compatibility with :func:`gram`; the one-pass tiles

@@ -502,14 +502,17 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     if budget_bytes < need:
         raise ConfigError(f"budget_bytes={budget_bytes:,} is below what one sample needs ({need:,} bytes: "
                           f"forward data plus the widest layer's {widest:,} columns × {k} outputs); raise it")
-    # Half the budget for block data, half for the two column-chunk buffers.
+    # The two column-chunk buffers take at most a quarter of the budget each (and no more
+    # than _CHUNK_BYTES); the block data gets the rest: all inputs in one block if they fit,
+    # else two blocks (a row block and a column block) of equal size.
+    chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
+    data_bytes = budget_bytes - 2 * chunk_bytes
     total = n1 + n2 if kind is not EntkKernel.DIAGONAL else n1
-    if total * per_sample <= budget_bytes // 2:
+    if total * per_sample <= data_bytes:
         b1, b2 = n1, max(n2, 1)
     else:
-        b1 = b2 = max(1, budget_bytes // 4 // per_sample)
+        b1 = b2 = max(1, data_bytes // 2 // per_sample)
     rows = k * max(min(b1, n1), min(b2, n2) if n2 else 0)
-    chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
     s.max_cols = max(widest, chunk_bytes // max(rows * itemsize, 1))
 
     m1 = n1 * (1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k)
