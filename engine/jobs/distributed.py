@@ -61,6 +61,15 @@ class Dist:
     def _message(error: BaseException | None) -> str | None:
         return None if error is None else f"{type(error).__name__}: {error}"
 
+    def _raise_failures(self, error: BaseException | None, bad: tuple[int, str] | None) -> None:
+        """After a collective: this rank's own error first, else the first failed rank's."""
+        if error is not None:
+            self.failed = True
+            raise error
+        if bad is not None:
+            self.failed = True
+            raise RankFailed(f"rank {bad[0]} failed ({bad[1]})")
+
     def agree(self, error: BaseException | None = None) -> None:
         """Barrier; if any rank failed, every rank raises (the failed one its own error)."""
         if self.world == 1:
@@ -75,13 +84,7 @@ class Dist:
         except BaseException:
             self.failed = True
             raise
-        if error is not None:
-            self.failed = True
-            raise error
-        bad = next(((r, m) for r, m in enumerate(msgs) if m), None)
-        if bad:
-            self.failed = True
-            raise RankFailed(f"rank {bad[0]} failed ({bad[1]})")
+        self._raise_failures(error, next(((r, m) for r, m in enumerate(msgs) if m), None))
 
     def gather(self, obj: Any, error: BaseException | None = None) -> list | None:
         """Every rank's ``obj`` to rank 0 (a list in rank order; None on the other ranks).
@@ -105,12 +108,7 @@ class Dist:
         except BaseException:
             self.failed = True
             raise
-        if error is not None:
-            self.failed = True
-            raise error
-        if status[0] is not None:
-            self.failed = True
-            raise RankFailed(f"rank {status[0][0]} failed ({status[0][1]})")
+        self._raise_failures(error, status[0])
         return [o for _, o in got] if self.main else None
 
     def all_gather(self, obj: Any) -> list:
