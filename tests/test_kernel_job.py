@@ -110,6 +110,12 @@ def test_stored_and_recomputed_jacobian_blocks_agree(tmp_path, ds):
     for res in (a, b):
         assert_close_to_torch(torch.from_numpy(res.kernel[:]), ref32, ref64, what=res.strategy)
     assert "5 block Jacobians instead of 25" in a.reason
+    # each phase timed: stored J blocks take Jacobian time, recomputed ones none; the phases are the job
+    for res in (a, b):
+        ph = res.phase_seconds
+        assert set(ph) == {"setup", "jacobian", "tiles"} and min(ph.values()) >= 0
+        assert sum(ph.values()) <= res.seconds
+    assert a.phase_seconds["jacobian"] > 0 and b.phase_seconds["jacobian"] < a.phase_seconds["jacobian"]
     assert sum(line.startswith("J blocks: ") for line in lines) == 2
     assert not list(tmp_path.glob("a.h5.jacobian*"))  # removed once every tile was on disk
     # auto: stores J when it fits the disk budget, recomputes (and says why) when it does not

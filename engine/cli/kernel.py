@@ -142,7 +142,7 @@ def cmd_kernel(args) -> int:
             write_json(args.json, "kernel", {
                 "out": str(res.path), "shape": list(K.shape), "strategy": res.strategy, "reason": res.reason,
                 "n_tiles": res.n_tiles, "complete": done, "seconds": res.seconds, "world": res.world,
-                "job": K.attrs})
+                "computed_by_rank0": res.computed, "phase_seconds_rank0": res.phase_seconds, "job": K.attrs})
     return 0
 
 

@@ -229,6 +229,9 @@ class KernelJobResult:
     rank: int = 0
     world: int = 1
     memory_in_use: int = 0  # bytes the plan set aside for the process, model and data (memory_in_use())
+    # This rank's wall time per phase: "setup" (model, data, file layout), "jacobian" (the stored J
+    # blocks; 0 when recomputed), "tiles" (its tiles, up to the final barrier).
+    phase_seconds: dict | None = None
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -425,8 +428,10 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
 
         sides = [u1] if sx2 is None else [u1, u2]
         stores = None
+        t_jac = time.perf_counter()
         if strat is _Strategy.STORED and kind is not KernelKind.DIAGONAL:
             stores = _jacobian_phase(out, job, sides, batch, model, kind, c, p, t, d, quiet, overwrite)
+        t_tiles = time.perf_counter()
 
         todo = [k for k, done in enumerate(f.complete[: f.n_tiles]) if not done and k % d.world == d.rank]
         grid = f.grid()
@@ -461,6 +466,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
             if d.world == 1 or isinstance(e, KeyboardInterrupt):
                 raise
             err = e
+        t_end = time.perf_counter()
         d.agree(err)
         if d.main and stores is not None and f.complete.all():
             for s in stores:
@@ -468,7 +474,9 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         d.agree()
         return KernelJobResult(path=out, kernel=TiledKernel(out), strategy=strat.value, reason=reason,
                                computed=computed, n_tiles=f.n_tiles, seconds=time.perf_counter() - t_start,
-                               rank=d.rank, world=d.world, memory_in_use=in_use)
+                               rank=d.rank, world=d.world, memory_in_use=in_use,
+                               phase_seconds={"setup": t_jac - t_start, "jacobian": t_tiles - t_jac,
+                                              "tiles": t_end - t_tiles})
     finally:
         d.close()
 
