@@ -246,3 +246,43 @@ def test_balanced_indices_are_dataset_subset(ds):
     sub = ds.subset(37, 13, seed=5)
     i_tr, i_te = balanced_indices(ds.y_train, 37, 5, 10), balanced_indices(ds.y_test, 13, 5, 10)
     assert torch.equal(ds.x_train[i_tr], sub.x_train) and torch.equal(ds.y_test[i_te], sub.y_test)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("rank_world", [(0, 1), (1, 2), (0, 3)])
+def test_block_reader_serves_every_tiles_blocks(tmp_path, symmetric, prefetch, rank_world):
+    # The tile loop's J blocks come from reused buffers, the next one read in the background: every tile
+    # gets exactly the blocks a direct read gives, in any rank's share of the grid, and a prefetch never
+    # overwrites a block still in use (checked after the background read has finished).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.jobs.kernel_job import _BlockReader, _read_block
+    from engine.store import JacobianStore
+    from tests._random import seeded
+
+    g, _ = seeded()
+    k, p, block, sides = 3, 7, 4, (1 if symmetric else 2)
+    n = (13, 9)
+    stores = []
+    for s in range(sides):
+        st = JacobianStore.create_for(tmp_path / f"j{s}.h5", job={"side": s}, n_inputs=n[s], num_outputs=k,
+                                      n_params=p, block_inputs=block)
+        with st.writer() as w:
+            w.write("jacobian", 0, torch.randn(n[s] * k, p, generator=g))
+        stores.append(JacobianStore(tmp_path / f"j{s}.h5"))
+    b1, b2 = -(-n[0] // block), -(-n[-1] // block)
+    grid = [(i, j) for i in range(b1) for j in range(i if symmetric else 0, b2)]
+    rank, world = rank_world
+    tiles = [ij for q, ij in enumerate(grid) if q % world == rank]
+    with ThreadPoolExecutor(1) as io:
+        reader = _BlockReader(stores, tiles, symmetric, torch.device("cpu"), io, prefetch=prefetch)
+        for q, (i, j) in enumerate(tiles):
+            a, b = reader.blocks(q)
+            if reader.pending is not None:
+                reader.pending[2].result()
+            assert torch.equal(a, _read_block(stores[0], i)), (q, i, j)
+            if symmetric and i == j:
+                assert b is None
+            else:
+                assert torch.equal(b, _read_block(stores[-1], j)), (q, i, j)

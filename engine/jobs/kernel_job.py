@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,13 +177,13 @@ def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch
     jblocks = 2 * rows * p * (4 + cast)
     out = 8 if compute_dtype == torch.float64 else 4
     if kind is KernelKind.FULL:
-        tile = rows * rows * out * 3                 # product, symmetrised copy, padded write buffer
+        tile = rows * rows * out * 4                 # product, symmetrised copy, the last tile and its padded copy
     elif kind is KernelKind.TRACED:
-        tile = c * t * t * out + 3 * t * t * out     # the C per-output products, then their sum
+        tile = c * t * t * out + 4 * t * t * out     # the C per-output products, then their sum
     elif kind is KernelKind.DIAGONAL:
-        tile = 3 * t * c * c * out
+        tile = 4 * t * c * c * out
     else:
-        tile = 3 * t * t * out
+        tile = 4 * t * t * out
     return jblocks + tile + min(_JAC_WORKSPACE, jblocks) + _BASE_OVERHEAD
 
 
@@ -436,23 +437,26 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         todo = [k for k, done in enumerate(f.complete[: f.n_tiles]) if not done and k % d.world == d.rank]
         grid = f.grid()
         computed = 0
-        row = None  # (i, J block of row block i): consecutive tiles of one row share it
         err = None
         try:
-            with f.writer() as w:
+            # One I/O thread: the last tile is written (and fsynced) while this one multiplies, and on a
+            # GPU the next tile's J block is read meanwhile too; waits stay in order, so flags still
+            # follow their bytes.
+            with f.writer() as w, ThreadPoolExecutor(1, thread_name_prefix="entk-kernel-io") as io:
+                reader = None if stores is None else _BlockReader(
+                    stores, [grid[k] for k in todo], symmetric, dev, io,
+                    prefetch=_prefetch_blocks(dev, stores[0]))
+                written = None  # the previous tile's write
                 bar = progress_bar(todo, desc=f"eNTK tiles (rank {d.rank}/{d.world})" if d.world > 1
                                    else "eNTK tiles", enabled=False if quiet or not d.main else None, unit="tile")
-                for k in bar:
+                for n, k in enumerate(bar):
                     i, j = grid[k]
                     if kind is KernelKind.DIAGONAL:
                         h = _tile(model, batch(u1, i * t, (i + 1) * t), None, kind, cdtype, budget_bytes)
-                    elif stores is not None:
-                        if row is None or row[0] != i:
-                            row = None  # free the previous row block before reading the next
-                            row = (i, _read_block(stores[0], i).to(dev))
-                        jb = None if symmetric and i == j else _read_block(stores[-1], j).to(dev)
-                        h = _contract(row[1], jb, kind, c, cdtype)
-                        del jb
+                    elif reader is not None:
+                        ja, jb = reader.blocks(n)
+                        h = _contract(ja, jb, kind, c, cdtype)
+                        del ja, jb
                     else:
                         xa = batch(u1, i * t, (i + 1) * t)
                         xb = None if symmetric and i == j else batch(sides[-1], j * t, (j + 1) * t)
@@ -460,8 +464,13 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                     if not torch.isfinite(h).all():
                         raise ConfigError(f"tile ({i}, {j}) of the kernel has NaN/Inf values (diverged weights?); "
                                           f"completed tiles are kept in {out}")
-                    f.write_tile(w, k, h.cpu())
+                    if written is not None:
+                        written.result()
+                    written = io.submit(f.write_tile, w, k, h.cpu())
+                    del h
                     computed += 1
+                if written is not None:
+                    written.result()
         except (Exception, KeyboardInterrupt) as e:
             if d.world == 1 or isinstance(e, KeyboardInterrupt):
                 raise
@@ -536,13 +545,88 @@ def _choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budge
                                  f"{jbytes / GiB:.3g} GiB > disk budget {disk_budget / GiB:.3g} GiB")
 
 
-def _read_block(store: JacobianStore, u: int) -> torch.Tensor:
+def _block_bytes(store: JacobianStore) -> int:
+    shape, dtype, _, _ = store.datasets["jacobian"]
+    return store.block_inputs * store.num_outputs * shape[1] * dtype.itemsize
+
+
+def _prefetch_blocks(device: torch.device, store: JacobianStore) -> bool:
+    """Read the next J block in the background: on a GPU, whose host idles while the tile multiplies,
+    and only when a third block fits in the Jacobian workspace that :func:`tile_bytes` sets aside.
+    Not on the CPU, where the reading thread takes cycles from the BLAS threads (measured slower on
+    2 cores, benchmarks/results/README.md)."""
+    b = _block_bytes(store)
+    return device.type == "cuda" and b <= min(_JAC_WORKSPACE, 2 * b)
+
+
+class _BlockReader:
+    """The two J blocks of each tile of the loop (row block, column block; None on a symmetric
+    diagonal tile), read into reused buffers (fresh pages fault in slowly on some machines).
+
+    With ``prefetch``, the next tile's first new block is read on ``io`` while this tile
+    multiplies: three buffers (row, column, the one being read), else two. ``tiles`` are the
+    (i, j) of the loop in order; a block held as the column is reused as the next row.
+    """
+
+    def __init__(self, stores: list[JacobianStore], tiles: list[tuple[int, int]], symmetric: bool,
+                 device: torch.device, io: ThreadPoolExecutor, *, prefetch: bool):
+        self.stores, self.tiles, self.symmetric, self.device, self.io = stores, tiles, symmetric, device, io
+        self.bufs: list[np.ndarray | None] = [None] * (3 if prefetch else 2)
+        self.prefetch = prefetch
+        self.row = self.col = None  # (key, buffer index, tensor); key = (side, block)
+        self.pending = None         # (key, buffer index, future)
+
+    def _keys(self, n: int):
+        i, j = self.tiles[n]
+        return (0, i), (None if self.symmetric and i == j else (len(self.stores) - 1, j))
+
+    def _read(self, key, b: int) -> torch.Tensor:
+        store = self.stores[key[0]]
+        if self.bufs[b] is None:
+            self.bufs[b] = np.empty(_block_bytes(store) // store.datasets["jacobian"][1].itemsize,
+                                    store.datasets["jacobian"][1])
+        return _read_block(store, key[1], self.bufs[b]).to(self.device)
+
+    def _obtain(self, key, keep: set[int]):
+        if self.pending is not None:
+            pkey, pb, fut = self.pending
+            self.pending = None
+            block = fut.result()  # finished before its buffer can be reused
+            if pkey == key:
+                return pb, block
+        b = next(b for b in range(len(self.bufs)) if b not in keep)
+        return b, self._read(key, b)
+
+    def blocks(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rk, ck = self._keys(n)
+        if self.row is None or self.row[0] != rk:
+            if self.col is not None and self.col[0] == rk:
+                self.row = self.col  # the last column block is the next row's block
+            else:
+                keep = {self.col[1]} if self.col is not None and self.col[0] == ck else set()
+                self.row = (rk, *self._obtain(rk, keep))
+        if ck is None:
+            self.col = None
+        elif self.col is None or self.col[0] != ck:
+            self.col = (ck, *self._obtain(ck, {self.row[1]}))
+        if self.prefetch and n + 1 < len(self.tiles) and self.pending is None:
+            held = {x[0]: x[1] for x in (self.row, self.col) if x is not None}
+            new = [key for key in self._keys(n + 1) if key is not None and key not in held]
+            if new:
+                b = next(b for b in range(len(self.bufs)) if b not in held.values())
+                self.pending = (new[0], b, self.io.submit(self._read, new[0], b))
+        return self.row[2], None if self.col is None else self.col[2]
+
+
+def _read_block(store: JacobianStore, u: int, buf: np.ndarray | None = None) -> torch.Tensor:
     """J block ``u`` of a Jacobian store, read with one positioned read (no memory map, whose
-    touched pages would count against the budget for as long as it is open)."""
+    touched pages would count against the budget for as long as it is open), into ``buf``
+    (flat, large enough) when given."""
     s, e = store.unit_inputs(u)
     k = store.num_outputs
     shape, dtype, off, _ = store.datasets["jacobian"]
-    out = np.empty(((e - s) * k, shape[1]), dtype)
+    rows = (e - s) * k
+    out = np.empty((rows, shape[1]), dtype) if buf is None else buf[: rows * shape[1]].reshape(rows, shape[1])
     with open(store.path, "rb", buffering=0) as fh:
         fh.seek(off + s * k * shape[1] * dtype.itemsize)
         view, got = memoryview(out).cast("B"), 0

@@ -109,8 +109,11 @@ class KernelTiles(BlockFile):
         if tuple(block.shape) != (r1 - r0, c1 - c0):
             raise StoreError(f"tile {k} ({i}, {j}) must be {(r1 - r0, c1 - c0)}, got {tuple(block.shape)}")
         tr, tc = self.tile_shape
-        padded = torch.zeros((1, tr, tc), dtype=self.torch_dtype("tiles"))
-        padded[0, : r1 - r0, : c1 - c0] = block
+        if (r1 - r0, c1 - c0) == (tr, tc):
+            padded = block.reshape(1, tr, tc)  # a whole tile: no padded copy
+        else:
+            padded = torch.zeros((1, tr, tc), dtype=self.torch_dtype("tiles"))
+            padded[0, : r1 - r0, : c1 - c0] = block
         w.write("tiles", k, padded)
         if flag:
             w.mark_complete(k)
