@@ -233,7 +233,8 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
                  "--ridge", "1e-2"]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert main(["kernel-info", str(tmp_path / "tr.h5"), "--top-k", "3"]) == 0
-    assert "top eigenvalues" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top eigenvalues" in out and "participation ratio" in out
     # errors for people: one line, exit 2
     assert main(["kernel", "--x1", "train:5", "--out", str(tmp_path / "x.h5")]) == 2
     err = capsys.readouterr().err.strip()

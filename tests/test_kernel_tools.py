@@ -1,4 +1,4 @@
-"""Kernel tools streaming over stored tiles: mat-vecs, Lanczos, effective rank, alignment, NTK prediction."""
+"""Kernel tools streaming over stored tiles: mat-vecs, Lanczos, participation ratio, alignment, NTK prediction."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from engine.analysis.kernel_tools import (
-    effective_rank,
     kernel_matvec,
     kernel_norms,
     kernel_predict,
     kernel_target_alignment,
+    participation_ratio,
     top_eigenpairs,
 )
 from engine.errors import ConfigError
@@ -43,7 +43,7 @@ def _psd(n, g, decay=0.7):
     return (q * lam) @ q.T
 
 
-def test_matvec_norms_and_effective_rank_stream_over_upper_tiles(tmp_path):
+def test_matvec_norms_and_participation_ratio_stream_over_upper_tiles(tmp_path):
     g, seed = seeded()
     h = _psd(29, g).float().double()
     h = (h + h.T) / 2
@@ -57,7 +57,7 @@ def test_matvec_norms_and_effective_rank_stream_over_upper_tiles(tmp_path):
     tr, fro = kernel_norms(K)
     assert tr == pytest.approx(np.trace(dense), rel=1e-12) and fro == pytest.approx(np.linalg.norm(dense), rel=1e-12)
     ev = np.linalg.eigvalsh(dense)
-    assert effective_rank(K) == pytest.approx(ev.sum() ** 2 / (ev**2).sum(), rel=1e-10)
+    assert participation_ratio(K) == pytest.approx(ev.sum() ** 2 / (ev**2).sum(), rel=1e-10)
 
 
 def test_lanczos_matches_eigh_within_its_residual_bound(tmp_path):

@@ -8,7 +8,8 @@ is chosen only when the dense train kernel fits the memory budget.
 Conventions: the full kernel's row ``n·C + c`` targets the one-hot label ``[y_n == c]``; traced
 and pNTK kernels (N × N) regress the C one-hot columns at once. The ridge is relative, as in
 neural-tangents' ``predict`` (``diag_reg``): λ = ridge · trace(K)/M is added to the diagonal.
-The effective rank is the participation ratio (Σλ)²/Σλ² = trace(K)²/‖K‖_F². Kernel–target
+The participation ratio (Σλ)²/Σλ² = trace(K)²/‖K‖_F² is an effective rank that needs no eigensolver
+(``engine.analysis.effective_rank`` is the entropy form, from eigenvalues). Kernel–target
 alignment is ⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F) with class-centred one-hot targets Y.
 """
 
@@ -87,7 +88,7 @@ def kernel_norms(K) -> tuple[float, float]:
     return tr, fro2 ** 0.5
 
 
-def effective_rank(K) -> float:
+def participation_ratio(K) -> float:
     """Participation ratio trace(K)² / ‖K‖_F² (between 1 and the rank; exact, no eigensolver)."""
     tr, fro = kernel_norms(K)
     return tr * tr / (fro * fro) if fro > 0 else 0.0
@@ -285,5 +286,13 @@ def _check_pair(train: TiledKernel, cross: TiledKernel) -> None:
                           f"{train.path} ({a.get('x1_split')}:{a.get('x1_n')}, seed {a.get('seed')})")
 
 
-__all__ = ["Eigenpairs", "Prediction", "effective_rank", "kernel_matvec", "kernel_norms", "kernel_predict",
-           "kernel_target_alignment", "top_eigenpairs"]
+__all__ = [
+    "Eigenpairs",
+    "Prediction",
+    "kernel_matvec",
+    "kernel_norms",
+    "kernel_predict",
+    "kernel_target_alignment",
+    "participation_ratio",
+    "top_eigenpairs",
+]

@@ -93,9 +93,10 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(handler=cmd_kernel_predict)
 
-    p = sub.add_parser("kernel-info", help="shape, completeness, top eigenvalues, effective rank, label alignment",
+    p = sub.add_parser("kernel-info", help="shape, completeness, top eigenvalues, participation ratio, label alignment",
                        description="Describe a stored kernel: its job, tiles done, and (when complete) the top-k "
-                                   "eigenvalues by Lanczos on tile mat-vecs, the effective rank trace^2/|K|_F^2 and "
+                                   "eigenvalues by Lanczos on tile mat-vecs, the participation ratio trace^2/|K|_F^2 "
+                                   "(an effective rank) and "
                                    "the kernel-target alignment with the labels, all streaming over tiles.")
     p.add_argument("kernel", metavar="KERNEL.h5", help="a file written by entk kernel")
     p.add_argument("--top-k", type=int, default=5, help="number of eigenvalues (default: 5; 0 skips the spectrum)")
@@ -166,7 +167,7 @@ def cmd_kernel_predict(args) -> int:
 
 
 def cmd_kernel_info(args) -> int:
-    from ..analysis.kernel_tools import effective_rank, kernel_norms, kernel_target_alignment, top_eigenpairs
+    from ..analysis.kernel_tools import kernel_norms, kernel_target_alignment, participation_ratio, top_eigenpairs
     from ..store import open_kernel
 
     check_outputs(files=[("--json", args.json)], inputs=[("kernel", args.kernel)])
@@ -182,9 +183,9 @@ def cmd_kernel_info(args) -> int:
           + f"; {done}/{len(K.complete)} tiles complete")
     if K.is_complete and K.ndim == 2 and K.symmetric:
         tr, fro = kernel_norms(K)
-        desc.update(trace=tr, frobenius=fro, effective_rank=effective_rank(K),
+        desc.update(trace=tr, frobenius=fro, participation_ratio=participation_ratio(K),
                     alignment=kernel_target_alignment(K))
-        print(f"  trace {tr:.6g}  |K|_F {fro:.6g}  effective rank {desc['effective_rank']:.3f}  "
+        print(f"  trace {tr:.6g}  |K|_F {fro:.6g}  participation ratio {desc['participation_ratio']:.3f}  "
               f"label alignment {desc['alignment']:.4f}")
         if args.top_k > 0:
             eig = top_eigenpairs(K, min(args.top_k, K.shape[0]))
