@@ -42,3 +42,17 @@ def copy_bytes_per_second(device: torch.device, nbytes: int) -> float:
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     seconds = median_seconds(lambda: dst.copy_(src), device)
     return 2 * n * 4 / seconds
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

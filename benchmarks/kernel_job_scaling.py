@@ -21,7 +21,6 @@ import argparse
 import filecmp
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks._common import cpu_name  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "entk kernel, cnn, real CIFAR-10 train images", "n": args.n, "kernel": args.kernel,
            "shape": list(K.shape), "budget_gb": args.budget_gb, "n_params": p, "tile_rows": tr,
            "members": members, "mm_ceilings": ceilings, "files_bit_identical_1_vs_2_processes": identical,
-           "hardware": {"cpu": platform.processor() or platform.machine(), "cores": cores,
+           "hardware": {"cpu": cpu_name(), "cores": cores,
                         "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
            "note": "mm ceiling: float32 torch.mm(a, b.T) with a, b (tile_rows x P), best (and median) of 5, measured "
                    "right after each member; a member uses the higher of the one before it and the one after it; "

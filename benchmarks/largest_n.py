@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_name  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 GB = 10**9
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
 
         res = {"benchmark": "largest N of the full eNTK of cnn on real CIFAR-10 within a memory limit",
                "limit_gb": args.limit_gb, "members": results,
-               "hardware": {"cpu": platform.processor() or platform.machine(), "cores": threads,
+               "hardware": {"cpu": cpu_name(), "cores": threads,
                             "torch": torch.__version__, "memory_gb": os.sysconf("SC_PHYS_PAGES")
                             * os.sysconf("SC_PAGE_SIZE") / GB}}
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
