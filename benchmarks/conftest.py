@@ -7,27 +7,15 @@ printed at the end gives each member's speed relative to it.
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _common import cpu_name
 
 
 def hardware_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads (CPU)"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)"
 
 
 @pytest.fixture(scope="session")

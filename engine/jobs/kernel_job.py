@@ -552,11 +552,12 @@ def _block_bytes(store: JacobianStore) -> int:
 
 def _prefetch_blocks(device: torch.device, store: JacobianStore) -> bool:
     """Read the next J block in the background: on a GPU, whose host idles while the tile multiplies,
-    and only when a third block fits in the Jacobian workspace that :func:`tile_bytes` sets aside.
+    and only when a third block fits in the Jacobian workspace :func:`tile_bytes` sets aside (one block
+    at most: min(workspace, two blocks) holds one block exactly when it is at most the workspace).
     Not on the CPU, where the reading thread takes cycles from the BLAS threads (measured slower on
     2 cores, benchmarks/results/README.md)."""
     b = _block_bytes(store)
-    return device.type == "cuda" and b <= min(_JAC_WORKSPACE, 2 * b)
+    return device.type == "cuda" and b <= _JAC_WORKSPACE
 
 
 class _BlockReader:
