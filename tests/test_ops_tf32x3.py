@@ -70,6 +70,8 @@ def test_products_within_the_derived_bound(shape):
     scale = a.double().abs() @ b.double().abs().T
     bound = (PRODUCT_REL_BOUND + k * 2.0**-24) * scale
     assert ((got - exact).abs() <= bound).all(), f"seed={seed}"
+    if n * m * k < 100:
+        return  # one product's two rounding errors can be small by chance: the norms compare many
     one_pass = (tf32_round(a) @ tf32_round(b).T).double()
     err3, err1 = (got - exact).norm(), (one_pass - exact).norm()
     assert err3 * 100 < err1 or err1 == 0, f"tf32x3 {err3:.3g} not ≫ better than tf32 {err1:.3g} (seed={seed})"
