@@ -80,6 +80,50 @@ def test_tiles_equal_the_in_memory_kernel(tmp_path, ds, kind):
         assert np.array_equal(K[:], K[:].T)  # mirrored exactly, diagonal tiles symmetric too
 
 
+def _torch_func_kernel(model64, x1, kind, x2=None):
+    """The kernel from torch.func Jacobians of the float64 model (independent of engine.ntk)."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in model64.named_parameters()}
+
+    def jac(x):  # (N, C, P)
+        J = vmap(jacrev(lambda p, xi: functional_call(model64, p, (xi[None],))[0]), (None, 0))(params, x)
+        return torch.cat([J[k].reshape(x.shape[0], J[k].shape[1], -1) for k in params], dim=2)
+
+    ja = jac(x1)
+    jb = ja if x2 is None else jac(x2)
+    n, c, _ = ja.shape
+    if kind == "full":
+        return ja.reshape(n * c, -1) @ jb.reshape(len(jb) * c, -1).T
+    if kind == "traced":
+        return torch.einsum("ncp,mcp->nm", ja, jb)
+    if kind == "pntk":
+        return (ja.sum(1) / c**0.5) @ (jb.sum(1) / c**0.5).T
+    return torch.einsum("ncp,ndp->ncd", ja, ja)
+
+
+@pytest.mark.parametrize("kind,strategy", [(k, s) for k in ("full", "traced", "pntk") for s in
+                                           ("recompute", "stored-jacobian")] + [("diagonal", "recompute")])
+def test_float64_tiles_are_float64_throughout(tmp_path, ds, kind, strategy):
+    # float64 tiles come from a float64 copy of the model (through the same one-pass engine, or float64 J
+    # blocks): their error against float64 torch.func is float64's, not that of float32 Jacobians (~1e-7).
+    model = tiny_cnn().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x2 = None if kind == "diagonal" else "train:5"
+    res = kernel_job(tmp_path / "k.h5", model=model, dataset=ds, x1="test:7", x2=x2, kernel=kind, tile_inputs=3,
+                     compute_dtype="float64", strategy=strategy, log=None, quiet=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    K = open_kernel(res.path)
+    assert K[:].dtype == np.float64 and res.strategy == strategy
+    x1 = _inputs(ds, K).double()
+    xb = None if x2 is None else _inputs(ds, K, 2).double()
+    model64 = copy.deepcopy(model).double()
+    ref64 = _torch_func_kernel(model64, x1, kind, xb)
+    same = _reference(model64, x1, kind, xb)  # plain float64 eNTK of the joint inputs: float64's own error
+    got = torch.from_numpy(K[:]).reshape(ref64.shape)
+    assert_close_to_torch(got, same.reshape(ref64.shape), ref64, what=f"{kind} {strategy}")
+
+
 def test_cross_kernel_is_the_block_of_the_joint_kernel(tmp_path, ds):
     model = tiny_cnn().eval()
     res = kernel_job(tmp_path / "c.h5", model=model, dataset=ds, x1="test:7", x2="train:9", kernel="full",

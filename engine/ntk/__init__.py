@@ -20,7 +20,7 @@ from .distance import (
 from .functional import KernelShape, entk_fn
 from .gram import KernelKind, gram
 from .jacobian import JacobianBackend, jacobian, parameter_layout
-from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
+from .kernel import entk, fill_jacobian_store, jacobian_to_store, num_outputs, param_groups, probe_hash
 from .onepass import EntkKernel, Implementation
 from .planner import Contraction, ContractionPlan, plan
 
@@ -37,6 +37,7 @@ __all__ = [
     "distance_from_gram",
     "entk",
     "entk_fn",
+    "fill_jacobian_store",
     "gram",
     "jacobian",
     "jacobian_to_store",

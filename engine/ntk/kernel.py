@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -270,11 +270,33 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
     store = JacobianStore.create_for(path, job=spec, n_inputs=inputs.shape[0], num_outputs=c,
                                      n_params=p, block_inputs=block_inputs, dtype=dtype,
                                      overwrite=overwrite)
-    todo = [u for u, done in enumerate(store.complete) if not done]
+    fill_jacobian_store(store, model, inputs, [u for u, done in enumerate(store.complete) if not done],
+                        backend=backend, force_eval=force_eval, progress=progress)
+    return store
+
+
+def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
+                        inputs: torch.Tensor | Callable[[int, int], torch.Tensor], units: Iterable[int], *,
+                        projection: torch.Tensor | None = None, backend: str = "auto", force_eval: bool = False,
+                        progress: bool | None = False, desc: str = "Jacobian blocks") -> None:
+    """Compute blocks ``units`` of ``store`` and write each, flagged complete once its bytes are written:
+    the one writer of stored Jacobians (:func:`jacobian_to_store`, and the ``entk kernel`` job, whose ranks
+    each fill their share of a store rank 0 created).
+
+    ``inputs`` are the store's inputs, or a function ``(start, end)`` → those inputs (on the model's
+    device), for callers that hold them compactly. ``projection`` stores the Jacobian of ``v · f`` (one
+    row per input). A block with a non-finite entry is refused, naming the input, output and parameter.
+    """
+    layout = parameter_layout(model)
+    c = store.num_outputs
+    dtype = store.torch_dtype("jacobian")
     with store.writer() as w:
-        for u in progress_bar(todo, desc="Jacobian blocks", enabled=progress, unit="block"):
+        for u in progress_bar(list(units), desc=desc, enabled=progress, unit="block"):
             s, e = store.unit_inputs(u)
-            block = jacobian(model, inputs[s:e], backend=backend, force_eval=force_eval)
+            x = inputs(s, e) if callable(inputs) else inputs[s:e]
+            # float64 stores hold float64 Jacobians (of a float64 model); the others are cast from float32
+            block = jacobian(model, x, backend=backend, force_eval=force_eval, projection=projection,
+                             dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             bad = _first_bad_column(block)
             if bad is not None:
                 r, col = bad
@@ -283,5 +305,4 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
                                   f"for parameter {name}; nothing of this block was stored")
             w.write("jacobian", s * c, block.to(dtype))
             w.mark_complete(u)
-    return store
 

@@ -26,8 +26,8 @@ class JacobianStore(BlockFile):
     def create_for(cls, path: str | Path, *, job: Mapping, n_inputs: int, num_outputs: int,
                    n_params: int, block_inputs: int, dtype: torch.dtype = torch.float32,
                    overwrite: bool = False) -> JacobianStore:
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"Jacobian store dtype must be float32 or bfloat16, got {dtype}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"Jacobian store dtype must be float32, bfloat16 or float64, got {dtype}")
         n_units = -(-n_inputs // block_inputs)
         job = {**job, "n_inputs": n_inputs, "num_outputs": num_outputs, "n_params": n_params,
                "block_inputs": block_inputs, "dtype": str(dtype)}

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...progress import progress as progress_bar
+from ...ntk import fill_jacobian_store
 from ...store import JacobianStore, StoreError
 from ..distributed import Dist
 from .plan import JAC_WORKSPACE, KernelKind
-from .tiles import jacobian_block
+from .tiles import projection
 
 
 def block_bytes(store: JacobianStore) -> int:
@@ -115,8 +115,10 @@ def store_paths(out: Path, sides: int) -> list[Path]:
 
 
 def jacobian_phase(out: Path, job: dict, sides, batch, model, kind: KernelKind, c: int, p: int, t: int, d: Dist,
-                   quiet: bool, overwrite: bool) -> list[JacobianStore]:
-    """Every J block of every side into a resumable store beside ``out`` (blocks sharded over ranks)."""
+                   quiet: bool, overwrite: bool, dtype: torch.dtype = torch.float32) -> list[JacobianStore]:
+    """Every J block of every side into a resumable store beside ``out`` (blocks sharded over ranks),
+    written by :func:`engine.ntk.fill_jacobian_store` (the writer :func:`engine.ntk.jacobian_to_store`
+    uses too). ``dtype``: the blocks' dtype, the model's (float64 for a float64 job)."""
     k = 1 if kind is KernelKind.PNTK else c
     paths = store_paths(out, len(sides))
     spec = {"kernel_file": out.name, **{key: job[key] for key in ("state_hash", "data_fingerprint", "kernel", "seed",
@@ -125,18 +127,14 @@ def jacobian_phase(out: Path, job: dict, sides, batch, model, kind: KernelKind, 
     def create() -> list[JacobianStore]:
         for s, (u8, path) in enumerate(zip(sides, paths, strict=True)):
             JacobianStore.create_for(path, job={**spec, "side": s + 1}, n_inputs=len(u8), num_outputs=k,
-                                     n_params=p, block_inputs=t, overwrite=overwrite)
+                                     n_params=p, block_inputs=t, dtype=dtype, overwrite=overwrite)
         return [JacobianStore(path) for path in paths]
 
     stores = d.create_then_open(create, lambda: [JacobianStore(path) for path in paths])
     with d.together():
         for s, (u8, store) in enumerate(zip(sides, stores, strict=True)):
             todo = [u for u, done in enumerate(store.complete) if not done and d.owns(u)]
-            with store.writer() as w:
-                for u in progress_bar(todo, desc=f"J blocks x{s + 1}", enabled=False if quiet or not d.main else None,
-                                      unit="block"):
-                    a, b = store.unit_inputs(u)
-                    jb = jacobian_block(model, batch(u8, a, b), kind, c)
-                    w.write("jacobian", a * k, jb)
-                    w.mark_complete(u)
+            v = projection(kind, c, batch(u8, 0, 1))
+            fill_jacobian_store(store, model, lambda a, b, u8=u8: batch(u8, a, b), todo, projection=v,
+                                progress=False if quiet or not d.main else None, desc=f"J blocks x{s + 1}")
     return stores

@@ -3,6 +3,7 @@ write this rank's tiles (see the package docstring)."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import time
@@ -25,6 +26,7 @@ from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
     DEFAULT_BUDGET,
+    PROCESS_ALLOWANCE,
     GiB,
     KernelKind,
     Strategy,
@@ -84,13 +86,14 @@ class _Work:
     inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (index, uint8 images, labels) per side
     mean: tuple
     std: tuple
+    dtype: torch.dtype  # of the model's parameters and the inputs: float64 for a float64 job, else float32
     c: int
     p: int
     job: dict
     in_use: int
 
     def batch(self, u8: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return normalize(u8[s:e], self.mean, self.std).to(self.device)
+        return normalize(u8[s:e], self.mean, self.std).to(self.device, self.dtype)
 
     @property
     def sides(self) -> list[torch.Tensor]:
@@ -129,9 +132,13 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     model = model.to(dev).eval()
     sides = [(req.split1, req.n1, "--x1")] + ([] if req.sx2 is None else [(*req.sx2, "--x2")])
     inputs = [select(ds, split, n, seed, subset[split], base_seed, what) for split, n, what in sides]
-    work = _Work(model, dev, inputs, ds.mean, ds.std, 0, 0, {}, 0)
-    work.c = num_outputs(model, work.batch(inputs[0][1], 0, 1))
-    work.p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    f64 = req.cdtype == torch.float64
+    # float64: the job computes on a float64 copy (the caller's model stays as it is); the job record
+    # keeps the hash of the state it was given.
+    compute_model = copy.deepcopy(model).double() if f64 else model
+    work = _Work(compute_model, dev, inputs, ds.mean, ds.std, torch.float64 if f64 else torch.float32, 0, 0, {}, 0)
+    work.c = num_outputs(compute_model, work.batch(inputs[0][1], 0, 1))
+    work.p = sum(q.numel() for q in compute_model.parameters() if q.requires_grad)
     sx2 = req.sx2
     work.job = {"format_job": "entk-kernel", **info, "kernel": req.kind.value, "mode": "eval", "num_outputs": work.c,
                 "n_params": work.p, "data": ds.name, "data_fingerprint": ds.fingerprint,
@@ -141,7 +148,8 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     if run is not None:
         del ds  # the inputs are selected; only the job's own images stay in memory
         gc.collect()
-    work.in_use = memory_in_use(model, work.sides, dataset)
+    work.in_use = memory_in_use(model, work.sides, dataset) + (memory_in_use(compute_model, []) - PROCESS_ALLOWANCE
+                                                                if f64 else 0)
     return work
 
 
@@ -160,7 +168,7 @@ def _plan(req: _Request, work: _Work, *, overwrite, budget_bytes, tile_inputs, d
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
     t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
     strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
-                                    req.out, disk_budget_bytes)
+                                    req.out, disk_budget_bytes, itemsize=work.dtype.itemsize)
     return t, strat, reason
 
 
@@ -281,7 +289,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:
             stores = jacobian_phase(req.out, work.job, work.sides, work.batch, work.model, req.kind, work.c, work.p,
-                                    t, d, quiet, overwrite)
+                                    t, d, quiet, overwrite, dtype=work.dtype)
         t_tiles = time.perf_counter()
         computed = 0
         with d.together():

@@ -133,13 +133,14 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budget):
-    """Store J blocks (each computed once) or recompute them per tile pair; returns (choice, one-line reason)."""
+def choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budget, itemsize: int = 4):
+    """Store J blocks (each computed once) or recompute them per tile pair; returns (choice, one-line reason).
+    ``itemsize``: bytes of one stored J entry (the model's dtype: 8 for a float64 job)."""
     b1, b2 = -(-n1 // t), -(-n2 // t)
     if kind is KernelKind.DIAGONAL:
         return Strategy.RECOMPUTE, "recomputed: the diagonal kernel uses each input block once, nothing to reuse"
     rows = 1 if kind is KernelKind.PNTK else c
-    jbytes = (n1 if symmetric else n1 + n2) * rows * p * 4
+    jbytes = (n1 if symmetric else n1 + n2) * rows * p * itemsize
     evals_recompute = b1 * b1 if symmetric else 2 * b1 * b2
     evals_stored = b1 if symmetric else b1 + b2
     if disk_budget is None:

@@ -7,16 +7,15 @@ import math
 import torch
 from torch import nn
 
-from ...ntk import entk, jacobian, num_outputs
+from ...ntk import entk
 from .plan import KernelKind
 
 
-def jacobian_block(model: nn.Module, x: torch.Tensor, kind: KernelKind, c: int) -> torch.Tensor:
-    """J of one block: ``(n·C, P)``, or ``(n, P)`` for the pNTK output Σ_c f_c / √C."""
+def projection(kind: KernelKind, c: int, x: torch.Tensor) -> torch.Tensor | None:
+    """The output projection whose Jacobian a J block holds: Σ_c f_c / √C for the pNTK, else None (all C)."""
     if kind is KernelKind.PNTK:
-        v = torch.full((c,), 1.0 / math.sqrt(c), dtype=x.dtype, device=x.device)
-        return jacobian(model, x, projection=v)
-    return jacobian(model, x)
+        return torch.full((c,), 1.0 / math.sqrt(c), dtype=x.dtype, device=x.device)
+    return None
 
 
 def symmetrised(h: torch.Tensor) -> torch.Tensor:
@@ -49,17 +48,16 @@ def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Kern
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
 
-    float32 and bfloat16 tiles come from the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel
-    for ``xb``); float64 from float64 Jacobian blocks (the one-pass engine computes in the
-    parameters' dtype). Nothing else in this package computes a tile from the model.
+    Every compute dtype goes through the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel for
+    ``xb``), which computes in the parameters' dtype: for float64 ``model`` and the inputs are the
+    job's float64 copies, so the tile is float64 throughout. Nothing else in this package computes a
+    tile from the model.
     """
     if compute_dtype == torch.float64:
-        c = num_outputs(model, xa)
-        ja = jacobian_block(model, xa, kind, c)
-        jb = None if xb is None else jacobian_block(model, xb, kind, c)
-        return contract(ja, jb, kind, c, compute_dtype)
-    h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
-             dtype=torch.float32)
+        h = entk(model, xa, xb, kernel=kind.value, budget_bytes=budget_bytes, dtype=torch.float64)
+    else:
+        h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
+                 dtype=torch.float32)
     if kind is KernelKind.DIAGONAL:
         return h.reshape(len(xa), -1)
     return symmetrised(h) if xb is None else h
