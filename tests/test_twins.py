@@ -165,7 +165,7 @@ def test_chaos_grid_records_and_noise_floor(tmp_path, ds):
     assert res.noise_floor() == 0.0
     recs = res.records()
     keys = {"t0", "t1", "member", "dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test",
-            "disagreement", "acc_base", "acc_member"}
+            "error_barrier_test", "disagreement", "acc_base", "acc_member"}
     assert all(set(r) == keys for r in recs)
     assert all(r["t1"] >= r["t0"] for r in recs)
     ctrl = [r for r in recs if r["member"] == "control"]
