@@ -88,7 +88,7 @@ def test_json_of_reproduce_is_the_study_record(tmp_path, monkeypatch):
     assert main(["reproduce", "--out", str(tmp_path / "study"), "--json", str(js), "--t0", "0,5"]) == 0
     rec = _json(js)
     assert rec == {"command": "reproduce", "version": engine.__version__, "out": str(tmp_path / "study"),
-                   "preset": "cpu-small", "times_s": {"train": 1.0}}
+                   "preset": "quick", "times_s": {"train": 1.0}}
     assert seen["t0"] == [0, 5]
 
 

@@ -89,7 +89,7 @@ def test_reproduce_refuses_meaningless_flags_in_one_line(tmp_path, capsys, flag,
 
 def test_reproduce_honours_n_test_and_subset_seed(tmp_path, monkeypatch):
     """--n-test and --subset-seed reach every run of the study (they used to be dropped)."""
-    import engine.report.study as study
+    import engine.jobs.study as study
 
     seen = []
 

@@ -91,13 +91,13 @@ _FIG3_T1 = [1000, 5000, 10_000, 20_000, 31_200, 62_400]
 def preset(name: str, *, model: str | None = None, steps: int | None = None) -> Preset:
     """The named preset; ``steps`` rescales its grids (module docstring)."""
     if name == "quick":
-        s = _steps(steps, 200)
-        return Preset(name, model or "cnn", s, 2000, log_schedule(s, 10), 20, _scaled([0, 5, 20, 60], s, 200),
-                      _scaled([50, 100, 200], s, 200), 200, alphas=5, schedule="multistep",
-                      window=max(1, round(40 * s / 200)), trace_every=max(1, round(5 * s / 200)),
-                      independent=True, spawn_t0=_scaled([20], s, 200),
-                      description=f"a first look: small CNN on 2,000 images, {s} SGD steps with lr /10 at 50% "
-                                  f"and 75%, one seed, small grids")
+        s = _steps(steps, 150)
+        return Preset(name, model or "cnn", s, 2000, log_schedule(s, 8), 16, _scaled([0, 10, 40], s, 150),
+                      _scaled([75, 150], s, 150), 200, alphas=5, schedule="multistep",
+                      window=max(1, round(30 * s / 150)), trace_every=max(1, round(5 * s / 150)),
+                      independent=True, spawn_t0=_scaled([40], s, 150),
+                      description=f"a first look: small CNN on 2,000 synthetic images, {s} SGD steps with lr /10 at "
+                                  f"50% and 75%, one seed, small grids")
     if name in ("cpu-basins", "cpu-basins-constant"):
         s = _steps(steps, 2000)
         const = name.endswith("constant")
