@@ -28,9 +28,12 @@ from .gram import gram
 from .jacobian import jacobian, parameter_layout
 from .kernel import entk, jacobian_to_store, num_outputs, probe_hash
 from .kinds import Implementation, KernelKind
+from .planner import Contraction, ContractionPlan, plan
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "Contraction",
+    "ContractionPlan",
     "DistanceBackend",
     "Implementation",
     "KernelKind",
@@ -47,5 +50,6 @@ __all__ = [
     "open_kernel",
     "pairwise_kernel_distance",
     "parameter_layout",
+    "plan",
     "probe_hash",
 ]

@@ -26,19 +26,62 @@ Kernels (rows ``i·K + c``, as everywhere in :mod:`engine.ntk`): ``full`` and ``
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv_operands", "linear_operands", "pair_gram", "round_operands"]
+__all__ = ["Geometry", "PairSupport", "conv_geometry", "conv_operands", "linear_geometry", "linear_operands",
+           "pair_gram", "round_operands"]
 
 # Bound on one product's intermediate (Γ, the output-gradient Gram, and A): above it, the
 # samples of a tile are taken in sub-blocks.
 WORKSPACE_BYTES = 64 << 20
-_KINDS = ("full", "traced", "diagonal", "pntk")
+KINDS = ("full", "traced", "diagonal", "pntk")
 
 
 # --------------------------------------------------------------------------- operands
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of one call of a weight-sharing layer, per sample: ``groups`` groups, each with
+    ``d`` unfolded inputs and ``co`` outputs per position, at ``t`` positions."""
+
+    groups: int
+    d: int
+    co: int
+    t: int
+
+    @property
+    def forward_macs(self) -> int:
+        return self.groups * self.d * self.co * self.t
+
+    @property
+    def weight_numel(self) -> int:
+        return self.groups * self.d * self.co
+
+
+@dataclass(frozen=True)
+class PairSupport:
+    """What a layer rule offers for spatial pairs: its operands and its per-call geometry."""
+
+    operands: Callable[[nn.Module, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+    geometry: Callable[[nn.Module, Tensor, Tensor], Geometry]
+
+
+def conv_geometry(m: nn.Module, a: Tensor, y: Tensor) -> Geometry:
+    """A conv call's geometry from its input a (n, C_in, *S) and output y (n, C_out, *S_out)."""
+    g = m.groups
+    return Geometry(g, m.in_channels // g * math.prod(m.kernel_size), m.out_channels // g, math.prod(y.shape[2:]))
+
+
+def linear_geometry(m: nn.Module, a: Tensor, y: Tensor) -> Geometry:
+    """A Linear call's geometry: T = the positions between the sample and feature dims (1 for (n, d))."""
+    return Geometry(1, m.in_features, m.out_features, math.prod(a.shape[1:-1]))
 
 
 def conv_operands(m: nn.Module, a: Tensor, g: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -172,8 +215,8 @@ def pair_gram(out: Tensor, kind: str, pa: Tensor, ga: Tensor, pb: Tensor | None 
     is float32 or float64). ``workspace_bytes`` bounds each intermediate Gram: larger tiles
     are taken in sample sub-blocks.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if (pb is None) != (gb is None) or (kind == "diagonal" and pb is not None):
         raise ValueError("pass both pb and gb (a cross tile) or neither (b is a); a diagonal kernel takes neither")
     pa, ga = round_operands(pa, ga, mode)
@@ -197,6 +240,8 @@ def pair_gram(out: Tensor, kind: str, pa: Tensor, ga: Tensor, pb: Tensor | None 
     cap = max(1, workspace_bytes // per_pair)  # sample pairs per sub-block product
     cols = min(nb, cap)
     rows = max(1, cap // cols)
+    if sym:  # row strips of at most a quarter: about 5/8 of the square is computed, not all of it
+        rows = min(rows, -(-na // 4))
     r = 1 if kind == "traced" else k
     for r0 in range(0, na, rows):
         r1 = min(na, r0 + rows)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..pairs import PairSupport
+
 __all__ = ["LayerRule", "is_batch_dependent", "register", "rule_for"]
 
 
@@ -60,6 +62,8 @@ class LayerRule:
         bfloat16 first. ``closed_form_when(module, a) -> bool`` says for which inputs it applies.
     workspace: ``(module, a, y) -> int``: transient elements per sample of one call's
         ``compute`` (e.g. unfolded patches); default ``a.numel()``.
+    pairs: for a layer applying one weight at T positions, its spatial-pair operands and
+        geometry (engine/ntk/pairs.py): its Gram block without forming its columns.
     """
 
     params: tuple[str, ...]
@@ -70,6 +74,7 @@ class LayerRule:
     closed_form: Callable[..., None] | None = None
     closed_form_when: Callable[[nn.Module, Tensor], bool] | None = None
     workspace: Callable[[nn.Module, Tensor, Tensor], int] | None = None
+    pairs: PairSupport | None = None
 
     def channels(self, module: nn.Module, a: Tensor | None = None) -> int | None:
         return None if self.out_channels is None else self.out_channels(module, a)

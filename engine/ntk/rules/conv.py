@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..pairs import PairSupport, conv_geometry, conv_operands
 from . import LayerRule, register
 from .write import bmm_into, scaled, store
 
@@ -74,6 +75,7 @@ def _workspace(m: nn.Module, a: Tensor, y: Tensor) -> int:
     return math.prod(int(d) for d in m.kernel_size) * a.numel()  # the unfolded patches
 
 
+_PAIRS = PairSupport(conv_operands, conv_geometry)
 for _cls, _spatial in ((nn.Conv2d, 2), (nn.Conv1d, 1)):
     register(_cls, LayerRule(("weight", "bias"), _supports(_spatial), _compute(_spatial),
-                             out_channels=_out_channels, workspace=_workspace))
+                             out_channels=_out_channels, workspace=_workspace, pairs=_PAIRS))

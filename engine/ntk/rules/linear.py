@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kinds import KernelKind
+from ..pairs import PairSupport, linear_geometry, linear_operands
 from . import LayerRule, register
 from .write import bmm_into, outer_into, scaled, store
 
@@ -66,4 +67,5 @@ def _out_channels(m: nn.Module, a: Tensor | None) -> int | None:
 
 register(nn.Linear, LayerRule(("weight", "bias"), _supports, _compute,
                               out_channels=_out_channels,
-                              closed_form=_closed_form, closed_form_when=lambda m, a: a.dim() == 2))
+                              closed_form=_closed_form, closed_form_when=lambda m, a: a.dim() == 2,
+                              pairs=PairSupport(linear_operands, linear_geometry)))
