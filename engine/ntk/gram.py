@@ -26,7 +26,7 @@ from ..progress import progress as progress_bar
 from ..store import JacobianStore
 from ..store.h5raw import from_numpy
 from .budget import DEFAULT_BUDGET, check_budget
-from .contract import symmetrize
+from .contract import contract, symmetrize
 from .kinds import KernelKind
 
 
@@ -77,8 +77,7 @@ class _Source:
 
     def _aligned(self, blk: torch.Tensor) -> torch.Tensor:
         """For the fused op: rows padded with zeros to a multiple of 16 elements (zeros add
-        nothing to the products). Unaligned rows force scalar loads: on an H200 a bfloat16
-        8192 x 8191 tile took 23.5 ms against 1.7 ms at 8192 columns (the copy: ~0.1 ms)."""
+        nothing to the products; unaligned rows force scalar loads, see benchmarks/results)."""
         if not self.fused or (blk.stride(0) % 16 == 0 and blk.shape[1] % 16 == 0 and blk.stride(1) == 1):
             return blk
         width = -(-blk.shape[1] // 16) * 16
@@ -112,14 +111,6 @@ def prefetched(keys: list, load: Callable) -> Iterator:
             if i + 1 < len(keys):
                 fut = pool.submit(load, keys[i + 1])
             yield key, block
-
-
-def _tile(a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int) -> torch.Tensor:
-    if kind is KernelKind.FULL:
-        return a @ b.T
-    pa = a.view(-1, c, a.shape[1]).transpose(0, 1)     # (C, na, p)
-    pb = b.view(-1, c, b.shape[1]).transpose(0, 1)     # (C, nb, p)
-    return torch.bmm(pa, pb.transpose(1, 2)).sum(0)    # (na, nb)
 
 
 def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> bool:
@@ -224,7 +215,10 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
 def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int, fused: bool,
                 backend: str, upper: bool) -> None:
     if not fused:
-        dst += _tile(a, b, kind, c)
+        # engine.ntk.contract's tile product on (n, C, w) operands (C = 1 for the full kernel);
+        # a diagonal tile (a is b) computes only its upper triangle, mirrored by symmetrize.
+        k = c if kind is KernelKind.TRACED else 1
+        contract(dst, a.view(-1, k, a.shape[1]), None if upper else b.view(-1, k, b.shape[1]), kind, upper, None)
     elif kind is KernelKind.FULL:
         gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend=backend)
     else:
