@@ -13,7 +13,7 @@ from ..errors import EngineError
 from ..jobs import checkpoint_kernels
 from ..store import RunFile
 from ..train import parse_iterations
-from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, write_json
+from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, seed, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(each must be a completed checkpoint of the run)")
     p.add_argument("--probe", type=int, default=100, metavar="N",
                    help="number of probe images (class-balanced, seeded; default: 100)")
-    p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe selection (default: 0)")
+    p.add_argument("--probe-seed", type=seed, default=0, help="seed of the probe selection (default: 0)")
     p.add_argument("--probe-split", default="test", choices=["test", "train"],
                    help="which split the probe images come from (default: test)")
     p.add_argument("--out", required=True, metavar="KERNELS.h5", help="output HDF5 file (see docs/FORMAT.md)")

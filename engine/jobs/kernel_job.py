@@ -37,13 +37,14 @@ from torch import nn
 
 from ..data import Dataset, load_dataset, normalize
 from ..determinism import set_deterministic
-from ..errors import ConfigError, parse_enum
+from ..errors import ConfigError, describe_mismatch, parse_enum
 from ..models import build_model
 from ..ntk import entk, jacobian, num_outputs
 from ..progress import progress as progress_bar
 from ..store import JacobianStore, KernelTiles, RunFile, StoreError, TiledKernel
 from ..train import TrainConfig
 from .distributed import Dist, rank_device
+from .job_inputs import check_logits, check_model, check_run_data, check_tile, load_state_file
 
 GiB = 2**30
 DEFAULT_BUDGET = 2 * GiB
@@ -256,17 +257,13 @@ def load_model_fn(spec: str, state: str | Path | None = None) -> nn.Module:
     model = factory()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model-fn {spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    check_model(model, spec)
     if state is not None:
-        if not Path(state).exists():
-            raise ConfigError(f"--state {state} does not exist")
-        sd = torch.load(state, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
+        sd = load_state_file(state, spec)
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise ConfigError(f"--state {state} does not fit --model-fn {spec}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"--state {state} does not fit --model-fn {spec}: {describe_mismatch(e)}") from None
     return model
 
 
@@ -282,6 +279,7 @@ def _from_run(run_path, checkpoint, data_root, cache_dir, quiet):
     root = data_root or cfg.data_root
     kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None} if cfg.data == "cifar10" else {}
     ds = load_dataset(cfg.data, root, **kwargs)
+    check_run_data(run_path, run.data, ds, cfg)
     model = build_model(cfg.model, num_classes=ds.num_classes)
     run.load_into(model, it)
     subset = {"train": cfg.n_train, "test": cfg.n_test}
@@ -364,6 +362,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         def batch(u8: torch.Tensor, s: int, e: int) -> torch.Tensor:
             return normalize(u8[s:e], mean, std).to(dev)
 
+        if run is None:
+            check_logits(model, batch(u1, 0, 1), info["model"])
         c = num_outputs(model, batch(u1, 0, 1))
         p = sum(q.numel() for q in model.parameters() if q.requires_grad)
         n2 = n1 if sx2 is None else sx2[1]
@@ -391,6 +391,9 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
             reason = f"resuming {out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
         else:
             t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(n1, n2), in_use=in_use, **plan_kw)
+            if tile_inputs is not None:
+                check_tile(tile_inputs, budget_bytes, in_use, need=tile_bytes(min(tile_inputs, max(n1, n2)), **plan_kw),
+                           largest=choose_tile_inputs(budget_bytes, n_max=max(n1, n2), in_use=in_use, **plan_kw))
             strat, reason = _choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budget_bytes)
         job["tile_inputs"], job["strategy"] = int(t), strat.value
 

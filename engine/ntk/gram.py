@@ -43,6 +43,12 @@ class _Source:
     def __init__(self, J, device: torch.device, dtype: torch.dtype, fused: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
+            done = J.complete
+            if not done.all():
+                missing = [int(u) for u in np.flatnonzero(~done)]
+                raise ConfigError(f"{J.path} is incomplete: {len(missing)} of {len(done)} units (blocks of "
+                                  f"{J.block_inputs} inputs) were never written, first unit {missing[0]}; rerun the "
+                                  f"job that writes it")
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
             J = J.jacobian_memmap()
         if isinstance(J, torch.Tensor):
@@ -161,6 +167,8 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         The symmetric kernel on ``device`` (or ``out``).
     """
     kind = _kind(kernel)
+    if not (isinstance(budget_bytes, (int, np.integer)) and not isinstance(budget_bytes, bool) and budget_bytes >= 1):
+        raise ConfigError(f"budget_bytes must be a whole number of bytes >= 1, got {budget_bytes!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"gram accumulation dtype must be float32 or float64, got {dtype}")
     if device is None:

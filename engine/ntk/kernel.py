@@ -60,6 +60,8 @@ def num_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> int:
             out = model(inputs[:1].to(_device_of(model)))
     finally:
         model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model output must be one (N, C) logits tensor, got a {type(out).__name__}")
     if out.ndim != 2:
         raise ConfigError(f"model output must be (N, C) logits, got shape {tuple(out.shape)}")
     return int(out.shape[1])
@@ -256,6 +258,10 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
                           "call model.eval() or pass force_eval=True")
     dev = _device_of(model)
     inputs = inputs.to(dev)
+    pdtype, _ = params_dtype_device(model, selected_entries(model, None))
+    if inputs.is_floating_point() and inputs.dtype != pdtype:  # before the file exists
+        raise ConfigError(f"inputs have dtype {inputs.dtype} but the parameters of {type(model).__name__} are "
+                          f"{pdtype}; convert the inputs (inputs.to({pdtype})) or the model so they match")
     c = num_outputs(model, inputs)
     layout = parameter_layout(model)
     p = layout[-1][3] if layout else 0

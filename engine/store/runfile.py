@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import RunFileError
+from ..errors import RunFileError, describe_mismatch
 from .blockfile import BlockWriter, StoreFile
 from .h5raw import create_preallocated, numpy_dtype
 
@@ -149,9 +149,8 @@ class RunFile(StoreFile):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
             raise RunFileError(f"checkpoint {iteration} of {self.path} does not fit the model: "
-                               f"{' '.join(s.strip() for s in first[:3])}") from None
+                               f"{describe_mismatch(e)}") from None
         return model
 
     # -- writing -----------------------------------------------------------------------------
