@@ -115,7 +115,8 @@ def test_bad_inputs():
 
 
 # (device, C, rows, params, block_rows): small in the CPU interpreter, several tiles and column chunks on CUDA.
-TRITON_CASES = [("cpu", 3, 33, 47, 9), pytest.param("cuda", 10, 1230, 3001, 400, marks=pytest.mark.cuda)]
+TRITON_CASES = [pytest.param("cpu", 3, 33, 47, 9, marks=pytest.mark.triton_interp),
+                pytest.param("cuda", 10, 1230, 3001, 400, marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("kind", ["full", "traced"])

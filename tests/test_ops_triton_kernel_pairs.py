@@ -15,6 +15,9 @@ from engine.ops.tf32x3 import tf32x3
 from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
 
+# Every test here runs Triton (the interpreter on a CPU machine): its own CI step.
+pytestmark = pytest.mark.triton_interp
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # (symmetric, diag_offset): full weights, the diagonal through (0, 0), above it, below it.
 MODES = [(False, 0), (True, 0), (True, 5), (True, -4)]

@@ -1,7 +1,7 @@
 """The ``entk`` command line (also ``python -m engine``): the top parser, errors and exit codes.
 
 Each subcommand lives in its own module (``train``, ``ntk``, ``chaos``, ``reproduce``, ``data``,
-``ext``; ``kernel`` also holds ``kernel-predict`` and ``kernel-info``) with an ``add_parser(sub)``
+``ext``, ``plan``; ``kernel`` also holds ``kernel-predict`` and ``kernel-info``) with an ``add_parser(sub)``
 that defines all its flags and a handler that does the work; the option groups they share, the
 up-front output checks and the ``--json`` writer are in :mod:`engine.cli.options`.
 
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EngineError
-from . import chaos, data, ext, kernel, ntk, reproduce, train
+from . import chaos, data, ext, kernel, ntk, plan, reproduce, train
 
-SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel)
+SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan)
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 

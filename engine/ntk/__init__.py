@@ -22,8 +22,11 @@ from .gram import KernelKind, gram
 from .jacobian import JacobianBackend, jacobian, parameter_layout
 from .kernel import entk, jacobian_to_store, num_outputs, param_groups, probe_hash
 from .onepass import EntkKernel, Implementation
+from .planner import Contraction, ContractionPlan, plan
 
 __all__ = [
+    "Contraction",
+    "ContractionPlan",
     "DistanceBackend",
     "EntkKernel",
     "Implementation",
@@ -44,5 +47,6 @@ __all__ = [
     "pairwise_kernel_distance",
     "param_groups",
     "parameter_layout",
+    "plan",
     "probe_hash",
 ]

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .pairs import PairSupport, conv_geometry, conv_operands, linear_geometry, linear_operands
+
 __all__ = ["LayerRule", "is_batch_dependent", "register", "rule_for"]
 
 # Each bmm block's temporary result stays around this size so it is written and
@@ -50,12 +52,15 @@ class LayerRule:
         (BatchNorm): ``module -> s`` with ∂y/∂x = diag(s) along dim 1. A module whose
         output feeds only such a module then needs no gradient of its own: it is
         the follower's times s, folded into the per-sample product.
+    pairs: for a layer applying one weight at T positions, its spatial-pair operands and
+        geometry (engine/ntk/pairs.py): its Gram block without forming its columns.
     """
 
     params: tuple[str, ...]
     supports: Callable[[nn.Module, Tensor, Tensor], bool]
     compute: Callable[[nn.Module, Tensor, Tensor, Mapping[str, Tensor], bool, Tensor | None], None]
     input_scale: Callable[[nn.Module], Tensor] | None = None
+    pairs: PairSupport | None = None
 
 
 _RULES: dict[type, LayerRule] = {}
@@ -170,7 +175,8 @@ def _linear_compute(
 
 register(
     nn.Linear,
-    LayerRule(("weight", "bias"), _linear_supports, _linear_compute),
+    LayerRule(("weight", "bias"), _linear_supports, _linear_compute,
+              pairs=PairSupport(linear_operands, linear_geometry)),
 )
 
 
@@ -229,8 +235,9 @@ def _conv_compute(spatial: int):
     return compute
 
 
-register(nn.Conv2d, LayerRule(("weight", "bias"), _conv_supports(2), _conv_compute(2)))
-register(nn.Conv1d, LayerRule(("weight", "bias"), _conv_supports(1), _conv_compute(1)))
+_CONV_PAIRS = PairSupport(conv_operands, conv_geometry)
+register(nn.Conv2d, LayerRule(("weight", "bias"), _conv_supports(2), _conv_compute(2), pairs=_CONV_PAIRS))
+register(nn.Conv1d, LayerRule(("weight", "bias"), _conv_supports(1), _conv_compute(1), pairs=_CONV_PAIRS))
 
 
 # --------------------------------------------------------------------------- norms

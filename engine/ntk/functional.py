@@ -24,6 +24,7 @@ from torch.func import grad, jacrev, vmap
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
 from .gram import symmetrize
+from .jacobian import as_names, layer_of
 
 DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian blocks held at once
 
@@ -36,12 +37,6 @@ class KernelShape(enum.StrEnum):
 
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
-
-
-def layer_of(name: str) -> str:
-    """The module path of a parameter name ("layer1.0.conv1" for "layer1.0.conv1.weight");
-    a top-level parameter is its own group."""
-    return name.rpartition(".")[0] or name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +104,7 @@ def _select(params: dict[str, torch.Tensor], param_names: Iterable[str] | str | 
     if param_names is None:
         names = list(params)
     else:
-        wanted = [param_names] if isinstance(param_names, str) else list(param_names)
+        wanted = as_names(param_names)
         if not wanted:
             raise ConfigError("param_names is empty; give at least one parameter name (or None for all)")
         unknown = [n for n in wanted if n not in params]
@@ -268,7 +263,7 @@ def _bmm_nt(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, x2: Inputs | None = None, *,
-            kernel: str | KernelShape = "full", param_names: Iterable[str] | None = None, per_layer: bool = False,
+            kernel: str | KernelShape = "full", param_names: str | Iterable[str] | None = None, per_layer: bool = False,
             compute_dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
             progress: bool | None = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of ``apply_fn`` w.r.t. ``params`` on ``x1`` (against ``x2``).
@@ -283,9 +278,11 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
         kernel: ``"full"`` → ``(N1·C, N2·C)``, row n·C + c; ``"traced"`` → ``(N1, N2)``, Σ_c H_cc;
             ``"diagonal"`` → ``(N1, C, C)`` per-sample blocks, no cross-sample terms (``x2`` must
             be None); ``"pntk"`` → ``(N1, N2)``, the kernel of Σ_c f_c / √C (Mohamadi et al. 2023).
-        param_names: differentiate only these keys of ``params`` (the rest are held fixed).
-        per_layer: return ``{module path: kernel}`` (group = the parameter name less its last
-            component); the kernels sum to the full one.
+        param_names: differentiate only these keys of ``params``, one name or an iterable of
+            names (the rest are held fixed).
+        per_layer: return ``{key: kernel}``, key = the owning module's name (the parameter name
+            less its last component; a parameter of the top-level module keys by its own name,
+            as in :func:`~engine.ntk.entk`); the kernels sum to the full one.
         compute_dtype: ``torch.float32`` (contract in the Jacobian's own precision: float64
             params give a float64 kernel) or ``torch.bfloat16`` (bfloat16 copies of the
             Jacobian blocks, float32 accumulation; float32 kernel. On the CPU, bfloat16

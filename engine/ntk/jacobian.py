@@ -89,14 +89,36 @@ def _model_name(model: nn.Module) -> str:
     return str(getattr(model, "arch", type(model).__name__))
 
 
-def selected_entries(model: nn.Module, param_names: Iterable[str] | None) -> list[Entry]:
+def layer_of(name: str) -> str:
+    """The per-layer key of a parameter: its owning module's name ("layer1.0.conv1" for
+    "layer1.0.conv1.weight"); a parameter of the top-level module keys by its own name ("scale")."""
+    return name.rpartition(".")[0] or name
+
+
+def as_names(param_names: str | Iterable[str] | None) -> list[str] | None:
+    """``param_names`` as a list: one name as a string, or an iterable of names (None: all)."""
+    if param_names is None:
+        return None
+    if isinstance(param_names, str):
+        return [param_names]
+    try:
+        names = list(param_names)
+    except TypeError:
+        raise ConfigError(f"param_names must be a parameter name or an iterable of names, got "
+                          f"{type(param_names).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ConfigError(f"param_names must hold parameter names (str), got {bad[0]!r}")
+    return names
+
+
+def selected_entries(model: nn.Module, param_names: str | Iterable[str] | None) -> list[Entry]:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
     wanted: set[str] | None = None
+    param_names = as_names(param_names)
     if param_names is not None:
-        if isinstance(param_names, str):
-            raise ConfigError(f"param_names must be a list of parameter names, got the string {param_names!r}")
         wanted = set(param_names)
         if not wanted:
             raise ConfigError("param_names is empty; pass None for all trainable parameters")
@@ -127,12 +149,12 @@ def selected_entries(model: nn.Module, param_names: Iterable[str] | None) -> lis
 
 
 def parameter_layout(
-    model: nn.Module, param_names: Iterable[str] | None = None
+    model: nn.Module, param_names: str | Iterable[str] | None = None
 ) -> list[tuple[str, torch.Size, int, int]]:
     """Column layout of J: ``(name, shape, col_start, col_end)`` per trainable parameter.
 
     In ``model.named_parameters()`` order (shared parameters once, under their first
-    name), restricted to ``param_names`` when given; ``col_end - col_start`` is the
+    name), restricted to ``param_names`` (one name, or an iterable of names) when given; ``col_end - col_start`` is the
     parameter's numel. Raises ``ConfigError`` naming unknown or frozen names.
     """
     return [(e.name, e.param.shape, e.start, e.end) for e in selected_entries(model, param_names)]
@@ -647,7 +669,7 @@ def _structured_into(
 
 
 def structured_coverage(
-    model: nn.Module, x: Tensor | None = None, *, param_names: Iterable[str] | None = None
+    model: nn.Module, x: Tensor | None = None, *, param_names: str | Iterable[str] | None = None
 ) -> dict[str, str]:
     """How the structured backend handles each selected parameter: ``"structured"`` or ``"fallback"``.
 
@@ -675,7 +697,7 @@ def jacobian(
     x: Tensor,
     *,
     backend: JacobianBackend | str = "auto",
-    param_names: Iterable[str] | None = None,
+    param_names: str | Iterable[str] | None = None,
     projection: Tensor | None = None,
     chunk_size: int | None = None,
     force_eval: bool = False,
@@ -689,8 +711,8 @@ def jacobian(
             (BatchNorm on running statistics) unless ``force_eval``.
         x: inputs (N, ...), same dtype and device as the model's parameters.
         backend: ``"auto"`` (= structured), ``"structured"`` or ``"reference"``.
-        param_names: restrict the columns to these parameters (kept in model order,
-            see :func:`parameter_layout`); the structured backend then only does
+        param_names: restrict the columns to these parameters, one name or an iterable of
+            names (kept in model order, see :func:`parameter_layout`); the structured backend then only does
             per-sample work for the layers that own them.
         projection: v of shape (C,): return the Jacobian of the single output
             v·f(x_n) instead, shape (N, P).

@@ -132,7 +132,7 @@ _warned_bf16 = False
 
 
 def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "full",
-         param_names: Iterable[str] | None = None, per_layer: bool = False,
+         param_names: str | Iterable[str] | None = None, per_layer: bool = False,
          compute_dtype: torch.dtype | None = None, budget_bytes: int = ENTK_BUDGET,
          implementation: str | Implementation = "auto", ops_backend: str = "auto", force_eval: bool = False,
          progress: bool | None = False, projection: torch.Tensor | None = None,
@@ -150,9 +150,12 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
             sum of the C × C blocks; ``"diagonal"`` (N1, C, C), the per-sample blocks
             (no cross-sample terms; x2 must be None); ``"pntk"`` (N1, N2), the kernel of
             the single output Σ_c f_c / √C (one backward per block).
-        param_names: the kernel of these parameters only (see ``parameter_layout``).
-        per_layer: return ``{module name: kernel}`` (the module owning each parameter,
-            as named in ``named_parameters``); the values sum to the full kernel.
+        param_names: the kernel of these parameters only: one name or an iterable of names
+            (see ``parameter_layout``).
+        per_layer: return ``{key: kernel}``, key = the name of the module owning each
+            parameter (its name in ``named_parameters`` less the last component; a parameter
+            of the top-level module, such as a positional embedding ``self.pos``, keys by its
+            own name), as :func:`~engine.ntk.entk_fn` does; the values sum to the full kernel.
         compute_dtype: ``None`` (the parameters' dtype, float32 or float64) or
             ``torch.bfloat16``: the Jacobian chunks are rounded to bfloat16 and the Gram
             products accumulate in float32 (native on CUDA / CPUs with AMX or

@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from ..errors import ConfigError
 from ._layers import LayerRule
 from .gram import symmetrize
-from .jacobian import Call, Entry, Plan, Recorder, make_plan, output_grads
+from .jacobian import Call, Entry, Plan, Recorder, layer_of, make_plan, output_grads
 
 __all__ = ["EntkKernel", "Implementation", "bf16_matrix_unit", "onepass_kernel"]
 
@@ -362,7 +362,7 @@ def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str]
     owner = {}
     shared = set()
     for e in entries:
-        owner[id(e.param)] = e.name.rpartition(".")[0]
+        owner[id(e.param)] = layer_of(e.name)
         if len(set(holders.get(id(e.param), []))) > 1:
             shared.add(id(e.param))  # tied: the columns sum over holders, which the fallback does
     return names, owner, shared
