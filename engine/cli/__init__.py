@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EngineError
-from . import chaos, data, ext, kernel, ntk, plan, reproduce, train
+from . import chaos, data, ext, kernel, ntk, plan, reproduce, train, verify
 
-SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan)
+SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan, verify)
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 

@@ -167,7 +167,7 @@ class TiledKernel:
             return None
         if not self.file.inputs_recorded:
             raise StoreError(f"{self.path}: the input record was never written (the job stopped before its first tile)")
-        return np.array(self.file.memmap(name))
+        return np.array(self.file.verified(name))
 
     @property
     def x1_index(self) -> np.ndarray:
@@ -207,6 +207,7 @@ class TiledKernel:
         diagonal of a symmetric kernel (the job writes those tiles from their upper triangle)."""
         if k in self._valid:
             return blk
+        self.file.verify_rows("tiles", k, k + 1)
         i, j = self._grid[k]
         if not np.isfinite(blk).all():
             bad = np.argwhere(~np.isfinite(blk))[0]
