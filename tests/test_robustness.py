@@ -82,6 +82,14 @@ def _write_tile(path: Path, k: int, fill) -> None:
         w.mark_complete(k)
 
 
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
 def _jpeg_tree(root: Path, seed: int) -> Path:
     """A tiny CIFAR-shaped JPEG tree (10 classes, 4 train and 2 test images each)."""
     from PIL import Image
@@ -110,6 +118,12 @@ def files(tmp_path_factory) -> Path:
                        ("kasym.h5", lambda b: b[1, 2].add_(1.0))):
         shutil.copy(d / "ktr.h5", d / name)
         _write_tile(d / name, 0, fill)
+    from engine.store import KernelTiles
+
+    for name, src, off in (("kdamaged.h5", "ktr.h5", KernelTiles(d / "ktr.h5").datasets["tiles"].offset + 10),
+                           ("rundamaged.h5", "run.h5", 1057)):  # a tile; the run's HDF5 metadata
+        shutil.copy(d / src, d / name)
+        _flip(d / name, off)
     (d / "garbage.pt").write_bytes(b"this is not a pickle\n" * 10)
     (d / "statedir").mkdir()
     _jpeg_tree(d / "treeA", 1)
@@ -146,6 +160,17 @@ CLI_CASES = [
     ("info-not-kernel", "kernel-info {d}/run.h5", [r"run\.h5", r"not"]),
     ("info-dir", "kernel-info {d}/statedir", [r"statedir", r"directory"]),
     ("info-garbage", "kernel-info {d}/garbage.pt", [r"garbage\.pt"]),
+    # damaged files: refused naming the file and the part, never a crash
+    ("info-damaged-tile", "kernel-info {d}/kdamaged.h5", [r"kdamaged\.h5", r"damaged", r"row 0 of tiles"]),
+    ("predict-damaged-tile", "kernel-predict --train {d}/kdamaged.h5 --cross {d}/kte.h5", [r"kdamaged\.h5",
+                                                                                        r"damaged"]),
+    ("ntk-damaged-run", "ntk --run {d}/rundamaged.h5 --probe 4 --out {d}/kk.h5", [r"rundamaged\.h5", r"metadata"]),
+    ("kernel-damaged-run", "kernel --run {d}/rundamaged.h5 --x1 train:4 --out {d}/kx.h5",
+     [r"rundamaged\.h5", r"metadata"]),
+    ("train-resume-damaged", "train " + " ".join(SMALL) + " --steps 4 --checkpoints 0 --out {d}/rundamaged.h5",
+     [r"rundamaged\.h5", r"damaged"]),
+    ("verify-not-ours", "verify {d}/garbage.pt", [r"garbage\.pt", r"not an entk file"]),
+    ("verify-dir", "verify {d}/statedir", [r"statedir", r"directory"]),
     # train: numbers and lists
     ("train-lr-inf", "train " + " ".join(SMALL) + " --steps 5 --lr inf", [r"lr", r"finite"]),
     ("train-lr-nan", "train " + " ".join(SMALL) + " --steps 5 --lr nan", [r"lr"]),
@@ -230,6 +255,19 @@ def test_cli_refuses_bad_input(files, case):
     for pat in patterns:
         assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
     assert _snapshot(files) == before, "a file was created or changed"
+
+
+def test_verify_exit_codes(files):
+    """0 for an intact file, 1 for a damaged one (the part named), 2 for a file that is not ours."""
+    for name in ("run.h5", "ktr.h5", "kte.h5", "kdiag.h5", "runA.h5"):
+        rc, out, err = _cli(["verify", str(files / name)])
+        assert rc == 0 and "ok" in out, (name, out, err)
+    rc, out, _ = _cli(["verify", str(files / "kdamaged.h5")])
+    assert rc == 1 and "kdamaged.h5 is damaged: row 0 of tiles fails its checksum" in out, out
+    rc, out, _ = _cli(["verify", str(files / "rundamaged.h5")])
+    assert rc == 1 and "metadata" in out, out
+    rc, _, err = _cli(["verify", str(files / "garbage.pt")])
+    assert rc == 2 and "not an entk file" in err
 
 
 def test_negative_numbers_are_values_not_options():
