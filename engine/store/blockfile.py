@@ -76,7 +76,10 @@ class StoreFile:
             raise StoreError(f"{self.path} is a directory, not {_a(self.NOUN)}")
         if not self.path.exists():
             raise StoreError(f"{self.NOUN} {self.path} does not exist")
-        self._sums = integrity.check(self.path, _a(self.NOUN))  # before h5py parses a byte of it
+        try:
+            self._sums = integrity.check(self.path, _a(self.NOUN))  # before h5py parses a byte of it
+        except integrity.DamagedFileError as e:
+            raise StoreError(str(e)) from None
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")
