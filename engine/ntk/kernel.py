@@ -32,6 +32,7 @@ from .jacobian import (
     selected_entries,
 )
 from .onepass import EntkKernel, Implementation, bf16_matrix_unit, onepass_kernel
+from .planner import Contraction
 
 DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian held at once
 # entk()'s working memory: 4 GiB holds the block data of 256 resnet20 samples in one block
@@ -134,7 +135,8 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
          compute_dtype: torch.dtype | None = None, budget_bytes: int = ENTK_BUDGET,
          implementation: str | Implementation = "auto", ops_backend: str = "auto", force_eval: bool = False,
          progress: bool | None = False, projection: torch.Tensor | None = None,
-         dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+         dtype: torch.dtype | None = None, backend: str | None = None,
+         contraction: str | Contraction = "auto") -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of ``model`` at ``x1`` (and ``x2``), computed in one pass per row block.
 
     Args:
@@ -169,6 +171,10 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
         projection: v (C,): the kernel of the single output v·f (N1, N2) with
             ``kernel="full"``.
         dtype: result dtype (default: float32, or float64 for a float64 model).
+        contraction: how each layer's block is contracted: ``"auto"`` (the cheaper per layer
+            by :func:`engine.ntk.plan`'s cost model), ``"materialise"`` (per-sample gradient
+            columns, then their Gram) or ``"pairs"`` (spatial pairs wherever a layer rule
+            offers them: convolutions, Linear); the same kernel either way.
         backend: deprecated name of ``implementation``.
 
     Returns:
@@ -181,6 +187,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
         implementation = backend
     kind = parse_enum(EntkKernel, kernel.value if isinstance(kernel, KernelKind) else kernel, "kernel")
     impl = parse_enum(Implementation, implementation, "implementation")
+    how = parse_enum(Contraction, contraction, "contraction")
     parse_backend(ops_backend)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,7 +235,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
                 return progress_bar(it, desc="eNTK tiles", enabled=progress, unit="tile")
         out = onepass_kernel(model, xs1, xs2, entries, kind=kind, k=k, v=v, per_layer=per_layer,
                              implementation=impl, bf16=bf16, dtype=pdtype, budget_bytes=budget_bytes,
-                             progress=bar)
+                             progress=bar, contraction=how)
     if out_dtype != pdtype:
         out = {key: h.to(out_dtype) for key, h in out.items()} if per_layer else out.to(out_dtype)
     return out

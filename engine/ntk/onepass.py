@@ -9,9 +9,11 @@ at once, ``tile += J_chunk,a J_chunk,bᵀ``: J never exists beyond one chunk, an
 forward or backward is repeated per parameter group. Small layers are packed side by
 side into one chunk so the Gram products stay large.
 
-* A Linear layer on (n, I) inputs contributes in closed form,
-  ⟨g_a ⊗ a_a, g_b ⊗ a_b⟩ = (g_a·g_b)(a_a·a_b): two small Grams instead of forming
-  n·K·O·I values.
+* A layer applying one weight at T positions (conv, Linear) may instead contribute by
+  spatial pairs (engine/ntk/pairs.py), Σ_{t,s} (a_a[t]·a_b[s]) (g_a[t]·g_b[s]), without
+  forming its columns: ``contraction="auto"`` picks the cheaper per layer by the cost model
+  of engine/ntk/planner.py (a Linear on (n, I) inputs, T = 1, always), ``"materialise"`` or
+  ``"pairs"`` force one wherever possible.
 * Parameters without a rule (or used where a rule cannot see them: tied weights, a
   parameter read outside its module) get their columns from ``torch.func``
   (vmap of jacrev), contracted the same way.
@@ -46,6 +48,8 @@ from ..errors import ConfigError
 from ._layers import LayerRule
 from .gram import symmetrize
 from .jacobian import Call, Entry, Plan, Recorder, layer_of, make_plan, output_grads
+from .pairs import pair_gram
+from .planner import Contraction, choose, materialise_cost, pairs_cost
 
 __all__ = ["EntkKernel", "Implementation", "bf16_matrix_unit", "onepass_kernel"]
 
@@ -307,29 +311,32 @@ def _contract(out: Tensor, ja: Tensor, jb: Tensor | None, t: _Tile) -> None:
         _gram_into(out, ja.reshape(na * k, w), jb.reshape(-1, w), t.sym, t.bf16)
 
 
-def _linear_closed_form(out: Tensor, m: nn.Module, slots, ca: Call, ga: Tensor, cb: Call, gb: Tensor,
-                        t: _Tile) -> None:
-    """The contribution of a Linear on (n, I) inputs: (g_a·g_b)(a_a·a_b) for the weight, g_a·g_b for the bias."""
-    attrs = {a for a, _ in slots}
-    ga = ga if ca.scale is None else ga * ca.scale
-    gb = gb if cb.scale is None else gb * cb.scale
-    aa, ab = ca.a.to(ga.dtype), cb.a.to(gb.dtype)
-    if t.bf16 is not None:
-        # Same rounding as the columns would get; closed forms are cheap, so multiply in float32.
-        ga, gb, aa, ab = (x.to(torch.bfloat16).to(out.dtype) for x in (ga, gb, aa, ab))
-    w = 1.0 if "weight" in attrs else 0.0
-    b = 1.0 if "bias" in attrs else 0.0
-    na, k, o = ga.shape
-    if t.kind is EntkKernel.DIAGONAL:
-        s = (aa * aa).sum(1) * w + b
-        out.add_(torch.bmm(ga, ga.transpose(1, 2)) * s.view(-1, 1, 1))
-        return
-    s = (aa @ ab.T) * w + b  # (na, nb)
-    if t.kind is EntkKernel.TRACED:
-        out.add_((ga.reshape(na, k * o) @ gb.reshape(-1, k * o).T) * s)
-    else:
-        gg = (ga.reshape(na * k, o) @ gb.reshape(-1, o).T).view(na, k, -1, k)
-        out.view(na, k, -1, k).add_(gg * s[:, None, :, None])
+def _pair_contribution(s: _Setup, out: Tensor, m: nn.Module, slots, ca: Call, ga: Tensor, cb: Call | None,
+                      gb: Tensor | None) -> None:
+    """A layer's block by spatial pairs (engine/ntk/pairs.py); ``cb`` None: b is a (symmetric tile)."""
+    ops = s.plan.rules[id(m)].pairs.operands
+    pa, qa = ops(m, ca.a, ga, ca.scale)
+    pb, qb = (None, None) if cb is None else ops(m, cb.a, gb, cb.scale)
+    attrs = {attr for attr, _ in slots}
+    pair_gram(out, s.kind.value, pa, qa, pb, qb, weight="weight" in attrs, bias="bias" in attrs, mode=s.bf16,
+              workspace_bytes=s.workspace)
+
+
+def _strategy(s: _Setup, m: nn.Module, slots, call: Call, na: int, nb: int, sym: bool) -> str:
+    """materialise or pairs for module m, decided once per kernel from its first tile (engine/ntk/planner.py)."""
+    rule = s.plan.rules[id(m)]
+    if rule.pairs is None or s.contraction is Contraction.MATERIALISE:
+        return Contraction.MATERIALISE.value
+    if s.contraction is Contraction.PAIRS:
+        return Contraction.PAIRS.value
+    if id(m) not in s.strategy:
+        geom = rule.pairs.geometry(m, call.a, call.y)
+        columns = sum(e.end - e.start for _, e in slots)
+        itemsize = 2 if s.bf16 else torch.empty((), dtype=s.dtype).element_size()
+        kind = s.kind.value
+        s.strategy[id(m)] = choose(materialise_cost(kind, na, nb, s.k, sym, columns, geom, itemsize),
+                                   pairs_cost(kind, na, nb, s.k, sym, geom, itemsize))
+    return s.strategy[id(m)]
 
 
 # --------------------------------------------------------------------------- the engine
@@ -350,6 +357,9 @@ class _Setup:
     names: dict[int, str]  # module id -> name
     owner_name: dict[int, str]  # param id -> per-layer key
     always_fallback: set[int]
+    contraction: Contraction = Contraction.AUTO
+    workspace: int = 32 << 20  # bound on one pair product's intermediates
+    strategy: dict[int, str] = field(default_factory=dict)  # module id -> chosen under auto
 
 
 def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
@@ -369,7 +379,7 @@ def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str]
 
 
 def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]:
-    """Column pieces common to blocks a and b, and the closed-form Linear contributions."""
+    """Column pieces common to blocks a and b, and the layers contracted by spatial pairs."""
     fb = a.fallback | b.fallback
     pieces: list[_Piece] = []
     closed: list[tuple] = []
@@ -381,8 +391,10 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
                 continue
             key = s.names[id(m)]
             ca, cb = a.calls.get(id(m), []), b.calls.get(id(m), [])
-            if (isinstance(m, nn.Linear) and len(ca) == 1 and len(cb) == 1 and ca[0].a.dim() == 2
-                    and a.grads[id(ca[0])] is not None and b.grads[id(cb[0])] is not None):
+            # One call per block: its Gram block may come from spatial pairs instead of columns.
+            if (len(ca) == 1 and len(cb) == 1 and a.grads[id(ca[0])] is not None
+                    and b.grads[id(cb[0])] is not None
+                    and _strategy(s, m, slots, ca[0], a.n, b.n, a is b) == Contraction.PAIRS.value):
                 closed.append((key, m, slots, ca[0], cb[0]))
                 continue
             pieces += _module_pieces(m, key, slots, s.max_cols)
@@ -416,7 +428,8 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
 
     with torch.no_grad():
         for key, m, slots, ca, cb in closed:
-            _linear_closed_form(out_for(key), m, slots, ca, a.grads[id(ca)], cb, bb.grads[id(cb)], t)
+            _pair_contribution(s, out_for(key), m, slots, ca, a.grads[id(ca)], None if sym else cb,
+                               None if sym else bb.grads[id(cb)])
         # Pack consecutive pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
         i = 0
         while i < len(pieces):
@@ -477,7 +490,8 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
 def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
                    kind: EntkKernel, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
                    bf16: bool, dtype: torch.dtype, budget_bytes: int,
-                   progress: Callable | None = None) -> Tensor | dict[str, Tensor]:
+                   progress: Callable | None = None,
+                   contraction: Contraction = Contraction.AUTO) -> Tensor | dict[str, Tensor]:
     """The kernel (or per-layer kernels) of ``model`` at ``x1`` (and ``x2``); see the module docstring.
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
@@ -491,7 +505,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     mode = None
     if bf16:
         mode = "native" if device.type == "cuda" or bf16_matrix_unit() else "emulate"
-    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared)
+    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction)
 
     n1 = _size(x1)
     n2 = 0 if x2 is None else _size(x2)
@@ -506,6 +520,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     # than _CHUNK_BYTES); the block data gets the rest: all inputs in one block if they fit,
     # else two blocks (a row block and a column block) of equal size.
     chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
+    s.workspace = chunk_bytes  # a pair product's intermediates take a chunk buffer's share
     data_bytes = budget_bytes - 2 * chunk_bytes
     total = n1 + n2 if kind is not EntkKernel.DIAGONAL else n1
     if total * per_sample <= data_bytes:

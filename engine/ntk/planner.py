@@ -38,6 +38,8 @@ __all__ = ["Contraction", "ContractionPlan", "Cost", "LayerCost", "choose", "mat
 # Machine balance used to weigh bytes against multiply-adds when no rates are given: a CPU
 # core's float32 GEMM rate over its share of memory bandwidth is of this order.
 DEFAULT_RATES = (50e9, 10e9)  # multiply-adds per second, bytes per second
+# The Gram's inner dimension is split into pieces of at most this many columns (onepass).
+_INNER = 8192
 
 
 class Contraction(enum.StrEnum):
@@ -48,14 +50,18 @@ class Contraction(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Cost:
+    """Multiply-adds and bytes moved; ``gemm``: the (m, k, n) of the product doing most of the
+    multiply-adds (for rating them at the machine's measured rate for that shape)."""
+
     macs: int
     bytes: int
+    gemm: tuple[int, int, int] | None = field(default=None, compare=False)
 
     def seconds(self, rates: tuple[float, float] = DEFAULT_RATES) -> float:
         return self.macs / rates[0] + self.bytes / rates[1]
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.macs + other.macs, self.bytes + other.bytes)
+        return Cost(self.macs + other.macs, self.bytes + other.bytes, self.gemm or other.gemm)
 
 
 def _pairs_of_samples(kind: str, na: int, nb: int, sym: bool) -> int:
@@ -81,7 +87,9 @@ def materialise_cost(kind: str, na: int, nb: int, k: int, sym: bool, columns: in
     moved = 2 * formed * k * columns  # columns written, then read by the Gram
     if geom is not None:
         moved += 2 * formed * geom.t * geom.groups * geom.d + formed * k * geom.t * geom.groups * geom.co
-    return Cost(gram + form, moved * itemsize)
+    r = 1 if kind == "traced" else k
+    gemm = (na * r, min(columns * (k // r), _INNER), (na if kind == "diagonal" else nb) * r)
+    return Cost(gram + form, moved * itemsize, gemm)
 
 
 def pairs_cost(kind: str, na: int, nb: int, k: int, sym: bool, geom: Geometry, itemsize: int = 4) -> Cost:
@@ -93,7 +101,13 @@ def pairs_cost(kind: str, na: int, nb: int, k: int, sym: bool, geom: Geometry, i
     gam = 1 if kind == "traced" else k * k
     moved = (2 * formed * geom.t * g * (geom.d + k * geom.co) * itemsize  # operands rearranged
              + 2 * pairs * g * t2 * (gam + 1) * 4)  # A and Γ (float32) written and read
-    return Cost(pairs * g * t2 * per_pos, moved)
+    kk = 1 if kind == "traced" else k
+    per_a = 1 if kind == "diagonal" else na
+    per_b = 1 if kind == "diagonal" else nb
+    gam_shape = (per_a * geom.t * kk, geom.co * (k // kk), per_b * geom.t * kk)
+    a_shape = (per_a * geom.t, geom.d, per_b * geom.t)
+    gemm = gam_shape if k * k * geom.co >= geom.d else a_shape
+    return Cost(pairs * g * t2 * per_pos, moved, gemm)
 
 
 def choose(mat: Cost, pairs: Cost | None, rates: tuple[float, float] = DEFAULT_RATES) -> str:
