@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
 from ._layers import rule_for
-from .jacobian import eval_mode, selected_entries
+from .jacobian import eval_mode, layer_of, selected_entries
 from .pairs import KINDS, Geometry
 
 __all__ = ["Contraction", "ContractionPlan", "Cost", "LayerCost", "choose", "materialise_cost", "pairs_cost",
@@ -166,7 +166,7 @@ class ContractionPlan:
         for lc in self.layers:
             m, p = lc.materialise, lc.pairs
             pairs = f"{p.macs / 1e9:>11.3f} {p.bytes / 1e6:>9.1f}" if p else f"{'-':>11} {'-':>9}"
-            rows.append(f"{lc.name or '(top)':<24.24} {lc.layer:<12.12} {lc.t or '-':>5} {lc.columns:>10,} "
+            rows.append(f"{lc.name:<24.24} {lc.layer:<12.12} {lc.t or '-':>5} {lc.columns:>10,} "
                         f"{m.macs / 1e9:>17.3f} {m.bytes / 1e6:>9.1f} {pairs}  {lc.strategy}")
         f, m = self.floor, self.materialise_everywhere
         tile = f"{self.n1} x {self.n1} (symmetric)" if self.n2 is None else f"{self.n1} x {self.n2}"
@@ -273,5 +273,6 @@ def plan(model: nn.Module, x1, x2=None, *, kernel: str = "full", param_names: It
         else:
             strategy = how.value if pc is not None else Contraction.MATERIALISE.value
         name = type(m).__name__ if ruled else "torch.func"
-        layers.append(LayerCost(owner, name, columns, geom.t if geom else None, mat, pc, strategy))
+        key = owner or ",".join(layer_of(e.name) for e in es)  # top-level parameters: their own names
+        layers.append(LayerCost(key, name, columns, geom.t if geom else None, mat, pc, strategy))
     return ContractionPlan(kind, n1, n2, k, itemsize, layers, formed * k * back, rates)
