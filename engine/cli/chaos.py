@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..determinism import resolve_device
 from ..errors import ConfigError
 from ..jobs import ChaosConfig, run_chaos
+from ..jobs.distributed import Dist
 from ..train import TrainConfig
 from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, write_json
 from .train import add_run_args, train_config
@@ -74,7 +74,7 @@ def run(args) -> int:
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
                       strategy=args.strategy, trace_every=args.trace_every).validate()
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 checks, prints and writes --json
+    rank0 = Dist.launched_rank() == 0  # under torchrun, rank 0 checks, prints and writes --json
     if rank0:
         check_outputs(files=[("--out", args.out), (json_flag, args.json)])
     res = run_chaos(cfg, args.out, device=resolve_device(args.device), overwrite=args.overwrite,

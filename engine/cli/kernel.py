@@ -7,10 +7,10 @@ function (``cmd_kernel``, ``cmd_kernel_predict``, ``cmd_kernel_info``).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from ..errors import EngineError
+from ..jobs.distributed import Dist
 from .options import check_outputs, write_json
 
 GiB = 2**30
@@ -116,7 +116,7 @@ def cmd_kernel(args) -> int:
         raise EngineError("--state needs --model-fn")
     if args.tile is not None and args.tile < 1:
         raise EngineError(f"--tile must be >= 1, got {args.tile}")
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = Dist.launched_rank() == 0  # under torchrun, rank 0 checks, prints and writes --json
     if rank0:
         check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
     kw = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from ..determinism import resolve_device
 from ..errors import EngineError
 from ..jobs import checkpoint_kernels
+from ..jobs.distributed import Dist
 from ..store import RunFile
 from ..train import parse_iterations
 from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, write_json
@@ -72,7 +72,7 @@ def run(args) -> int:
         its = parse_iterations(args.checkpoints, RunFile(args.run).steps, include_final=False)
         if not its:
             raise EngineError(f"--checkpoints {args.checkpoints!r} selects no iterations")
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 checks, prints and writes --json
+    rank0 = Dist.launched_rank() == 0  # under torchrun, rank 0 checks, prints and writes --json
     if rank0:
         check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
     t0 = time.perf_counter()

@@ -58,7 +58,7 @@ from ..twins import (
     make_fleet,
     resolve_strategy,
 )
-from .distributed import Dist, RankFailed, rank_device
+from .distributed import Dist, rank_device
 
 FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
           "acc_base", "acc_member")
@@ -309,27 +309,15 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
     if len(trace_t):
         datasets["trace_t"] = ((len(trace_t),), torch.int64)
         datasets["trace"] = ((len(trace_t), k, len(TRACE_FIELDS)), torch.float64)
-    err = None
-    if d.main:  # rank 0 lays the file out (or resumes it)
-        try:
-            if Path(out).exists() and not overwrite:
-                _check_same_data(out, job)
-            store = ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1),
-                                              datasets=datasets)
-        except Exception as e:
-            if d.world == 1:
-                raise
-            err = e
-    d.agree(err)
-    if not d.main:  # the other ranks open it, checking it holds their job too
-        err = None
-        try:
-            store = ChaosStore.open_or_create(out, job=job, overwrite=False, n_units=len(cfg.t1), datasets=datasets)
-        except Exception as e:
-            err = e
-        d.agree(err)
-    elif d.world > 1:
-        d.agree()
+
+    def create() -> ChaosStore:  # rank 0 lays the file out (or resumes it)
+        if Path(out).exists() and not overwrite:
+            _check_same_data(out, job)
+        return ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets=datasets)
+
+    # the other ranks open it, checking it holds their job too
+    store = d.create_then_open(create, lambda: ChaosStore.open_or_create(out, job=job, overwrite=False,
+                                                                         n_units=len(cfg.t1), datasets=datasets))
     # The trace of this rank's members (column j: member local[j]) lives on the device for the whole
     # run; it is copied out only with each t1 unit.
     trace = torch.full((len(trace_t), len(local), len(TRACE_FIELDS)), float("nan"), dtype=torch.float64, device=dev)
@@ -360,54 +348,47 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
     t1_index = {t: u for u, t in enumerate(cfg.t1)}
     t_end = cfg.t1[-1]
     t_start = time.perf_counter()
-    err = None
-    with store.writer() as w:
-        try:
-            desc = f"chaos {tcfg.model} K={k} ({fleet.strategy.value})" + (f", {d.world} ranks" if d.world > 1 else "")
-            bar = progress_bar(range(start, t_end + 1), total=t_end + 1, initial=start, desc=desc,
-                               enabled=None if not quiet and d.main else False, unit="step")
-            for t in bar:
-                resuming_here = resumed_from is not None and t == resumed_from
-                if not resuming_here:
-                    for j, spec in enumerate(lspecs):
-                        if spec.t0 == t:
-                            info = fleet.spawn(j)
-                            realized[local[j]] = [info["requested"], info["realized_l2"], info["realized_linf"]]
-                            if spec.kind == "perturbed" and not cfg.allow_zero:
-                                _check_perturbation(spec, info, cfg, fleet, t, out)
-                    if t in trace_row:
-                        fleet.trace_into(trace, trace_row[t])
-                    if t in t1_index:
-                        u = t1_index[t]
-                        _check_finite(fleet, lspecs, t,
-                                      trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None, trace_t)
-                        base = fleet.state(0)
-                        for j in range(1, len(local)):
-                            if fleet.spawned[j]:
-                                metrics[u, local[j]] = _measure(template, base, fleet.state(j), sets, cfg)
-                        parts = d.gather(_unit_part(fleet, local, d.main, u, metrics, realized, trace))
-                        if d.main:
-                            slots = torch.empty((k, nbytes), dtype=torch.uint8)
-                            for p in parts:
-                                rows = p["members"]
-                                metrics[u, rows], realized[rows] = p["metrics"], p["realized"]
-                                full_trace[:, rows], slots[rows] = p["trace"], p["slots"]
-                            w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
-                            w.write("realized", 0, torch.from_numpy(realized))
-                            if len(trace_t):
-                                w.write("trace_t", 0, torch.from_numpy(trace_t))
-                                w.write("trace", 0, torch.from_numpy(full_trace))
-                            w.write(f"slot{u % 2}", 0, slots)
-                            w.mark_complete(u)
-                            ctrl = metrics[u, 1, FIELDS.index("l2")]
-                            bar.set_postfix(t1=t, control_l2=f"{ctrl:.1e}", refresh=False)
-                if t < t_end:
-                    fleet.step(t)
-        except (Exception, KeyboardInterrupt) as e:
-            if d.world == 1 or isinstance(e, (KeyboardInterrupt, RankFailed)) or d.failed:
-                raise
-            err = e
-        d.gather(None, err)  # the end, or a rank's failure, on every rank
+    with store.writer() as w, d.together(gather=True):  # the end, or a rank's failure, on every rank
+        desc = f"chaos {tcfg.model} K={k} ({fleet.strategy.value})" + (f", {d.world} ranks" if d.world > 1 else "")
+        bar = progress_bar(range(start, t_end + 1), total=t_end + 1, initial=start, desc=desc,
+                           enabled=None if not quiet and d.main else False, unit="step")
+        for t in bar:
+            resuming_here = resumed_from is not None and t == resumed_from
+            if not resuming_here:
+                for j, spec in enumerate(lspecs):
+                    if spec.t0 == t:
+                        info = fleet.spawn(j)
+                        realized[local[j]] = [info["requested"], info["realized_l2"], info["realized_linf"]]
+                        if spec.kind == "perturbed" and not cfg.allow_zero:
+                            _check_perturbation(spec, info, cfg, fleet, t, out)
+                if t in trace_row:
+                    fleet.trace_into(trace, trace_row[t])
+                if t in t1_index:
+                    u = t1_index[t]
+                    _check_finite(fleet, lspecs, t,
+                                  trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None, trace_t)
+                    base = fleet.state(0)
+                    for j in range(1, len(local)):
+                        if fleet.spawned[j]:
+                            metrics[u, local[j]] = _measure(template, base, fleet.state(j), sets, cfg)
+                    parts = d.gather(_unit_part(fleet, local, d.main, u, metrics, realized, trace))
+                    if d.main:
+                        slots = torch.empty((k, nbytes), dtype=torch.uint8)
+                        for p in parts:
+                            rows = p["members"]
+                            metrics[u, rows], realized[rows] = p["metrics"], p["realized"]
+                            full_trace[:, rows], slots[rows] = p["trace"], p["slots"]
+                        w.write("metrics", u, torch.from_numpy(metrics[u:u + 1]))
+                        w.write("realized", 0, torch.from_numpy(realized))
+                        if len(trace_t):
+                            w.write("trace_t", 0, torch.from_numpy(trace_t))
+                            w.write("trace", 0, torch.from_numpy(full_trace))
+                        w.write(f"slot{u % 2}", 0, slots)
+                        w.mark_complete(u)
+                        ctrl = metrics[u, 1, FIELDS.index("l2")]
+                        bar.set_postfix(t1=t, control_l2=f"{ctrl:.1e}", refresh=False)
+            if t < t_end:
+                fleet.step(t)
     if not d.main:  # rank 0 wrote the whole grid: read it back
         metrics, realized = np.array(store.memmap("metrics")), np.array(store.memmap("realized"))
         if len(trace_t):

@@ -8,18 +8,24 @@ chaos job, the members' results), so a job on the CPU and one on GPUs synchronis
 A rank that fails hands its error to the next collective instead of leaving the others waiting
 there: :meth:`Dist.agree` and :meth:`Dist.gather` make every rank raise (the failed one its own
 error, the others :class:`RankFailed`), so the job ends everywhere with one line naming the rank.
-A rank that dies (SIGKILL) is torchrun's to notice: it stops the others.
+A rank that dies (SIGKILL) is torchrun's to notice: it stops the others. The jobs' two recurring
+shapes are helpers: :meth:`Dist.create_then_open` (rank 0 lays a file out, all agree, the others
+open it) and :meth:`Dist.together` (a block whose failure on one rank ends it on all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import EngineError
+
+T = TypeVar("T")
 
 
 class RankFailed(EngineError):
@@ -36,7 +42,7 @@ class Dist:
 
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = self.launched_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.failed = False
         self._owned = False
@@ -48,6 +54,12 @@ class Dist:
                 dist.init_process_group("gloo", timeout=timedelta(hours=hours))
                 self._owned = True
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @staticmethod
+    def launched_rank() -> int:
+        """This process's rank as the launcher set it (``RANK``; 0 without torchrun), read without
+        making a process group: for front ends that only decide who prints."""
+        return int(os.environ.get("RANK", "0"))
 
     @property
     def main(self) -> bool:
@@ -124,6 +136,51 @@ class Dist:
             self.failed = True
             raise
         return out
+
+    def create_then_open(self, create: Callable[[], T], open_existing: Callable[[], T]) -> T:
+        """Rank 0 runs ``create`` (a file's whole layout, or a resume of it); once every rank has
+        agreed it succeeded, the other ranks run ``open_existing`` (which checks the file holds their job too),
+        and all agree again. Returns what this rank's call returned; one process just creates.
+        A failure on any rank raises on every rank (:meth:`agree`)."""
+        if self.world == 1:
+            return create()
+        got, err = None, None
+        if self.main:
+            try:
+                got = create()
+            except Exception as e:
+                err = e
+        self.agree(err)
+        if not self.main:
+            try:
+                got = open_existing()
+            except Exception as e:
+                err = e
+        self.agree(err)
+        return got
+
+    @contextlib.contextmanager
+    def together(self, *, gather: bool = False) -> Iterator[None]:
+        """A block that ends in a barrier every rank reaches, failed or not.
+
+        An error inside the block is handed to the closing collective instead of being raised at
+        once (which would leave the other ranks waiting there): every rank then raises, the failed one
+        its own error. One process, a KeyboardInterrupt, or an error raised by a collective inside the
+        block (the peers are gone or raising too) propagates at once. The closing collective is
+        :meth:`agree`, or with ``gather`` :meth:`gather` (for blocks whose ranks meet in gathers, so
+        that a failed rank's last call matches the one its peers wait in).
+        """
+        err = None
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as e:
+            if self.world == 1 or isinstance(e, (KeyboardInterrupt, RankFailed)) or self.failed:
+                raise
+            err = e
+        if gather:
+            self.gather(None, err)
+        else:
+            self.agree(err)
 
     def close(self) -> None:
         if self._owned:

@@ -156,29 +156,15 @@ def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed
            "compute_dtype": str(compute_dtype or "params")}
     create = {"job": job, "iterations": iterations, "size": size, "dtype": store_dtype, "data": data,
               "shape": shape}
-    if d.world == 1:
-        store = KernelStore.create_for(out, overwrite=overwrite, **create)
-    else:
-        err = None
-        if d.main:  # rank 0 lays the file out (or resumes it); the others open it, checking it is their job too
-            try:
-                KernelStore.create_for(out, overwrite=overwrite, **create)
-            except Exception as e:
-                err = e
-        d.agree(err)
-        err, store = None, None
-        try:
-            store = KernelStore.create_for(out, overwrite=False, **create)
-        except Exception as e:
-            err = e
-        d.agree(err)
+    # Rank 0 lays the file out (or resumes it); the others open it, checking it is their job too.
+    store = d.create_then_open(lambda: KernelStore.create_for(out, overwrite=overwrite, **create),
+                               lambda: KernelStore.create_for(out, overwrite=False, **create))
     seconds: dict[int, float] = {}
     todo = [(k, it) for k, (it, ok) in enumerate(zip(iterations, store.complete, strict=False))
             if not ok and d.owns(k)]
     desc = f"eNTK {cfg.model} N={probe}" + (f" (rank {d.rank}/{d.world})" if d.world > 1 else "")
-    err = None
     with store.writer() as w:
-        try:
+        with d.together():  # every rank's kernels are on disk
             for k, it in progress_bar(todo, desc=desc, enabled=None if not quiet and d.main else False, unit="ckpt"):
                 run.load_into(model, it)
                 model.eval()
@@ -193,14 +179,9 @@ def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed
                                       f"kernels before it are kept in {out}")
                 w.write(kernel_name(it), 0, h.to(store_dtype))
                 w.mark_complete(k)
-        except (Exception, KeyboardInterrupt) as e:
-            if d.world == 1 or isinstance(e, KeyboardInterrupt):
-                raise
-            err = e
-        d.agree(err)  # every rank's kernels are on disk
-        err, dist = None, None
-        if d.main:
-            try:
+        dist = None
+        with d.together():
+            if d.main:
                 prev = store.distances()
                 if prev is None:
                     g = kernel_gram(store.kernels(), symmetric=kernel != "diagonal", budget_bytes=budget_bytes,
@@ -212,11 +193,6 @@ def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed
                     w.mark_complete(len(iterations))
                 else:
                     dist = torch.from_numpy(prev[1])
-            except (Exception, KeyboardInterrupt) as e:
-                if d.world == 1 or isinstance(e, KeyboardInterrupt):
-                    raise
-                err = e
-        d.agree(err)
     if not d.main:
         dist = torch.from_numpy(store.distances()[1])
     if d.world > 1:
