@@ -39,7 +39,7 @@ from ..data import Dataset, load_dataset, normalize
 from ..determinism import set_deterministic
 from ..errors import ConfigError, parse_enum
 from ..models import build_model
-from ..ntk import entk, jacobian, num_outputs
+from ..ntk import Contraction, entk, jacobian, num_outputs
 from ..progress import progress as progress_bar
 from ..store import JacobianStore, KernelTiles, RunFile, StoreError, TiledKernel
 from ..train import TrainConfig
@@ -144,7 +144,7 @@ def _contract(ja: torch.Tensor, jb: torch.Tensor | None, kind: KernelKind, c: in
 
 
 def _tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: KernelKind,
-          compute_dtype: torch.dtype, budget_bytes: int) -> torch.Tensor:
+          compute_dtype: torch.dtype, budget_bytes: int, contraction: str = "auto") -> torch.Tensor:
     """One tile of the kernel, straight from the model: ``(na·C, nb·C)``, ``(na, nb)`` or ``(na, C·C)``.
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
@@ -159,7 +159,7 @@ def _tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Ker
         jb = None if xb is None else _jacobian_block(model, xb, kind, c)
         return _contract(ja, jb, kind, c, compute_dtype)
     h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
-             dtype=torch.float32)
+             dtype=torch.float32, contraction=contraction)
     if kind is KernelKind.DIAGONAL:
         return h.reshape(len(xa), -1)
     if xb is None:  # the diagonal tile of a symmetric kernel: exactly symmetric, from its upper triangle
@@ -306,7 +306,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
-               deterministic: bool = True, log: Callable[[str], None] | None = print) -> KernelJobResult:
+               deterministic: bool = True, log: Callable[[str], None] | None = print,
+               contraction: str = "auto") -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the module docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
@@ -317,7 +318,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
     ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
     beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
-    is refused unless ``overwrite``.
+    is refused unless ``overwrite``. ``contraction``: each layer's strategy for the float32 and bfloat16
+    tiles (``auto`` | ``materialise`` | ``pairs``, as :func:`engine.ntk.entk`).
     ``deterministic`` turns on deterministic algorithms (``engine.set_deterministic``), so that
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
@@ -325,6 +327,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     kind = parse_enum(KernelKind, kernel, "kernel")
     cdtype = parse_compute_dtype(compute_dtype)
     strategy = parse_enum(_Strategy, strategy, "strategy")
+    how = parse_enum(Contraction, contraction, "contraction").value
     split1, n1 = parse_inputs(x1, "--x1")
     sx2 = None if x2 is None else parse_inputs(x2, "--x2")
     if kind is KernelKind.DIAGONAL and sx2 is not None:
@@ -452,7 +455,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                 for n, k in enumerate(bar):
                     i, j = grid[k]
                     if kind is KernelKind.DIAGONAL:
-                        h = _tile(model, batch(u1, i * t, (i + 1) * t), None, kind, cdtype, budget_bytes)
+                        h = _tile(model, batch(u1, i * t, (i + 1) * t), None, kind, cdtype, budget_bytes, how)
                     elif reader is not None:
                         ja, jb = reader.blocks(n)
                         h = _contract(ja, jb, kind, c, cdtype)
@@ -460,7 +463,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                     else:
                         xa = batch(u1, i * t, (i + 1) * t)
                         xb = None if symmetric and i == j else batch(sides[-1], j * t, (j + 1) * t)
-                        h = _tile(model, xa, xb, kind, cdtype, budget_bytes)
+                        h = _tile(model, xa, xb, kind, cdtype, budget_bytes, how)
                     if not torch.isfinite(h).all():
                         raise ConfigError(f"tile ({i}, {j}) of the kernel has NaN/Inf values (diverged weights?); "
                                           f"completed tiles are kept in {out}")

@@ -142,3 +142,23 @@ def test_auto_takes_pairs_where_the_plan_does(monkeypatch):
 def test_contraction_is_checked():
     with pytest.raises(ConfigError, match="contraction must be one of"):
         entk(nn.Linear(3, 2).eval(), torch.randn(2, 3), contraction="ghost")
+
+
+def test_kernel_commands_take_contraction():
+    import importlib
+
+    from engine.cli import build_parser
+
+    kj = importlib.import_module("engine.jobs.kernel_job")  # the module (engine.jobs exports the function)
+
+    parser = build_parser()
+    assert parser.parse_args(["ntk", "--run", "r.h5", "--out", "k.h5", "--contraction", "pairs"]).contraction == "pairs"
+    assert parser.parse_args(["kernel", "--x1", "test:4", "--out", "k.h5"]).contraction == "auto"
+    # entk kernel's tiles come from entk with the contraction asked for: the same tile either way.
+    g, seed = seeded()
+    model, shape = _models(g)["vgg-like 8x8"]
+    xa, xb = torch.randn(3, *shape, generator=g), torch.randn(2, *shape, generator=g)
+    tiles = {how: kj._tile(model, xa, xb, kj.KernelKind.FULL, torch.float32, 1 << 28, how)
+             for how in ("pairs", "materialise")}
+    torch.testing.assert_close(tiles["pairs"], tiles["materialise"], rtol=1e-4,
+                               atol=1e-4 * tiles["materialise"].abs().max().item(), msg=lambda m: f"seed {seed}: {m}")
