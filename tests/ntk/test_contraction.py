@@ -149,7 +149,7 @@ def test_kernel_commands_take_contraction():
 
     from engine.cli import build_parser
 
-    kj = importlib.import_module("engine.jobs.kernel_job")  # the module (engine.jobs exports the function)
+    kj = importlib.import_module("engine.jobs.kernel_job.tiles")
 
     parser = build_parser()
     assert parser.parse_args(["ntk", "--run", "r.h5", "--out", "k.h5", "--contraction", "pairs"]).contraction == "pairs"
@@ -158,7 +158,7 @@ def test_kernel_commands_take_contraction():
     g, seed = seeded()
     model, shape = _models(g)["vgg-like 8x8"]
     xa, xb = torch.randn(3, *shape, generator=g), torch.randn(2, *shape, generator=g)
-    tiles = {how: kj._tile(model, xa, xb, kj.KernelKind.FULL, torch.float32, 1 << 28, how)
+    tiles = {how: kj.tile(model, xa, xb, kj.KernelKind.FULL, torch.float32, 1 << 28, how)
              for how in ("pairs", "materialise")}
     torch.testing.assert_close(tiles["pairs"], tiles["materialise"], rtol=1e-4,
                                atol=1e-4 * tiles["materialise"].abs().max().item(), msg=lambda m: f"seed {seed}: {m}")
