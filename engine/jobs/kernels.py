@@ -27,8 +27,16 @@ import torch
 from ..data import Dataset, normalize
 from ..errors import ConfigError, RunFileError, parse_enum
 from ..models import build_model
-from ..ntk import EntkKernel, distance_from_gram, entk, kernel_gram, num_outputs, parameter_layout, probe_hash
-from ..ntk.kernel import DEFAULT_BUDGET
+from ..ntk import (
+    DEFAULT_BUDGET,
+    KernelKind,
+    distance_from_gram,
+    entk,
+    kernel_gram,
+    num_outputs,
+    parameter_layout,
+    probe_hash,
+)
 from ..progress import progress as progress_bar
 from ..store import KernelStore, RunFile, data_mismatch, data_record, kernel_name
 from ..train import TrainConfig, prepare_data
@@ -91,7 +99,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     Under torchrun each rank computes its share of the checkpoints (module docstring); every rank
     returns the whole result, ``seconds`` included.
     """
-    kernel = parse_enum(EntkKernel, kernel, "kernel").value
+    kernel = parse_enum(KernelKind, kernel, "kernel").value
     d = Dist()
     try:
         if d.world > 1:
@@ -172,8 +180,7 @@ def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed
                 model.eval()
                 t0 = time.perf_counter()
                 h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
-                         param_names=param_names, compute_dtype=compute_dtype, contraction=contraction,
-                         ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
+                         param_names=param_names, compute_dtype=compute_dtype, contraction=contraction)
                 h = h.reshape(shape)
                 seconds[it] = time.perf_counter() - t0
                 if not torch.isfinite(h).all():

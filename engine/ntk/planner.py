@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
-from ._layers import rule_for
-from .jacobian import eval_mode, layer_of, selected_entries
 from .pairs import KINDS, Geometry
+from .params import eval_mode, layer_of, selected_entries
+from .rules import rule_for
 
 __all__ = ["Contraction", "ContractionPlan", "Cost", "LayerCost", "choose", "materialise_cost", "pairs_cost",
-           "plan"]
+           "plan", "strategy_for"]
 
 # Machine balance used to weigh bytes against multiply-adds when no rates are given: a CPU
 # core's float32 GEMM rate over its share of memory bandwidth is of this order.
@@ -115,6 +115,19 @@ def choose(mat: Cost, pairs: Cost | None, rates: tuple[float, float] = DEFAULT_R
     if pairs is not None and pairs.seconds(rates) < mat.seconds(rates):
         return Contraction.PAIRS.value
     return Contraction.MATERIALISE.value
+
+
+def strategy_for(contraction: Contraction, pairs_support, module: nn.Module, a: Tensor, y: Tensor, columns: int,
+                 kind: str, na: int, nb: int, k: int, sym: bool, itemsize: int) -> str:
+    """The driver's choice for one module call in an (na × nb) tile: ``materialise`` without pair
+    support or when forced, ``pairs`` when forced, else the cheaper by :func:`choose`."""
+    if pairs_support is None or contraction is Contraction.MATERIALISE:
+        return Contraction.MATERIALISE.value
+    if contraction is Contraction.PAIRS:
+        return Contraction.PAIRS.value
+    geom = pairs_support.geometry(module, a, y)
+    return choose(materialise_cost(kind, na, nb, k, sym, columns, geom, itemsize),
+                  pairs_cost(kind, na, nb, k, sym, geom, itemsize))
 
 
 @dataclass(frozen=True)
