@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
-from .pairs import KINDS, Geometry
+from .pairs import KINDS, Geometry, two_stage
 from .params import eval_mode, layer_of, selected_entries
 from .rules import rule_for
 
@@ -97,6 +97,12 @@ def pairs_cost(kind: str, na: int, nb: int, k: int, sym: bool, geom: Geometry, i
     output-gradient Gram Γ (K² per pair of positions; K for the traced kernel) and the weighted sum."""
     pairs, formed = _pairs_of_samples(kind, na, nb, sym), _formed(kind, na, nb, sym)
     g, t2 = geom.groups, geom.t * geom.t
+    if kind != "diagonal" and two_stage(kind, k, geom.t):  # no Γ: M = A g_j, then g_i · M
+        macs = pairs * g * geom.t * (geom.t * geom.d + k * geom.t * geom.co + k * k * geom.co)
+        moved = (2 * formed * geom.t * g * (geom.d + k * geom.co) * itemsize
+                 + pairs * g * (4 * t2 + 4 * geom.t * k * geom.co) * 4)  # A twice, M written, moved, read
+        gemm = ((1 if kind == "diagonal" else na) * geom.t, geom.d, nb * geom.t)
+        return Cost(macs, moved, gemm)
     per_pos = geom.d + (k * geom.co + 1 if kind == "traced" else k * k * (geom.co + 1))
     gam = 1 if kind == "traced" else k * k
     moved = (2 * formed * geom.t * g * (geom.d + k * geom.co) * itemsize  # operands rearranged
