@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
                         "above it they are recomputed per tile pair")
     g.add_argument("--strategy", default="auto", choices=["auto", "stored-jacobian", "recompute"],
                    help="Jacobian blocks: auto (store them when they fit the disk budget), stored-jacobian, recompute")
+    g.add_argument("--contraction", default="auto", choices=["auto", "materialise", "pairs"],
+                   help="each layer's kernel block from per-sample gradient columns (materialise), spatial pairs "
+                        "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
     g.add_argument("--tile", type=int, metavar="N", help="inputs per tile side (default: from --budget-gb)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:N")
@@ -120,6 +123,7 @@ def cmd_kernel(args) -> int:
                      disk_budget_bytes=None if args.disk_budget_gb is None
                      else budget_bytes("--disk-budget-gb", args.disk_budget_gb),
                      tile_inputs=args.tile, strategy=args.strategy, seed=args.seed, device=args.device,
+                     contraction=args.contraction,
                      data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,
                      quiet=args.quiet, log=print if rank0 else None, **kw)
     if rank0:

@@ -13,7 +13,6 @@ computed directly as C batched products (1/C of the full kernel's FLOPs).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,15 +25,17 @@ from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 from ..store.h5raw import from_numpy
-
-
-class KernelKind(enum.StrEnum):
-    FULL = "full"        # (N·C) × (N·C), row n·C + c
-    TRACED = "traced"    # N × N, sum over the C×C output blocks
+from .budget import DEFAULT_BUDGET, check_budget
+from .contract import symmetrize
+from .kinds import KernelKind
 
 
 def _kind(kernel: str | KernelKind) -> KernelKind:
-    return parse_enum(KernelKind, kernel, "kernel")
+    kind = parse_enum(KernelKind, kernel, "kernel")
+    if kind not in (KernelKind.FULL, KernelKind.TRACED):
+        raise ConfigError(f"gram computes the full or traced kernel of a stored J, got kernel={kind.value!r}; "
+                          "use entk for the diagonal kernel and the pNTK")
+    return kind
 
 
 class _Source:
@@ -43,12 +44,6 @@ class _Source:
     def __init__(self, J, device: torch.device, dtype: torch.dtype, fused: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
-            done = J.complete
-            if not done.all():
-                missing = [int(u) for u in np.flatnonzero(~done)]
-                raise ConfigError(f"{J.path} is incomplete: {len(missing)} of {len(done)} units (blocks of "
-                                  f"{J.block_inputs} inputs) were never written, first unit {missing[0]}; rerun the "
-                                  f"job that writes it")
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
             J = J.jacobian_memmap()
         if isinstance(J, torch.Tensor):
@@ -146,7 +141,7 @@ def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> boo
 def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
          dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
          out: torch.Tensor | None = None, accumulate: bool = False,
-         budget_bytes: int = 1 << 30, block_rows: int | None = None,
+         budget_bytes: int = DEFAULT_BUDGET, block_rows: int | None = None,
          backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """H = J Jᵀ (or the traced kernel) from a Jacobian held anywhere.
 
@@ -158,7 +153,8 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         dtype: accumulation dtype, float32 (default) or float64.
         device: where tiles are multiplied (default: J's device, CPU for files).
         out: write (or, with ``accumulate``, add) into this tensor.
-        budget_bytes: bound on the Jacobian blocks held at once.
+        budget_bytes: the working memory: the Jacobian blocks held at once (two in use, one
+            prefetching; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`).
         backend: ``torch`` (tile products in PyTorch) | ``triton`` (the fused Gram-tile op:
             bfloat16 blocks stay bfloat16, diagonal tiles compute only their upper triangle,
             results land in ``out`` directly) | ``auto`` (Triton on CUDA for float32).
@@ -167,8 +163,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         The symmetric kernel on ``device`` (or ``out``).
     """
     kind = _kind(kernel)
-    if not (isinstance(budget_bytes, (int, np.integer)) and not isinstance(budget_bytes, bool) and budget_bytes >= 1):
-        raise ConfigError(f"budget_bytes must be a whole number of bytes >= 1, got {budget_bytes!r}")
+    budget_bytes = check_budget(budget_bytes)
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"gram accumulation dtype must be float32 or float64, got {dtype}")
     if device is None:
@@ -234,16 +229,3 @@ def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: Kerne
         gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend=backend)
     else:
         gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend=backend)
-
-
-def symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
-    """Copy the upper triangle onto the lower one in place, tile by tile (exact symmetry,
-    O(tile²) extra memory)."""
-    m = h.shape[0]
-    for r0 in range(0, m, tile):
-        r1 = min(r0 + tile, m)
-        d = h[r0:r1, r0:r1]
-        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-        if r1 < m:
-            h[r1:, r0:r1] = h[r0:r1, r1:].T
-    return h
