@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..determinism import resolve_device
-from .options import add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
+from ..errors import EngineError
+from .options import SEED_LIMIT, add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -44,9 +45,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    lists = {k: int_list(getattr(args, k), f"--{k}") if getattr(args, k) else None
+    lists = {k: None if getattr(args, k) is None else
+             int_list(getattr(args, k), f"--{k}", limit=SEED_LIMIT if k == "seeds" else None)
              for k in ("checkpoints", "t0", "t1", "seeds")}
     data = args.data or ("cifar10" if args.data_root else "synthetic")
+    for flag, v in (("--steps", args.steps), ("--probe", args.probe), ("--eval-n", args.eval_n),
+                    ("--window", args.window)):
+        if v is not None and v < 1:  # before --out is created
+            raise EngineError(f"{flag} must be a positive integer, got {v}")
+    if args.trace_every is not None and args.trace_every < 0:
+        raise EngineError(f"--trace-every must be >= 0 (0: off), got {args.trace_every}")
     check_outputs(dirs=[("--out", args.out)], files=[("--json", args.json)])
     from ..report import reproduce  # matplotlib: only the command that draws pays its import
 

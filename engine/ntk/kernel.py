@@ -33,6 +33,7 @@ from .params import (
     params_dtype_device,
     selected_entries,
 )
+from .planner import Contraction
 
 
 def probe_hash(x: torch.Tensor) -> str:
@@ -56,6 +57,8 @@ def num_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> int:
             out = model(inputs[:1].to(_device_of(model)))
     finally:
         model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model output must be one (N, C) logits tensor, got a {type(out).__name__}")
     if out.ndim != 2:
         raise ConfigError(f"model output must be (N, C) logits, got shape {tuple(out.shape)}")
     return int(out.shape[1])
@@ -110,7 +113,8 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
          compute_dtype: torch.dtype | None = None, budget_bytes: int = DEFAULT_BUDGET,
          implementation: str | Implementation = "auto", force_eval: bool = False,
          progress: bool | None = False, projection: torch.Tensor | None = None,
-         dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+         dtype: torch.dtype | None = None, backend: str | None = None,
+         contraction: str | Contraction = "auto") -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of ``model`` at ``x1`` (and ``x2``), computed in one pass per row block.
 
     Args:
@@ -143,6 +147,10 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
         projection: v (C,): the kernel of the single output v·f (N1, N2) with
             ``kernel="full"``.
         dtype: result dtype (default: float32, or float64 for a float64 model).
+        contraction: how each layer's block is contracted: ``"auto"`` (the cheaper per layer
+            by :func:`engine.ntk.plan`'s cost model), ``"materialise"`` (per-sample gradient
+            columns, then their Gram) or ``"pairs"`` (spatial pairs wherever a layer rule
+            offers them: convolutions, Linear); the same kernel either way.
         backend: deprecated name of ``implementation``.
 
     Returns:
@@ -155,6 +163,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
         implementation = backend
     kind = parse_enum(KernelKind, kernel, "kernel")
     impl = parse_enum(Implementation, implementation, "implementation")
+    how = parse_enum(Contraction, contraction, "contraction")
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     entries = selected_entries(model, param_names)
@@ -200,7 +209,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
                 return progress_bar(it, desc="eNTK tiles", enabled=progress, unit="tile")
         out = onepass_kernel(model, xs1, xs2, entries, kind=kind, k=k, v=v, per_layer=per_layer,
                              implementation=impl, bf16=bf16, dtype=pdtype, budget_bytes=budget_bytes,
-                             progress=bar)
+                             progress=bar, contraction=how)
     if out_dtype != pdtype:
         out = {key: h.to(out_dtype) for key, h in out.items()} if per_layer else out.to(out_dtype)
     return out
@@ -232,6 +241,10 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
                           "call model.eval() or pass force_eval=True")
     dev = _device_of(model)
     inputs = inputs.to(dev)
+    pdtype, _ = params_dtype_device(model, selected_entries(model, None))
+    if inputs.is_floating_point() and inputs.dtype != pdtype:  # before the file exists
+        raise ConfigError(f"inputs have dtype {inputs.dtype} but the parameters of {type(model).__name__} are "
+                          f"{pdtype}; convert the inputs (inputs.to({pdtype})) or the model so they match")
     c = num_outputs(model, inputs)
     layout = parameter_layout(model)
     p = layout[-1][3] if layout else 0

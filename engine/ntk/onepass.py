@@ -9,9 +9,9 @@ at once, ``tile += J_chunk,a J_chunk,bᵀ``: J never exists beyond one chunk, an
 forward or backward is repeated per parameter group. Small layers are packed side by
 side into one chunk so the Gram products stay large.
 
-* A layer whose rule has a closed-form Gram (Linear on (n, I) inputs:
-  ⟨g_a ⊗ a_a, g_b ⊗ a_b⟩ = (g_a·g_b)(a_a·a_b), two small Grams instead of forming
-  n·K·O·I values) contributes through it.
+* A conv or Linear may contribute by spatial pairs (engine/ntk/pairs.py) without forming its
+  columns: ``contraction="auto"`` picks per layer the cheaper by engine/ntk/planner.py's cost
+  model, ``"materialise"`` / ``"pairs"`` force one (materialise also skips closed forms).
 * Parameters without a rule (or used where a rule cannot see them: tied weights, a
   parameter read outside its module) get their columns from ``torch.func``
   (vmap of jacrev), contracted the same way.
@@ -42,7 +42,9 @@ from .capture import Call, Plan, Recorder, make_plan, output_grads
 from .contract import bf16_mode, contract, symmetrize
 from .fallback import fill_columns
 from .kinds import Implementation, KernelKind
+from .pairs import pair_gram
 from .params import Entry, layer_of
+from .planner import Contraction, strategy_for
 from .rules import LayerRule
 
 __all__ = ["onepass_kernel"]
@@ -189,6 +191,9 @@ class _Setup:
     names: dict[int, str]  # module id -> name
     owner_name: dict[int, str]  # param id -> per-layer key
     always_fallback: set[int]
+    contraction: Contraction = Contraction.AUTO
+    workspace: int = _CHUNK_BYTES  # bound on one pair product's intermediates
+    strategy: dict[int, str] = field(default_factory=dict)  # module id -> materialise | pairs
 
 
 def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
@@ -208,7 +213,7 @@ def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str]
 
 
 def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]:
-    """Column pieces common to blocks a and b, and the closed-form Linear contributions."""
+    """Column pieces common to blocks a and b, and the closed-form and spatial-pair contributions."""
     fb = a.fallback | b.fallback
     pieces: list[_Piece] = []
     closed: list[tuple] = []
@@ -221,16 +226,23 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
             key = s.names[id(m)]
             ca, cb = a.calls.get(id(m), []), b.calls.get(id(m), [])
             rule = s.plan.rules[id(m)]
-            if (len(ca) == 1 and len(cb) == 1 and rule.closed_form_for(m, ca[0].a) and rule.closed_form_for(m, cb[0].a)
-                    and a.grads[id(ca[0])] is not None and b.grads[id(cb[0])] is not None):
-                closed.append((key, m, slots, ca[0], cb[0]))
+            one = len(ca) == 1 and len(cb) == 1 and a.grads[id(ca[0])] is not None and b.grads[id(cb[0])] is not None
+            if one and id(m) not in s.strategy:  # decided on the first tile, kept for the kernel
+                s.strategy[id(m)] = strategy_for(s.contraction, rule.pairs, m, ca[0].a, ca[0].y,
+                                                 sum(e.end - e.start for _, e in slots), s.kind.value, a.n, b.n, s.k,
+                                                 a is b, 2 if s.bf16 else torch.empty((), dtype=s.dtype).element_size())
+            if one and s.strategy[id(m)] == Contraction.PAIRS.value:
+                closed.append((key, m, slots, ca[0], cb[0], True))
+                continue
+            if (one and s.contraction is not Contraction.MATERIALISE and rule.closed_form_for(m, ca[0].a)
+                    and rule.closed_form_for(m, cb[0].a)):
+                closed.append((key, m, slots, ca[0], cb[0], False))
                 continue
             pieces += _module_pieces(m, rule, key, slots, s.max_cols, ca + cb)
     by_key: dict[str, list[Entry]] = {}
     for e in fallback_entries:
         by_key.setdefault(s.owner_name[id(e.param)] if s.per_layer else "", []).append(e)
     for key, es in by_key.items():
-        width = sum(e.end - e.start for e in es)
         # Fallback columns are formed by torch.func per parameter group: chunk by parameter.
         group: list[Entry] = []
         for e in es:
@@ -239,7 +251,6 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
                 group = []
             group.append(e)
         pieces.append(_Piece(key, sum(x.end - x.start for x in group), entries=tuple(group)))
-        del width
     return pieces, closed
 
 
@@ -254,8 +265,14 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
         return view(outs[key if s.per_layer else ""])
 
     with torch.no_grad():
-        for key, m, slots, ca, cb in closed:
+        for key, m, slots, ca, cb, pairs in closed:
             ga, gb = a.grads[id(ca)], bb.grads[id(cb)]
+            if pairs:
+                ops, attrs = s.plan.rules[id(m)].pairs.operands, {attr for attr, _ in slots}
+                pb = (None, None) if sym else ops(m, cb.a, gb, cb.scale)
+                pair_gram(out_for(key), s.kind.value, *ops(m, ca.a, ga, ca.scale), *pb, weight="weight" in attrs,
+                          bias="bias" in attrs, mode=s.bf16, workspace_bytes=s.workspace)
+                continue
             ga = ga if ca.scale is None else ga * ca.scale
             gb = gb if cb.scale is None else gb * cb.scale
             s.plan.rules[id(m)].closed_form(out_for(key), {attr for attr, _ in slots}, ca.a, ga, cb.a, gb, s.kind,
@@ -319,8 +336,8 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
 
 def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
                    kind: KernelKind, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
-                   bf16: bool, dtype: torch.dtype, budget_bytes: int,
-                   progress: Callable | None = None) -> Tensor | dict[str, Tensor]:
+                   bf16: bool, dtype: torch.dtype, budget_bytes: int, progress: Callable | None = None,
+                   contraction: Contraction = Contraction.AUTO) -> Tensor | dict[str, Tensor]:
     """The kernel (or per-layer kernels) of ``model`` at ``x1`` (and ``x2``); see the module docstring.
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
@@ -332,7 +349,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
     names, owner, shared = _owner_names(model, entries)
     mode = bf16_mode(bf16, device)
-    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared)
+    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction)
 
     n1 = _size(x1)
     n2 = 0 if x2 is None else _size(x2)
@@ -346,7 +363,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     # The two column-chunk buffers take at most a quarter of the budget each (and no more
     # than _CHUNK_BYTES); the block data gets the rest: all inputs in one block if they fit,
     # else two blocks (a row block and a column block) of equal size.
-    chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
+    chunk_bytes = s.workspace = min(budget_bytes // 4, _CHUNK_BYTES)  # a pair product's share too
     data_bytes = budget_bytes - 2 * chunk_bytes
     total = n1 + n2 if kind is not KernelKind.DIAGONAL else n1
     if total * per_sample <= data_bytes:

@@ -17,7 +17,7 @@ from torch import nn
 from ...data import Dataset, normalize
 from ...determinism import set_deterministic
 from ...errors import ConfigError, parse_enum
-from ...ntk import num_outputs
+from ...ntk import Contraction, num_outputs
 from ...progress import progress as progress_bar
 from ...store import JacobianStore, KernelTiles, TiledKernel
 from ..distributed import Dist, rank_device
@@ -65,6 +65,7 @@ class _Request:
     split1: str
     n1: int
     sx2: tuple[str, int] | None
+    contraction: str = "auto"
 
     @property
     def n2(self) -> int:
@@ -97,8 +98,9 @@ class _Work:
         return [u8 for _, u8, _ in self.inputs]
 
 
-def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy) -> _Request:
+def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction) -> _Request:
     kind = parse_enum(KernelKind, kernel, "kernel")
+    how = parse_enum(Contraction, contraction, "contraction").value
     cdtype = parse_compute_dtype(compute_dtype)
     strategy = parse_enum(Strategy, strategy, "strategy")
     split1, n1 = parse_inputs(x1, "--x1")
@@ -114,7 +116,7 @@ def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strat
         raise ConfigError(f"--out {out}: the folder is not writable")
     if (run is None) == (model is None):
         raise ConfigError("give either a run file (--run) or a model (--model-fn), not both or neither")
-    return _Request(out, kind, cdtype, strategy, split1, n1, sx2)
+    return _Request(out, kind, cdtype, strategy, split1, n1, sx2, how)
 
 
 def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, model_name, seed, data_root,
@@ -208,7 +210,8 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
         for n, k in enumerate(bar):
             i, j = grid[k]
             if kind is KernelKind.DIAGONAL:
-                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, budget_bytes)
+                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, budget_bytes,
+                         req.contraction)
             elif reader is not None:
                 ja, jb = reader.blocks(n)
                 h = contract(ja, jb, kind, work.c, req.cdtype)
@@ -216,7 +219,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
             else:
                 xa = work.batch(sides[0], i * t, (i + 1) * t)
                 xb = None if req.symmetric and i == j else work.batch(sides[-1], j * t, (j + 1) * t)
-                h = tile(work.model, xa, xb, kind, req.cdtype, budget_bytes)
+                h = tile(work.model, xa, xb, kind, req.cdtype, budget_bytes, req.contraction)
             if not torch.isfinite(h).all():
                 raise ConfigError(f"tile ({i}, {j}) of the kernel has NaN/Inf values (diverged weights?); "
                                   f"completed tiles are kept in {req.out}")
@@ -237,7 +240,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
-               deterministic: bool = True, log: Callable[[str], None] | None = print) -> KernelJobResult:
+               deterministic: bool = True, log: Callable[[str], None] | None = print,
+               contraction: str = "auto") -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the package docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
@@ -248,12 +252,13 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
     ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
     beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
-    is refused unless ``overwrite``.
+    is refused unless ``overwrite``. ``contraction``: each layer's strategy for the float32 and bfloat16
+    tiles (``auto`` | ``materialise`` | ``pairs``, as :func:`engine.ntk.entk`).
     ``deterministic`` turns on deterministic algorithms (``engine.set_deterministic``), so that
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
     t_start = time.perf_counter()
-    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy)
+    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction)
     say = log if log is not None else (lambda s: None)
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run

@@ -44,14 +44,15 @@ def contract(ja: torch.Tensor, jb: torch.Tensor | None, kind: KernelKind, c: int
 
 
 def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: KernelKind,
-         compute_dtype: torch.dtype, budget_bytes: int) -> torch.Tensor:
+         compute_dtype: torch.dtype, budget_bytes: int, contraction: str = "auto") -> torch.Tensor:
     """One tile of the kernel, straight from the model: ``(na·C, nb·C)``, ``(na, nb)`` or ``(na, C·C)``.
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
 
     float32 and bfloat16 tiles come from the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel
     for ``xb``); float64 from float64 Jacobian blocks (the one-pass engine computes in the
-    parameters' dtype). Nothing else in this package computes a tile from the model.
+    parameters' dtype). Nothing else in this package computes a tile from the model. ``contraction``:
+    each layer's strategy in the one-pass engine (``auto`` | ``materialise`` | ``pairs``).
     """
     if compute_dtype == torch.float64:
         c = num_outputs(model, xa)
@@ -59,7 +60,7 @@ def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Kern
         jb = None if xb is None else jacobian_block(model, xb, kind, c)
         return contract(ja, jb, kind, c, compute_dtype)
     h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
-             dtype=torch.float32)
+             dtype=torch.float32, contraction=contraction)
     if kind is KernelKind.DIAGONAL:
         return h.reshape(len(xa), -1)
     return symmetrised(h) if xb is None else h
