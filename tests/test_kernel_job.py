@@ -210,8 +210,8 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
     from engine.train import TrainConfig
 
     small = load_synthetic(200, 100)
-    # (engine.jobs.kernel_job names the function there; the module is in sys.modules)
-    monkeypatch.setattr(sys.modules["engine.jobs.kernel_job"], "load_dataset", lambda *a, **k: small)
+    # (engine.jobs.kernel_job.inputs names the function there; the module is in sys.modules)
+    monkeypatch.setattr(sys.modules["engine.jobs.kernel_job.inputs"], "load_dataset", lambda *a, **k: small)
     cfg = TrainConfig(model="cnn", data="synthetic", n_train=60, n_test=40, subset_seed=3, steps=5,
                       checkpoints=[0, 5])
     torch.manual_seed(0)
@@ -258,7 +258,7 @@ def test_block_reader_serves_every_tiles_blocks(tmp_path, symmetric, prefetch, r
     # overwrites a block still in use (checked after the background read has finished).
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.jobs.kernel_job import _BlockReader, _read_block
+    from engine.jobs.kernel_job.blocks import BlockReader, read_block
     from engine.store import JacobianStore
     from tests._random import seeded
 
@@ -277,13 +277,13 @@ def test_block_reader_serves_every_tiles_blocks(tmp_path, symmetric, prefetch, r
     rank, world = rank_world
     tiles = [ij for q, ij in enumerate(grid) if q % world == rank]
     with ThreadPoolExecutor(1) as io:
-        reader = _BlockReader(stores, tiles, symmetric, torch.device("cpu"), io, prefetch=prefetch)
+        reader = BlockReader(stores, tiles, symmetric, torch.device("cpu"), io, prefetch=prefetch)
         for q, (i, j) in enumerate(tiles):
             a, b = reader.blocks(q)
             if reader.pending is not None:
                 reader.pending[2].result()
-            assert torch.equal(a, _read_block(stores[0], i)), (q, i, j)
+            assert torch.equal(a, read_block(stores[0], i)), (q, i, j)
             if symmetric and i == j:
                 assert b is None
             else:
-                assert torch.equal(b, _read_block(stores[-1], j)), (q, i, j)
+                assert torch.equal(b, read_block(stores[-1], j)), (q, i, j)

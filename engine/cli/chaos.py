@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..jobs import ChaosConfig, run_chaos
 from ..jobs.distributed import Dist
 from ..train import TrainConfig
-from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, write_json
+from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, seed, write_json
 from .train import add_run_args, train_config
 
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--norm", default="l2", choices=["l2", "linf", "gaussian", "relative"],
                    help="l2: |delta|_2 = eps over all parameters; linf: each coordinate +-eps; gaussian: each "
                         "coordinate N(0, eps^2); relative: |delta|_2 = eps |theta|_2 (default: l2)")
-    g.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbation directions (default: 0)")
+    g.add_argument("--perturb-seed", type=seed, default=0, help="seed of the perturbation directions (default: 0)")
     g.add_argument("--weights-only", action="store_true",
                    help="perturb only conv/linear weights (not biases or normalization parameters)")
     g.add_argument("--allow-zero", action="store_true",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..determinism import resolve_device
+from ..errors import EngineError
 from ..jobs.presets import PRESETS
-from .options import add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
+from .options import SEED_LIMIT, add_data_args, add_device, add_json, add_quiet, check_outputs, int_list, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -55,12 +56,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    lists = {k: int_list(getattr(args, k), f"--{k}") if getattr(args, k) else None
+    lists = {k: None if getattr(args, k) is None else
+             int_list(getattr(args, k), f"--{k}", limit=SEED_LIMIT if k == "seeds" else None)
              for k in ("checkpoints", "t0", "t1", "seeds")}
     spawn = None
     if args.spawn_t0 is not None:
         spawn = [] if args.spawn_t0.strip().lower() == "none" else int_list(args.spawn_t0, "--spawn-t0")
     data = args.data or ("cifar10" if args.data_root else "synthetic")
+    for flag, v in (("--steps", args.steps), ("--probe", args.probe), ("--eval-n", args.eval_n),
+                    ("--window", args.window)):
+        if v is not None and v < 1:  # before --out is created
+            raise EngineError(f"{flag} must be a positive integer, got {v}")
+    if args.trace_every is not None and args.trace_every < 0:
+        raise EngineError(f"--trace-every must be >= 0 (0: off), got {args.trace_every}")
     if args.dry_run:
         from ..jobs.study import run_study  # no figures: no matplotlib
 

@@ -19,6 +19,24 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 
 
+def balanced_indices(y: torch.Tensor, n: int | None, seed: int, num_classes: int) -> torch.Tensor:
+    """Ascending indices of the seeded, class-balanced choice of ``n`` of the labels ``y`` (all of
+    them when ``n`` is None or at least ``len(y)``): round-robin over the classes, in a seeded order
+    within each. :meth:`Dataset.subset` takes these; jobs that select inputs by index use it too."""
+    if n is None or n >= len(y):
+        return torch.arange(len(y))
+    if n <= 0:
+        raise ConfigError(f"subset size must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    # Rank of each sample within its class under the seeded order; take the lowest ranks.
+    ys = y[perm]
+    onehot = torch.nn.functional.one_hot(ys, num_classes)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+    order = torch.argsort(rank * num_classes + ys, stable=True)[:n]
+    return perm[order].sort().values
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Images as uint8 ``(N, 3, H, W)`` and labels as int64 ``(N,)``, train and test.
@@ -79,16 +97,7 @@ class Dataset:
         def pick(x, y, n):
             if n is None or n >= len(y):
                 return x, y
-            if n <= 0:
-                raise ConfigError(f"subset size must be positive, got {n}")
-            g = torch.Generator().manual_seed(seed)
-            perm = torch.randperm(len(y), generator=g)
-            # Rank of each sample within its class under the seeded order; take the lowest ranks.
-            ys = y[perm]
-            onehot = torch.nn.functional.one_hot(ys, self.num_classes)
-            rank = (onehot.cumsum(0) * onehot).sum(1) - 1
-            order = torch.argsort(rank * self.num_classes + ys, stable=True)[:n]
-            idx = perm[order].sort().values
+            idx = balanced_indices(y, n, seed, self.num_classes)
             return x[idx].contiguous(), y[idx].contiguous()
 
         xtr, ytr = pick(self.x_train, self.y_train, n_train)

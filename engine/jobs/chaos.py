@@ -401,16 +401,16 @@ def load_chaos(path: str | Path) -> ChaosResult:
     job = store.job
     names = {f.name for f in dataclasses.fields(ChaosConfig)} - {"train"}
     cfg = ChaosConfig(train=TrainConfig.from_dict(job["train"]), **{n: job[n] for n in names if n in job})
-    metrics = np.array(store.memmap("metrics"))
+    metrics = np.array(store.verified("metrics", written_only=True))
     done = store.complete
     metrics[~done] = np.nan
     fields = tuple(job.get("fields", FIELDS_V1))
     trace_t, trace = np.zeros(0, np.int64), np.zeros((0, metrics.shape[1], 3))
     if "trace" in store.datasets and done.any():
         trace_t = np.array(cfg.trace_iterations(), dtype=np.int64)
-        trace = np.array(store.memmap("trace"))
+        trace = np.array(store.verified("trace", written_only=True))
         last = cfg.t1[int(np.nonzero(done)[0].max())]
         trace[trace_t > last] = np.nan
     return ChaosResult(store=store, config=cfg, members=cfg.members(), metrics=metrics,
-                       realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"),
-                       trace_t=trace_t, trace=trace, used=used_of(job), fields=fields)
+                       realized=np.array(store.verified("realized", written_only=True)), resumed_from=None,
+                       wall_s=float("nan"), trace_t=trace_t, trace=trace, used=used_of(job), fields=fields)

@@ -1,0 +1,158 @@
+"""The plan of a kernel job: its kernel kind and compute dtype, the tile size its memory budget
+allows, and whether the Jacobian blocks are stored or recomputed."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...data import Dataset
+from ...errors import ConfigError
+from ...store import KernelTiles, StoreError
+
+GiB = 2**30
+DEFAULT_BUDGET = 2 * GiB
+# Working memory of one Jacobian call beyond its output: engine.ntk.jacobian keeps a block's
+# output gradients, patches and graph under ~256 MiB; small blocks need proportionally less.
+JAC_WORKSPACE = 256 << 20
+_BASE_OVERHEAD = 64 << 20  # transient copies (a batch, the padded tile write), allocator slack
+# The interpreter, torch, its libraries and allocator retention: ~1 GiB resident on a CPU build (measured,
+# benchmarks/results/README.md). A constant, not a
+# measurement, so that the tile size (and with it the file) is the same in every process and launch.
+PROCESS_ALLOWANCE = 1 << 30
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (for reports and tests; the plan uses :func:`memory_in_use`)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class KernelKind(str, enum.Enum):  # noqa: UP042 - same str-mixin form as the other engine enums
+    FULL = "full"          # (N1·C, N2·C), row n·C + c
+    TRACED = "traced"      # (N1, N2), summed over the C outputs
+    DIAGONAL = "diagonal"  # (N, C, C): per-sample output blocks
+    PNTK = "pntk"          # (N1, N2): kernel of Σ_c f_c / √C
+
+
+class Strategy(str, enum.Enum):  # noqa: UP042
+    AUTO = "auto"
+    STORED = "stored-jacobian"
+    RECOMPUTE = "recompute"
+
+
+_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_compute_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value in _COMPUTE.values():
+            return value
+        value = str(value)
+    key = str(value).removeprefix("torch.")
+    if key not in _COMPUTE:
+        raise ConfigError(f"compute dtype must be one of {', '.join(_COMPUTE)}, got {value!r}")
+    return _COMPUTE[key]
+
+
+def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch.dtype) -> int:
+    """Estimated peak bytes of one tile pair of ``t`` inputs per side (two J blocks, casts, the tile)."""
+    rows = t if kind is KernelKind.PNTK else t * c
+    cast = {torch.float32: 0, torch.bfloat16: 2, torch.float64: 8}[compute_dtype]
+    jblocks = 2 * rows * p * (4 + cast)
+    out = 8 if compute_dtype == torch.float64 else 4
+    if kind is KernelKind.FULL:
+        tile = rows * rows * out * 4                 # product, symmetrised copy, the last tile and its padded copy
+    elif kind is KernelKind.TRACED:
+        tile = c * t * t * out + 4 * t * t * out     # the C per-output products, then their sum
+    elif kind is KernelKind.DIAGONAL:
+        tile = 4 * t * c * c * out
+    else:
+        tile = 4 * t * t * out
+    return jblocks + tile + min(JAC_WORKSPACE, jblocks) + _BASE_OVERHEAD
+
+
+def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
+    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``budget_bytes - in_use``."""
+    need = tile_bytes(1, **kw)
+    avail = budget_bytes - in_use
+    if need > avail:
+        used = f" beside the {in_use / GiB:.2f} GiB this process already holds (torch, model, data)" if in_use else ""
+        raise ConfigError(f"--budget-gb {budget_bytes / GiB:.3g} is too small: a tile of one input needs "
+                          f"{need / GiB:.3g} GiB (two Jacobian rows of {kw['p']:,} parameters and the Jacobian "
+                          f"workspace){used}; raise the budget")
+    lo, hi = 1, max(1, n_max)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tile_bytes(mid, **kw) <= avail:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def memory_in_use(model: nn.Module, inputs: list[torch.Tensor], dataset: Dataset | None = None) -> int:
+    """What the budget holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
+    and their gradients' buffers), the selected images, and a caller's dataset. Deterministic."""
+    sd = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    data = 0 if dataset is None else sum(t.numel() * t.element_size() for t in
+                                         (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test))
+    return PROCESS_ALLOWANCE + 2 * sd + sum(u.numel() * u.element_size() for u in inputs) + data
+
+
+def previous_layout(out: Path, job: dict) -> dict | None:
+    """The job of an existing file holding this job (its tile size and strategy are kept), else None.
+
+    A file of this format holding another job is refused here, naming the fields that differ.
+    """
+    if not out.exists():
+        return None
+    try:
+        prev = KernelTiles(out).job
+    except StoreError:
+        return None  # not a kernel file: create_for refuses it with its own message
+    diff = sorted(k for k, v in _jsonable(job).items() if prev.get(k) != v)
+    if diff:
+        raise StoreError(f"{out} holds a different job (differs in {', '.join(diff)}); "
+                         f"pass overwrite (--overwrite) or choose another output")
+    return prev
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def choose_strategy(strategy, kind, t, n1, n2, symmetric, c, p, out, disk_budget):
+    """Store J blocks (each computed once) or recompute them per tile pair; returns (choice, one-line reason)."""
+    b1, b2 = -(-n1 // t), -(-n2 // t)
+    if kind is KernelKind.DIAGONAL:
+        return Strategy.RECOMPUTE, "recomputed: the diagonal kernel uses each input block once, nothing to reuse"
+    rows = 1 if kind is KernelKind.PNTK else c
+    jbytes = (n1 if symmetric else n1 + n2) * rows * p * 4
+    evals_recompute = b1 * b1 if symmetric else 2 * b1 * b2
+    evals_stored = b1 if symmetric else b1 + b2
+    if disk_budget is None:
+        disk_budget = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free // 2
+    cost = f"{evals_stored} block Jacobians instead of {evals_recompute}"
+    if strategy is Strategy.STORED:
+        return Strategy.STORED, f"stored (--strategy stored-jacobian; {jbytes / GiB:.3g} GiB on disk): {cost}"
+    if strategy is Strategy.RECOMPUTE:
+        return Strategy.RECOMPUTE, f"recomputed per tile pair (--strategy recompute): {evals_recompute} blocks"
+    if evals_recompute == evals_stored:
+        return Strategy.RECOMPUTE, "recomputed: one tile, each block's Jacobian is used once"
+    if jbytes <= disk_budget:
+        return Strategy.STORED, (f"stored beside the output ({jbytes / GiB:.3g} GiB <= disk budget "
+                                 f"{disk_budget / GiB:.3g} GiB): {cost}")
+    return Strategy.RECOMPUTE, (f"recomputed per tile pair ({evals_recompute} block Jacobians): storing J needs "
+                                f"{jbytes / GiB:.3g} GiB > disk budget {disk_budget / GiB:.3g} GiB")
