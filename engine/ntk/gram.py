@@ -44,6 +44,12 @@ class _Source:
     def __init__(self, J, device: torch.device, dtype: torch.dtype, fused: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
+            done = J.complete
+            if not done.all():
+                missing = [int(u) for u in np.flatnonzero(~done)]
+                raise ConfigError(f"{J.path} is incomplete: {len(missing)} of {len(done)} units (blocks of "
+                                  f"{J.block_inputs} inputs) were never written, first unit {missing[0]}; rerun the "
+                                  f"job that writes it")
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
             J = J.jacobian_memmap()
         if isinstance(J, torch.Tensor):

@@ -21,6 +21,7 @@ from ...ntk import Contraction, num_outputs
 from ...progress import progress as progress_bar
 from ...store import JacobianStore, KernelTiles, TiledKernel
 from ..distributed import Dist, rank_device
+from ..job_inputs import check_logits, check_tile
 from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
@@ -132,6 +133,8 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     sides = [(req.split1, req.n1, "--x1")] + ([] if req.sx2 is None else [(*req.sx2, "--x2")])
     inputs = [select(ds, split, n, seed, subset[split], base_seed, what) for split, n, what in sides]
     work = _Work(model, dev, inputs, ds.mean, ds.std, 0, 0, {}, 0)
+    if run is None:
+        check_logits(model, work.batch(inputs[0][1], 0, 1), info["model"])
     work.c = num_outputs(model, work.batch(inputs[0][1], 0, 1))
     work.p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     sx2 = req.sx2
@@ -161,6 +164,10 @@ def _plan(req: _Request, work: _Work, *, overwrite, budget_bytes, tile_inputs, d
                               f"{budget_bytes / GiB:.3g}; resume with a larger budget")
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
     t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
+    if tile_inputs is not None:
+        n_max = max(req.n1, req.n2)
+        check_tile(tile_inputs, budget_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
+                   largest=choose_tile_inputs(budget_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
     strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
                                     req.out, disk_budget_bytes)
     return t, strat, reason
