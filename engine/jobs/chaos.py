@@ -290,6 +290,8 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
         datasets["trace_t"] = ((len(trace_t),), torch.int64)
         datasets["trace"] = ((len(trace_t), k, len(TRACE_FIELDS)), torch.float64)
 
+    fresh = overwrite or not Path(out).exists()  # this call creates the file (removed again if refused at once)
+
     def create() -> ChaosStore:  # rank 0 lays the file out (or resumes it)
         if Path(out).exists() and not overwrite:
             check_same_data(out, job)
@@ -340,7 +342,8 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
                         info = fleet.spawn(j)
                         realized[local[j]] = [info["requested"], info["realized_l2"], info["realized_linf"]]
                         if spec.kind == "perturbed" and not cfg.allow_zero:
-                            check_perturbation(spec, info, cfg, fleet, t, out)
+                            check_perturbation(spec, info, cfg, fleet, t, out,
+                                               drop=fresh and d.main and not store.complete.any())
                 if t in trace_row:
                     fleet.trace_into(trace, trace_row[t])
                 if t in t1_index:

@@ -3,6 +3,8 @@ survives rounding, finite members (named with the iteration they diverged at).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -32,17 +34,23 @@ def check_same_data(out, job: dict) -> None:
             f"({job['data_source']}, subset {job['data_subset']}); pass the same data or --overwrite")
 
 
-def check_perturbation(spec: MemberSpec, info: dict, cfg, fleet: Fleet, t: int, out) -> None:
-    """Refuse a perturbation that does not change the trained (non-zero) parameters in their dtype."""
+def check_perturbation(spec: MemberSpec, info: dict, cfg, fleet: Fleet, t: int, out, *, drop: bool = False) -> None:
+    """Refuse a perturbation that does not change the trained (non-zero) parameters in their dtype.
+
+    ``drop``: the file was created by this call and holds no result yet, so it is removed (a refused
+    job leaves nothing behind); otherwise the results before ``t`` stay in it."""
     frac = info["changed_nonzero"] / max(info["nonzero"], 1)
     if info["realized_l2"] > 0 and frac >= MIN_CHANGED_FRACTION:
         return
     dtype = next(iter(fleet.state(0).values())).dtype
+    if drop:
+        Path(out).unlink(missing_ok=True)
     raise ZeroPerturbationError(
         f"the perturbation of member {spec.name} (eps={cfg.eps}, norm={cfg.norm}) rounds to zero in {dtype} on "
         f"the trained parameters: it changes {info['changed_nonzero']} of {info['nonzero']} non-zero values "
         f"(needs {MIN_CHANGED_FRACTION:.1%}; {info['changed']} of {info['coords']} coordinates in all); use a "
-        f"larger eps or another norm, or allow it explicitly (--allow-zero). Results for t1 < {t} are kept in {out}")
+        f"larger eps or another norm, or allow it explicitly (--allow-zero). "
+        + (f"Nothing was written ({out} removed)" if drop else f"Results for t1 < {t} are kept in {out}"))
 
 
 def check_finite(fleet: Fleet, specs: list[MemberSpec], t: int, trace: np.ndarray | None, trace_t) -> None:
