@@ -5,7 +5,7 @@ Groups (each has a reference member; the ratio table is printed at the end):
 * ``jacobian-<model>`` (resnet20, cnn): the full per-sample Jacobian J, (N·C) × P,
   of a freshly initialised model in eval mode (BatchNorm on its initial running
   statistics) at N random-normal CIFAR-shaped inputs (N = 64 on the CPU, 256 on CUDA),
-  C = 10. Members: ``engine.ntk.jacobian(backend="structured")``, the ``reference``
+  C = 10. Members: ``engine.ntk.jacobian(implementation="structured")``, the ``reference``
   backend (``torch.func`` vmap of jacrev; role reference), and nngeometry's
   ``Jacobian`` generator (``TorchHooksJacobianBackend.get_jacobian``, ``PFMapDense``)
   as a peer tool. Unit: Jacobian rows (items_per_call = N·C). nngeometry returns
@@ -136,7 +136,7 @@ def test_jacobian(benchmark, device, probe, model_name, impl):
             return J[:, 0, :]
     else:
         def fn():
-            return jacobian(model, probe, backend=impl)  # (N·C, P), row n·C + c
+            return jacobian(model, probe, implementation=impl)  # (N·C, P), row n·C + c
 
         def rows0(J):
             return J[:C]

@@ -23,9 +23,19 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--contended", action="store_true",
+                     help="run one busy competing process during the benchmarks that support it "
+                          "(bench_ntk_contraction.py), to measure the engine on shared cores")
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
+    from _common import bf16_unit
+
     machine_info["hardware"] = hardware_name()
     machine_info["torch"] = torch.__version__
+    machine_info["bf16_unit"] = bf16_unit()
+    machine_info["contended"] = bool(config.getoption("--contended"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -38,7 +48,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             continue
         groups.setdefault(b.group or "", []).append(b)
     tr = terminalreporter
-    tr.write_sep("=", f"speed relative to the reference, {hardware_name()}")
+    from _common import bf16_unit
+
+    tr.write_sep("=", f"speed relative to the reference, {hardware_name()}, bf16 unit: {bf16_unit()}")
     for group, items in groups.items():
         ref = next((b for b in items if b.extra_info.get("role") == "reference"), None)
         tr.write_line(f"[{group}]")

@@ -55,6 +55,25 @@ class NonFiniteStateError(NonFiniteLossError):
                                    f"{loss:.4g}): the run diverged, so it is not saved as a checkpoint{where}")
 
 
+def describe_mismatch(e: Exception) -> str:
+    """``load_state_dict``'s error as one line: how many keys are missing or unexpected, the first few of each."""
+    missing, unexpected, sizes = [], [], []
+    for line in str(e).splitlines():
+        line = line.strip().rstrip(".")
+        if line.startswith("Missing key(s) in state_dict:"):
+            missing = [k.strip(' "') for k in line.split(":", 1)[1].split(",") if k.strip()]
+        elif line.startswith("Unexpected key(s) in state_dict:"):
+            unexpected = [k.strip(' "') for k in line.split(":", 1)[1].split(",") if k.strip()]
+        elif line.startswith("size mismatch for"):
+            sizes.append(line.removeprefix("size mismatch for ").split(":")[0])
+    parts = []
+    for n, what in ((missing, "missing"), (unexpected, "unexpected"), (sizes, "of another shape")):
+        if n:
+            shown = ", ".join(n[:3]) + (f", ... ({len(n) - 3} more)" if len(n) > 3 else "")
+            parts.append(f"{len(n)} {what} ({shown})")
+    return "; ".join(parts) or str(e).strip().splitlines()[0]
+
+
 def parse_enum(enum_cls: type[E], value: object, what: str) -> E:
     """``enum_cls(value)``, or a one-line ``ConfigError`` naming ``what`` and the valid values."""
     if isinstance(value, enum_cls):

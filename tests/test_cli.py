@@ -42,7 +42,7 @@ def test_every_subcommand_shares_the_option_groups():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
     # Read stored kernels, or plan from shapes only: no data, device or progress.
-    tools = {"kernel-predict", "kernel-info", "plan"}
+    tools = {"kernel-predict", "kernel-info", "plan", "verify"}
     assert set(flags) == {"train", "ntk", "chaos", "reproduce", "data", "ext", "kernel", *tools}
     for name, have in flags.items():
         assert "--json" in have, name

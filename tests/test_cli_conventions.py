@@ -88,7 +88,7 @@ def test_json_of_reproduce_is_the_study_record(tmp_path, monkeypatch):
     assert main(["reproduce", "--out", str(tmp_path / "study"), "--json", str(js), "--t0", "0,5"]) == 0
     rec = _json(js)
     assert rec == {"command": "reproduce", "version": engine.__version__, "out": str(tmp_path / "study"),
-                   "preset": "cpu-small", "times_s": {"train": 1.0}}
+                   "preset": "quick", "times_s": {"train": 1.0}}
     assert seen["t0"] == [0, 5]
 
 
@@ -161,15 +161,16 @@ def test_ntk_kernel_shapes_params_and_bf16(kernel, shape, tiny_run, tmp_path):
     run.load_into(model, 4)
     x, _ = probe_set(prepare_data(cfg, quiet=True), 4)
     params = "conv3.weight,fc.weight,fc.bias"
-    for dtype in ("float32", "bfloat16"):
-        out = tmp_path / f"{kernel}-{dtype}.h5"
+    for dtype, how in (("float32", "auto"), ("bfloat16", "auto"), ("float32", "pairs"), ("float32", "materialise")):
+        out = tmp_path / f"{kernel}-{dtype}-{how}.h5"
         argv = ["ntk", "--run", str(tiny_run / "run.h5"), "--checkpoints", "0,4", "--probe", "4", "--kernel", kernel,
-                "--compute-dtype", dtype, "--params", params, "--device", "cpu", "--quiet", "--out", str(out)]
+                "--compute-dtype", dtype, "--params", params, "--device", "cpu", "--quiet", "--out", str(out),
+                "--contraction", how]
         assert main(argv) == 0
         got = torch.from_numpy(KernelStore(out).kernel(4).copy())
         assert tuple(got.shape) == shape
-        want = entk(model, x, kernel=kernel, param_names=params.split(","),
+        want = entk(model, x, kernel=kernel, param_names=params.split(","), contraction=how,
                     compute_dtype=torch.bfloat16 if dtype == "bfloat16" else None).reshape(shape)
-        assert torch.equal(got, want.float()), f"{kernel} {dtype}: the stored kernel is not entk's"
+        assert torch.equal(got, want.float()), f"{kernel} {dtype} {how}: the stored kernel is not entk's"
     assert main(["ntk", "--run", str(tiny_run / "run.h5"), "--probe", "4", "--params", "no.such", "--quiet",
                  "--out", str(tmp_path / "bad.h5")]) == 2

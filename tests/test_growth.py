@@ -93,7 +93,7 @@ def test_study_guards_decay_in_window_warns_and_two_seeds_give_a_spread():
     assert not spread["coincides_with_lr_change"] and not spread["at_grid_edge"]
     one = transition_entry("cone", [150], [0, 150, 600], [], "c")
     assert one["spread"] is None
-    none = transition_entry("chaos_growth", [None, None], grid, changes, "g")
+    none = transition_entry("sensitivity_growth", [None, None], grid, changes, "g")
     assert none["iteration"] is None and not none["coincides_with_lr_change"]
     record = {"lr_changes": changes, "lr_near_factor": 2.0, "chaos": {"t0": grid, "t1": [100, 600]},
               "train": {"checkpoints": [0, 600]}, "transitions": [near, spread]}

@@ -260,8 +260,10 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
                       checkpoints=[0, 5])
     torch.manual_seed(0)
     model = build_model("cnn")
+    from engine.store import data_record
     run = RunFile.create(tmp_path / "run.h5", config=cfg.to_dict(), steps=5, iterations=[0, 5],
-                         state=model.state_dict(), param_names=[n for n, _ in model.named_parameters()])
+                         state=model.state_dict(), param_names=[n for n, _ in model.named_parameters()],
+                         data=data_record(small.subset(60, 40, seed=3)))  # the run's own data, as train() records it
     with run.writer() as w:
         w.write_checkpoint(0, model.state_dict())
     common = ["--run", str(tmp_path / "run.h5"), "--kernel", "traced", "--quiet", "--budget-gb", "4"]

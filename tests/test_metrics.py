@@ -175,7 +175,8 @@ def test_barrier_vmap_matches_reference_loop(pair, bn):
     out = loss_barrier(model, sa, sb, x, y, **kw)
     ref = loss_barrier_reference(model, sa, sb, x, y, **kw)
     assert out["alphas"] == ref["alphas"] == [i / 6 for i in range(7)]
-    assert set(out) == {"barrier", "alpha_max", "alphas", "losses", "loss_a", "loss_b"}
+    assert set(out) == {"barrier", "alpha_max", "alphas", "losses", "loss_a", "loss_b", "error_barrier",
+                        "error_alpha_max", "errors", "error_a", "error_b"}
     tol = loss_tol(*ref["losses"])
     for a, lv, lr in zip(out["alphas"], out["losses"], ref["losses"], strict=True):
         assert abs(lv - lr) <= tol, f"alpha={a}: vmap {lv!r} vs loop {lr!r} (tol {tol:.3g})"
@@ -188,6 +189,26 @@ def test_barrier_vmap_matches_reference_loop(pair, bn):
     as_t = [torch.tensor(r["losses"], dtype=torch.float32 if r is not ref64 else torch.float64)
             for r in (out, ref, ref64)]
     assert_close_to_torch(as_t[0], as_t[1], as_t[2], factor=4.0, what=f"losses bn={bn}")
+
+
+def test_error_barrier_counts_misclassified_inputs_along_the_path(pair):
+    """The error barrier: endpoints are 1 - accuracy of the plain models; the batched pass counts the same
+    errors as the loop at every alpha up to one input per float32 near-tie of the top two logits."""
+    model, sa, sb, x, y = pair
+    out = loss_barrier(model, sa, sb, x, y, alphas=5, batch_size=16)
+    ref = loss_barrier_reference(model, sa, sb, x, y, alphas=5, batch_size=len(x))
+    dg = disagreement(model, sa, sb, x, y)
+    n = len(x)
+    assert round(ref["error_a"] * n) == round((1 - dg["acc_a"]) * n)
+    assert round(ref["error_b"] * n) == round((1 - dg["acc_b"]) * n)
+    for e, r in zip(out["errors"], ref["errors"], strict=True):
+        assert abs(e - r) * n <= 1
+    chord = [(1 - a) * ref["error_a"] + a * ref["error_b"] for a in ref["alphas"]]
+    assert ref["error_barrier"] == pytest.approx(max(e - c for e, c in zip(ref["errors"], chord, strict=True)),
+                                                 abs=1e-12)
+    assert ref["error_barrier"] >= 0
+    same = loss_barrier_reference(model, sa, clone_state(sa), x, y, alphas=5, batch_size=20)
+    assert same["error_barrier"] == 0.0
 
 
 def test_barrier_endpoints_equal_plain_evaluation(pair):

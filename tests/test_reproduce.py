@@ -12,7 +12,8 @@ from engine.cli import main
 SHORT = ["reproduce", "--preset", "cpu-small", "--data", "synthetic", "--n-train", "2000", "--steps", "60",
          "--checkpoints", "0,1,2,3,5,8,12,20,30,45,60", "--probe", "8", "--t0", "0,5,10,30", "--t1", "20,40",
          "--eval-n", "100", "--device", "cpu", "--quiet", "--seeds", "0,1", "--window", "10",
-         "--trace-every", "2", "--schedule", "multistep"]  # decays at 30 and 45: the report must warn
+         "--trace-every", "2", "--schedule", "multistep",  # decays at 30 and 45: the report must warn
+         "--independent", "--spawn-t0", "10"]
 
 
 def test_reproduce_writes_every_promised_file_and_resumes(tmp_path, capsys):
@@ -23,13 +24,14 @@ def test_reproduce_writes_every_promised_file_and_resumes(tmp_path, capsys):
             assert (out / f"seed{s}" / name).stat().st_size > 0, name
     for name in ("study.json", "report.md", "report.html"):
         assert (out / name).stat().st_size > 0, name
-    figs = ("fig3_chaos", "fig4_kernel_distance", "fig5_cone", "fig6_growth", "fig7_kernels")
+    figs = ("fig3b_basins", "fig3_chaos", "fig4_kernel_distance", "fig5_cone", "fig6_growth", "fig7_kernels")
     for fig in figs:
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 5000, f"{fig}.{ext}"
     md = (out / "report.md").read_text()
     for needle in ("Figure 3", "Figure 4", "Figure 5", "Figure 6", "Figure 7", "figures/fig6_growth.png",
-                   "Noise floor", "chaos_growth", "chaos_dissimilarity", "cone", "synthetic", "Hardware and time",
+                   "Noise floor", "sensitivity_growth", "sensitivity_dissimilarity", "cone", "chaos_basin",
+                   "Which basin the twins end in", "independent", "spawn", "synthetic", "Hardware and time",
                    "cannot be attributed to the training dynamics", "[30, 45]"):
         assert needle in md, needle
     page = (out / "report.html").read_text()
@@ -37,7 +39,18 @@ def test_reproduce_writes_every_promised_file_and_resumes(tmp_path, capsys):
     rec = json.loads((out / "study.json").read_text())
     assert rec["estimates"]["noise_floor"] == 0.0 and rec["lr_changes"] == [30, 45] and rec["seeds"] == [0, 1]
     trans = {t["rule"]: t for t in rec["transitions"]}
-    assert set(trans) == {"cone", "chaos_dissimilarity", "chaos_window", "chaos_growth"}
+    assert rec["transitions"][0]["rule"] == "chaos_basin"  # the paper's question first
+    assert set(trans) == {"chaos_basin", "cone", "sensitivity_dissimilarity", "sensitivity_window",
+                          "sensitivity_growth"}
+    assert set(trans["chaos_basin"]) >= {"reference_barrier", "reference_error_barrier", "reference_separated"}
+    for s in ("0", "1"):
+        for t1 in ("20", "40"):
+            cell = rec["basins"][s][t1]
+            assert set(cell["twins"]) == {"0", "5", "10", "30"} - ({"30"} if t1 == "20" else set())
+            assert set(cell["spawn"]) == {"10"} and cell["independent"]["barrier_test"] > 0
+            for v in [*cell["twins"].values(), *cell["spawn"].values(), cell["independent"]]:
+                assert set(v) == {"barrier_test", "error_barrier_test", "disagreement", "l2"}
+    assert rec["plan"]["members"] == 7 and rec["plan"]["projected_s"] > 0
     for t in trans.values():
         assert set(t) >= {"iteration", "spread", "coincides_with_lr_change", "at_grid_edge", "per_seed"}
         assert len(t["per_seed"]) == 2
@@ -76,7 +89,7 @@ def test_reproduce_refuses_meaningless_flags_in_one_line(tmp_path, capsys, flag,
 
 def test_reproduce_honours_n_test_and_subset_seed(tmp_path, monkeypatch):
     """--n-test and --subset-seed reach every run of the study (they used to be dropped)."""
-    import engine.report.study as study
+    import engine.jobs.study as study
 
     seen = []
 
@@ -92,8 +105,8 @@ def test_reproduce_honours_n_test_and_subset_seed(tmp_path, monkeypatch):
 def test_presets_are_valid_studies():
     """Both presets give consistent, confound-free schedules without running anything."""
     from engine.errors import ConfigError
+    from engine.jobs.presets import log_schedule
     from engine.report import lr_changes, preset
-    from engine.report.study import log_schedule
     from engine.train import TrainConfig
 
     small = preset("cpu-small")
@@ -119,3 +132,39 @@ def test_presets_are_valid_studies():
     assert log_schedule(5) == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="preset"):
         preset("tpu-huge")
+
+
+def test_basin_presets_have_the_issue_grids():
+    from engine.jobs.presets import preset
+    from engine.report import lr_changes
+    from engine.train import TrainConfig
+
+    b = preset("cpu-basins")
+    assert (b.model, b.steps, b.n_train, b.seeds) == ("cnn", 2000, 10_000, [0, 1, 2])
+    assert b.t0 == [0, 10, 40, 150, 400, 1000] and b.t1 == [300, 1000, 2000]
+    assert b.independent and len(b.spawn_t0) == 3 and set(b.spawn_t0) <= set(b.t0)
+    assert lr_changes(TrainConfig(steps=b.steps, schedule=b.schedule, milestones=b.milestones)) == [1000, 1500]
+    c = preset("cpu-basins-constant")
+    assert c.schedule == "constant" and c.t0 == b.t0 and c.t1 == b.t1
+    assert preset("cpu-basins", model="resnet20").model == "resnet20"
+    r = preset("gpu-fig3")
+    assert r.model == "resnet20" and r.t0 == [0, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000]
+    assert r.t1[-1] == r.steps == 62_400 and len(r.seeds) == 3 and r.independent and r.gpu
+    v = preset("gpu-fig3", model="vgg16")
+    assert v.t0 == list(range(0, 10_001, 250))
+    q = preset("quick")
+    assert q.seeds == [0] and q.independent and q.spawn_t0 and q.t1[-1] == q.steps
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    js = tmp_path / "plan.json"
+    assert main(["reproduce", "--preset", "gpu-fig3", "--model", "vgg16", "--dry-run", "--out", str(out),
+                 "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "plan (gpu-fig3)" in text and "projected time" in text and "assumed" in text
+    assert not out.exists()
+    rec = json.loads(js.read_text())
+    # control + 41 twins + independent + 3 spawns besides the base, each from its t0 to the end of training.
+    assert rec["plan"]["members"] == 46 and rec["plan"]["seeds"] == 3
+    assert rec["plan"]["chaos_member_steps"] == 62_400 * 47 - sum(range(0, 10_001, 250)) - (500 + 2000)

@@ -165,7 +165,7 @@ def test_chaos_grid_records_and_noise_floor(tmp_path, ds):
     assert res.noise_floor() == 0.0
     recs = res.records()
     keys = {"t0", "t1", "member", "dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test",
-            "disagreement", "acc_base", "acc_member"}
+            "error_barrier_test", "disagreement", "acc_base", "acc_member"}
     assert all(set(r) == keys for r in recs)
     assert all(r["t1"] >= r["t0"] for r in recs)
     ctrl = [r for r in recs if r["member"] == "control"]
@@ -311,8 +311,9 @@ def test_vmap_traces_equal_loop_traces_on_the_same_states(ds):
 
 def test_a_perturbation_that_only_hits_zero_parameters_is_refused(tmp_path, ds):
     # 1e-30 in L2 moves the exactly-zero biases but no trained (non-zero) weight in float32.
-    with pytest.raises(ZeroPerturbationError, match=r"changes 0 of \d+ non-zero values"):
+    with pytest.raises(ZeroPerturbationError, match=r"changes 0 of \d+ non-zero values.*Nothing was written"):
         run_chaos(_chaos(eps=1e-30, t0=[0], t1=[2, 4]), tmp_path / "z.h5", dataset=ds, quiet=True)
+    assert not (tmp_path / "z.h5").exists()  # refused before any result: the file this call created is gone
     res = run_chaos(_chaos(eps=1e-30, t0=[0], t1=[2], allow_zero=True), tmp_path / "z2.h5", dataset=ds, quiet=True)
     assert res.realized[2, 1] > 0   # it did move something (the zeros), which is why the old guard passed
 

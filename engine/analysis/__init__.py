@@ -1,6 +1,9 @@
 """Analyses of stored results: the Chaos Effect grid and transition, the Cone Effect of a kernel trajectory."""
 
 from .chaos import (
+    BASIN_FRAC,
+    basin_transition,
+    basin_values,
     chaos_grid,
     chaos_transition,
     chaos_transition_of,
@@ -25,8 +28,11 @@ from .cone import (
 from .kernel_stats import centred_alignment, effective_rank, label_gram, spectrum, traced
 
 __all__ = [
+    "BASIN_FRAC",
     "ConeAnalysis",
     "analyze_cone",
+    "basin_transition",
+    "basin_values",
     "centred_alignment",
     "chaos_grid",
     "chaos_transition",

@@ -1,6 +1,12 @@
 """Chaos Effect analysis (arXiv 2505.13900, Fig. 3) of the chaos grid's records
 (:mod:`engine.jobs.chaos` writes them): the (t0, t1) grids of a metric and the chaos transition.
 
+Basin rule (basin_values, basin_transition: the paper's question). The twin's test loss barrier
+to the base at the last t1, per t0, against the barrier between the base and an independent run
+(another initialisation): chaos_basin is the first t0 from which every twin stays at or below
+BASIN_FRAC (0.1) of it. The rules below measure in-basin sensitivity (the study calls them
+sensitivity_*): growth inside one basin is expected, so they do not locate the transition.
+
 Transition rule (the Chaos Effect, chaos_transition). Given one chaos metric per
 perturbation time t0 (e.g. the twins' parameter dissimilarity at the last compared
 iteration t1), the early level is the largest value and the late level the value at
@@ -173,3 +179,51 @@ def growth_transition(t0s, rates, *, stop: float = 0.0) -> int | None:
     start = int(np.argmax(v))
     hit = np.flatnonzero(v[start:] <= stop)
     return int(t0[start + hit[0]]) if len(hit) else None
+
+
+# --------------------------------------------------------------------------- which basin the twins end in
+
+# chaos_basin: a twin is in the base's basin when its barrier is at most this fraction of the
+# barrier between the base and an independent run (two basins by construction).
+BASIN_FRAC = 0.1
+
+
+def basin_values(records: Sequence[dict], field_name: str = "barrier_test", t1: int | None = None
+                 ) -> tuple[dict[int, float], float, dict[int, float]]:
+    """At ``t1`` (default: the last compared): the twins' ``field_name`` by t0, the independent
+    reference's value (NaN without one) and the spawn references' values by t0."""
+    t1 = max(r["t1"] for r in records) if t1 is None else t1
+    at = [r for r in records if r["t1"] == t1]
+    twins = {int(r["t0"]): float(r[field_name]) for r in at if r["member"] == "perturbed"}
+    ref = next((float(r[field_name]) for r in at if r["member"] == "independent"), float("nan"))
+    spawn = {int(r["t0"]): float(r[field_name]) for r in at if r["member"] == "spawn"}
+    return dict(sorted(twins.items())), ref, dict(sorted(spawn.items()))
+
+
+def basin_transition(t0s, values, reference: float, *, frac: float = BASIN_FRAC) -> int | None:
+    """The first t0 from which every twin's barrier (``values``, by ``t0s``) stays at or below
+    ``frac`` × ``reference`` (the independent pair's barrier at the same t1).
+
+    None when the reference is not a positive finite barrier (the independent pair is not in two
+    basins, so "another basin" has no scale), or when the last t0's twin is still above it (every
+    twin of the grid may end in another basin). NaN values are skipped.
+    """
+    t0 = np.asarray(t0s, dtype=np.float64).ravel()
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if t0.shape != v.shape:
+        raise ConfigError(f"{len(t0)} t0 values but {len(v)} barrier values; they must match")
+    if not (np.isfinite(frac) and 0 < frac < 1):
+        raise ConfigError(f"frac must be in (0, 1), got {frac}")
+    if not (np.isfinite(reference) and reference > 0):
+        return None
+    ok = np.isfinite(v) & np.isfinite(t0)
+    t0, v = t0[ok], v[ok]
+    if not len(v):
+        return None
+    order = np.argsort(t0, kind="stable")
+    t0, v = t0[order], v[order]
+    inside = v <= frac * reference
+    if not inside[-1]:
+        return None
+    above = np.flatnonzero(~inside)
+    return int(t0[above[-1] + 1]) if len(above) else int(t0[0])

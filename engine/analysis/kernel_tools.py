@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..store import TiledKernel, open_kernel
 
 DEFAULT_BUDGET = 2 << 30
@@ -45,10 +45,32 @@ class _Source:
             self.file, self.shape, self.symmetric = K, K.matrix_shape, K.symmetric
             self.dense = None
         else:
+            given = K.dtype if isinstance(K, torch.Tensor) else np.asarray(K).dtype
             a = K.detach().cpu().double().numpy() if isinstance(K, torch.Tensor) else np.asarray(K, np.float64)
             if a.ndim != 2:
                 raise ConfigError(f"a kernel must be a 2-D matrix, got shape {a.shape}")
+            if not np.isfinite(a).all():
+                bad = np.argwhere(~np.isfinite(a))[0]
+                raise DataError(f"the kernel is not finite (NaN or inf at [{int(bad[0])}, {int(bad[1])}])")
             self.dense, self.shape, self.symmetric = a, a.shape, False
+            if isinstance(given, torch.dtype):
+                self._eps = float(torch.finfo(given if given.is_floating_point else torch.float64).eps)
+            else:
+                self._eps = float(np.finfo(given if np.issubdtype(given, np.floating) else np.float64).eps)
+
+    def require_symmetric(self, what: str) -> None:
+        """Refuse a kernel that must be symmetric and is not (stored files check each diagonal tile when read).
+
+        An in-memory kernel may carry rounding from the product that made it, so it passes while
+        ``|K - K^T|_F <= sqrt(eps) |K|_F`` (half the digits of its dtype), far above rounding and far below
+        any kernel that is not one.
+        """
+        if self.dense is None:
+            return
+        a = self.dense
+        if a.shape[0] != a.shape[1] or np.linalg.norm(a - a.T) > np.sqrt(self._eps) * np.linalg.norm(a):
+            raise DataError(f"{what} is not symmetric (|K - K^T|_F = {np.linalg.norm(a - a.T):.3g} of "
+                            f"|K|_F = {np.linalg.norm(a):.3g}); a kernel matrix must be")
 
     def blocks(self) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         if self.dense is not None:
@@ -115,6 +137,9 @@ def top_eigenpairs(K, k: int = 10, *, iterations: int | None = None, seed: int =
         raise ConfigError(f"eigenpairs need a square kernel, got shape {src.shape}")
     if not 1 <= k <= m_size:
         raise ConfigError(f"k must be in [1, {m_size}], got {k}")
+    if iterations is not None and not k <= iterations:
+        raise ConfigError(f"iterations must be >= k ({k}) to find {k} eigenpairs, got {iterations}")
+    src.require_symmetric("the kernel")
     m = min(m_size, iterations or max(2 * k + 20, 40))
     rng = np.random.default_rng(seed)
     Q = np.zeros((m_size, m))
@@ -136,6 +161,9 @@ def top_eigenpairs(K, k: int = 10, *, iterations: int | None = None, seed: int =
             break
         q = w / beta[j]
     T = np.diag(alpha[:steps]) + np.diag(beta[: steps - 1], 1) + np.diag(beta[: steps - 1], -1)
+    if steps < k:
+        raise ConfigError(f"Lanczos stopped after {steps} steps in an invariant subspace, fewer than the k={k} "
+                          f"eigenpairs asked for; pass another seed")
     theta, S = np.linalg.eigh(T)
     top = np.argsort(theta)[::-1][: min(k, steps)]
     vecs = Q[:, :steps] @ S[:, top]
@@ -206,7 +234,13 @@ def _solve_cg(src: _Source, b: np.ndarray, lam: float, tol: float, max_iter: int
     target = (tol ** 2) * np.maximum((b * b).sum(0), 1e-300)
     for it in range(1, max_iter + 1):
         ap = kernel_matvec(kern, p) + lam * p
-        step = rs / np.maximum((p * ap).sum(0), 1e-300)
+        curv = (p * ap).sum(0)
+        live = rs > target  # columns still iterating (a converged column's p may be 0)
+        if np.any(live & ~(curv > 0)):
+            raise DataError(f"conjugate gradients found a direction of curvature <= 0 at iteration {it}: "
+                            f"K_train + λI is not positive definite (the kernel is not PSD); check it with "
+                            f"entk kernel-info, or raise --ridge")
+        step = rs / np.maximum(curv, 1e-300)
         x += p * step
         r -= ap * step
         rs_new = (r * r).sum(0)
@@ -227,12 +261,17 @@ def kernel_predict(k_train, k_cross, *, ridge: float = 1e-3, y_train: np.ndarray
     kernel in memory), ``cg`` (conjugate gradients on tile mat-vecs, nothing dense) or ``auto``
     (Cholesky when the dense train kernel fits ``budget_bytes``).
     """
-    if not ridge > 0:
-        raise ConfigError(f"--ridge must be > 0, got {ridge}")
+    if not (ridge > 0 and np.isfinite(ridge)):
+        raise ConfigError(f"--ridge must be a finite number > 0, got {ridge}")
+    if not (isinstance(budget_bytes, (int, np.integer)) and budget_bytes >= 1):
+        raise ConfigError(f"budget_bytes must be a whole number of bytes >= 1, got {budget_bytes!r}")
     tr_src, cr_src = _Source(k_train), _Source(k_cross)
     m = tr_src.shape[0]
+    if tr_src.shape[0] == tr_src.shape[1]:
+        tr_src.require_symmetric("the train kernel")
     if tr_src.shape[0] != tr_src.shape[1]:
-        raise ConfigError(f"the train kernel must be square, got shape {tr_src.shape}")
+        where = f" {tr_src.file.path}" if tr_src.file is not None else ""
+        raise ConfigError(f"the train kernel{where} must be square (train x train), got shape {tr_src.shape}")
     if cr_src.shape[1] != m:
         raise ConfigError(f"the cross kernel has {cr_src.shape[1]} columns but the train kernel is {m}x{m}")
     if tr_src.file is not None and cr_src.file is not None:

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EngineError
-from . import chaos, data, ext, kernel, ntk, plan, reproduce, train
+from . import chaos, data, ext, kernel, ntk, plan, reproduce, train, verify
 
-SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan)
+SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan, verify)
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in SUBCOMMANDS:
         mod.add_parser(sub)
+    for p in (parser, *sub.choices.values()):
+        # argparse reads "-1e-7" (an exponent) and "-inf" as option names, so `--eps -1e-7` failed with
+        # "expected one argument"; no entk option looks like a number, so every such token is a value.
+        p._negative_number_matcher = _NEGATIVE_NUMBER
     return parser
 
 
@@ -49,7 +57,25 @@ def _exit_code(code) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``entk`` command; returns its exit code (never raises SystemExit)."""
+    """Run one ``entk`` command; returns its exit code (never raises SystemExit).
+
+    Run as the program (``argv`` None), a SIGINT that arrives once the command has ended (while it
+    reports, or while the interpreter tears down threads and files) is ignored: the exit code is the
+    command's, with no traceback.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # between the command's own handler and the return (reporting, flushing)
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("entk: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -69,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_RUNTIME
     except KeyboardInterrupt:
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this message
         print(f"{name}: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except EngineError as e:

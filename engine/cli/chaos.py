@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..jobs import ChaosConfig, run_chaos
 from ..jobs.distributed import Dist
 from ..train import TrainConfig
-from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, write_json
+from .options import add_data_args, add_json, add_overwrite, add_quiet, check_outputs, int_list, seed, write_json
 from .train import add_run_args, train_config
 
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--norm", default="l2", choices=["l2", "linf", "gaussian", "relative"],
                    help="l2: |delta|_2 = eps over all parameters; linf: each coordinate +-eps; gaussian: each "
                         "coordinate N(0, eps^2); relative: |delta|_2 = eps |theta|_2 (default: l2)")
-    g.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbation directions (default: 0)")
+    g.add_argument("--perturb-seed", type=seed, default=0, help="seed of the perturbation directions (default: 0)")
     g.add_argument("--weights-only", action="store_true",
                    help="perturb only conv/linear weights (not biases or normalization parameters)")
     g.add_argument("--allow-zero", action="store_true",
@@ -48,6 +48,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
                    help="fleet execution: loop (one model per twin) or vmap (stacked); "
                         "auto: vmap on CUDA, loop on CPU and under torchrun")
+    g.add_argument("--independent", action="store_true",
+                   help="add a reference run from another initialisation on the same data order (the scale of "
+                        "'another basin' for the loss barrier)")
+    g.add_argument("--spawn-t0", metavar="LIST",
+                   help="add reference copies of the base at these iterations trained on another data order "
+                        "(Frankle et al.'s stability test; loop strategy)")
     g.add_argument("--trace-every", type=int, default=10, metavar="K",
                    help="record every twin's L2 distance and 1-cos to the base every K steps (0: off; default 10)")
     g.add_argument("--out", required=True, metavar="CHAOS.h5", help="results (HDF5; see docs/FORMAT.md)")
@@ -73,7 +79,8 @@ def run(args) -> int:
     cfg = ChaosConfig(train=train_config(args, []), t0=t0, t1=t1, eps=args.eps, norm=args.norm,
                       perturb_seed=args.perturb_seed, weights_only=args.weights_only, allow_zero=args.allow_zero,
                       eval_train=args.eval_n, eval_test=args.eval_n, alphas=args.alphas, bn=args.bn,
-                      strategy=args.strategy, trace_every=args.trace_every).validate()
+                      strategy=args.strategy, trace_every=args.trace_every, independent=args.independent,
+                      spawn_t0=int_list(args.spawn_t0, "--spawn-t0") if args.spawn_t0 else []).validate()
     rank0 = Dist.launched_rank() == 0  # under torchrun, rank 0 checks, prints and writes --json
     if rank0:
         check_outputs(files=[("--out", args.out), (json_flag, args.json)])

@@ -55,6 +55,8 @@ def run(args) -> int:
                 rec["status"] = str(e)
                 print(f"ext ({kind}): {e}")
         why = triton_unavailable_reason(dev)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            why = "CUDA is not available"  # the Triton package may be installed, but it has no device here
         rec["triton"] = "available" if why is None else why
         print(f"triton ({kind}): {rec['triton']}")
         report[kind] = rec

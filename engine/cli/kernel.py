@@ -6,24 +6,11 @@ function (``cmd_kernel``, ``cmd_kernel_predict``, ``cmd_kernel_info``).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from ..errors import EngineError
 from ..jobs.distributed import Dist
-from .options import check_outputs, write_json
-
-GiB = 2**30
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
-    return v
+from .options import budget_bytes, check_outputs, positive_float, seed, write_json
 
 
 def add_parser(sub) -> None:
@@ -53,20 +40,23 @@ def add_parser(sub) -> None:
     g.add_argument("--x2", metavar="SPLIT:N",
                    help="column inputs for a cross-kernel (e.g. --x1 test:1000 --x2 train:5000); "
                         "default: x1 (symmetric)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the input selection (default: 0)")
+    g.add_argument("--seed", type=seed, default=0, help="seed of the input selection (default: 0)")
     g.add_argument("--kernel", default="full", choices=["full", "traced", "diagonal", "pntk"],
                    help="full: (N1*C)x(N2*C), row n*C+c; traced: N1xN2 summed over outputs; diagonal: (N, C, C) "
                         "per-sample blocks; pntk: N1xN2 kernel of sum_c f_c/sqrt(C) (default: full)")
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float64"],
                    help="precision of the kernel products (stored as float32; float64 stores float64)")
     g = p.add_argument_group("resources")
-    g.add_argument("--budget-gb", type=_positive_float, default=2.0,
+    g.add_argument("--budget-gb", type=positive_float, default=2.0,
                    help="memory per process (torch, model, data, one tile pair); sets the tile size (default: 2)")
-    g.add_argument("--disk-budget-gb", type=_positive_float,
+    g.add_argument("--disk-budget-gb", type=positive_float,
                    help="disk allowed for the Jacobian blocks beside --out (default: half the free space); "
                         "above it they are recomputed per tile pair")
     g.add_argument("--strategy", default="auto", choices=["auto", "stored-jacobian", "recompute"],
                    help="Jacobian blocks: auto (store them when they fit the disk budget), stored-jacobian, recompute")
+    g.add_argument("--contraction", default="auto", choices=["auto", "materialise", "pairs"],
+                   help="each layer's kernel block from per-sample gradient columns (materialise), spatial pairs "
+                        "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
     g.add_argument("--tile", type=int, metavar="N", help="inputs per tile side (default: from --budget-gb)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:N")
@@ -85,11 +75,11 @@ def add_parser(sub) -> None:
                    help="train x train kernel (entk kernel --x1 train:N)")
     p.add_argument("--cross", required=True, metavar="K_TEST_TRAIN.h5",
                    help="test x train kernel (entk kernel --x1 test:M --x2 train:N, same model and seed)")
-    p.add_argument("--ridge", type=_positive_float, default=1e-3, help="relative ridge (default: 1e-3)")
+    p.add_argument("--ridge", type=positive_float, default=1e-3, help="relative ridge (default: 1e-3)")
     p.add_argument("--solver", default="auto", choices=["auto", "cholesky", "cg"],
                    help="cholesky: dense train kernel in memory; cg: conjugate gradients on tiles; "
                         "auto: by --budget-gb")
-    p.add_argument("--budget-gb", type=_positive_float, default=2.0, help="memory for a dense solve (default: 2)")
+    p.add_argument("--budget-gb", type=positive_float, default=2.0, help="memory for a dense solve (default: 2)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(handler=cmd_kernel_predict)
 
@@ -129,9 +119,11 @@ def cmd_kernel(args) -> int:
     else:
         kw = {"run": args.run, "checkpoint": args.checkpoint}
     res = kernel_job(args.out, x1=args.x1, x2=args.x2, kernel=args.kernel, compute_dtype=args.compute_dtype,
-                     budget_bytes=int(args.budget_gb * GiB),
-                     disk_budget_bytes=None if args.disk_budget_gb is None else int(args.disk_budget_gb * GiB),
+                     budget_bytes=budget_bytes("--budget-gb", args.budget_gb),
+                     disk_budget_bytes=None if args.disk_budget_gb is None
+                     else budget_bytes("--disk-budget-gb", args.disk_budget_gb),
                      tile_inputs=args.tile, strategy=args.strategy, seed=args.seed, device=args.device,
+                     contraction=args.contraction,
                      data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,
                      quiet=args.quiet, log=print if rank0 else None, **kw)
     if rank0:
@@ -152,8 +144,8 @@ def cmd_kernel_predict(args) -> int:
 
     check_outputs(files=[("--json", args.json)], inputs=[("--train", args.train), ("--cross", args.cross)])
     t0 = time.perf_counter()
-    p = kernel_predict(args.train, args.cross, ridge=args.ridge, solver=args.solver,
-                       budget_bytes=int(args.budget_gb * GiB))
+    budget = budget_bytes("--budget-gb", args.budget_gb)
+    p = kernel_predict(args.train, args.cross, ridge=args.ridge, solver=args.solver, budget_bytes=budget)
     n = p.predictions.shape[0]
     how = "Cholesky" if p.solver == "cholesky" else f"CG, {p.iterations} iterations"
     acc = "n/a (no test labels)" if p.accuracy is None else f"{p.accuracy:.4f}"
@@ -176,7 +168,8 @@ def cmd_kernel_info(args) -> int:
     done = int(K.complete.sum())
     desc = {"kernel": a.get("kernel"), "shape": list(K.shape), "model": a.get("model"), "run": a.get("run"),
             "checkpoint": a.get("checkpoint"), "x1": f"{a.get('x1_split')}:{a.get('x1_n')}",
-            "x2": None if K.symmetric else f"{a.get('x2_split')}:{a.get('x2_n')}", "dtype": a.get("dtype"),
+            "x2": None if a.get("x2_split") is None else f"{a.get('x2_split')}:{a.get('x2_n')}",
+            "dtype": a.get("dtype"),
             "tiles": [done, len(K.complete)], "tile_inputs": a.get("tile_inputs")}
     print(f"{args.kernel}: {desc['kernel']} kernel {'x'.join(map(str, K.shape))} of {desc['model']} "
           f"(checkpoint {desc['checkpoint']}), x1 {desc['x1']}" + (f", x2 {desc['x2']}" if desc["x2"] else "")

@@ -13,7 +13,7 @@ from ..jobs import checkpoint_kernels
 from ..jobs.distributed import Dist
 from ..store import RunFile
 from ..train import parse_iterations
-from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, write_json
+from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, seed, write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(each must be a completed checkpoint of the run)")
     p.add_argument("--probe", type=int, default=100, metavar="N",
                    help="number of probe images (class-balanced, seeded; default: 100)")
-    p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe selection (default: 0)")
+    p.add_argument("--probe-seed", type=seed, default=0, help="seed of the probe selection (default: 0)")
     p.add_argument("--probe-split", default="test", choices=["test", "train"],
                    help="which split the probe images come from (default: test)")
     p.add_argument("--out", required=True, metavar="KERNELS.h5", help="output HDF5 file (see docs/FORMAT.md)")
@@ -48,6 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="Jacobian backend: structured (fast per-layer rules) or reference (torch.func)")
     p.add_argument("--ops-backend", default="auto", choices=["auto", "torch", "triton", "ext"],
                    help="fused Gram tiles and kernel inner products: torch (reference), triton, ext (csrc/), auto")
+    p.add_argument("--contraction", default="auto", choices=["auto", "materialise", "pairs"],
+                   help="each layer's kernel block from per-sample gradient columns (materialise), spatial pairs "
+                        "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
     p.add_argument("--float64", action="store_true", help="accumulate the Gram in float64 (default: float32)")
     p.add_argument("--budget-gb", type=float, default=2.0,
                    help="memory for the eNTK's working set (per-layer Jacobian chunks, tiles); a budget too small "
@@ -80,7 +83,7 @@ def run(args) -> int:
                              probe_split=args.probe_split, kernel=args.kernel, backend=args.backend,
                              param_names=None if not args.params else [n.strip() for n in args.params.split(",")],
                              compute_dtype=torch.bfloat16 if args.compute_dtype == "bfloat16" else None,
-                             ops_backend=args.ops_backend,
+                             ops_backend=args.ops_backend, contraction=args.contraction,
                              dtype=torch.float64 if args.float64 else torch.float32,
                              device=resolve_device(args.device), budget_bytes=int(args.budget_gb * 2**30),
                              data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -50,8 +51,44 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="use a seeded class-balanced subset of N training images (default: all)")
     g.add_argument("--n-test", type=int, metavar="N",
                    help="use a seeded class-balanced subset of N test images (default: all)")
-    g.add_argument("--subset-seed", type=int, default=0, metavar="S",
+    g.add_argument("--subset-seed", type=seed, default=0, metavar="S",
                    help="seed of the subset selection (default: 0)")
+
+
+SEED_LIMIT = 2**63  # seeds are int64 wherever they are stored or hashed
+GiB = 2**30
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a finite number > 0 (``inf`` and ``nan`` are refused by name)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def seed(s: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {s}")
+    return v
+
+
+def budget_bytes(flag: str, gb: float) -> int:
+    """``--budget-gb``-style GiB as whole bytes; a budget under one byte is refused with the value given."""
+    b = int(gb * GiB)
+    if b < 1:
+        raise ConfigError(f"{flag} {gb:g} is less than one byte; expected at least {1 / GiB:.3g} (GiB)")
+    return b
 
 
 def floats(s: str) -> list[float]:
@@ -62,11 +99,19 @@ def floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
-def int_list(s: str, flag: str) -> list[int]:
+def int_list(s: str, flag: str, *, limit: int | None = None) -> list[int]:
+    """Comma-separated integers; an empty list is an error (it never means "the default")."""
     try:
-        return [int(v) for v in s.split(",") if v.strip()]
+        vals = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise EngineError(f"{flag} must be comma-separated integers, got {s!r}") from None
+    if not vals:
+        raise EngineError(f"{flag} is empty; expected comma-separated integers (leave the flag out for the default)")
+    if limit is not None:
+        bad = [v for v in vals if not 0 <= v < limit]
+        if bad:
+            raise EngineError(f"{flag} must be in [0, 2**63), got {bad[0]}")
+    return vals
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -16,6 +16,7 @@ from .options import (
     add_quiet,
     check_outputs,
     floats,
+    seed,
     write_json,
 )
 
@@ -25,8 +26,8 @@ def add_run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("model and run")
     g.add_argument("--model", default=d.model, choices=MODEL_NAMES, help=f"architecture (default: {d.model})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization (default: 0)")
-    g.add_argument("--data-seed", type=int, default=None,
+    g.add_argument("--seed", type=seed, default=d.seed, help="seed of the initialization (default: 0)")
+    g.add_argument("--data-seed", type=seed, default=None,
                    help="seed of batch order and augmentation (default: --seed)")
     add_device(g)
     det = g.add_mutually_exclusive_group()
@@ -98,6 +99,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     check_run_args(args)  # --steps before the checkpoint list, which is checked against it
+    if args.out and not args.checkpoints.strip(" ,"):
+        raise EngineError("--checkpoints is empty; expected iterations such as 0,10,log:20 (the default is 0)")
     cfg = train_config(args, parse_iterations(args.checkpoints, args.steps) if args.out else [])
     check_outputs(files=[("--out", args.out), ("--json", args.json)])
     res = train(cfg, out=args.out, device=args.device, overwrite=args.overwrite,

@@ -7,6 +7,12 @@ parameter dissimilarity, loss barrier on fixed train and test subsets, predictio
 disagreement. The control's numbers are the run's noise floor (exactly 0 in
 deterministic mode on the CPU).
 
+Reference members (``independent``, ``spawn_t0``): an ``independent`` run from another
+initialisation on the base's data order (two basins by construction: the scale of "another
+basin" for the barrier), and ``spawn`` copies of the base at chosen t₀ trained on another data
+order (Frankle et al. 2020's stability test; loop strategy only). They are compared with the
+base at every t₁ like the twins; the test error barrier is recorded beside the loss barrier.
+
 Divergence traces: every ``trace_every`` steps each spawned member's distance to the
 base (L2, 1 − cos and its own norm) is recorded on the device into a preallocated
 tensor (:meth:`~engine.twins.Fleet.trace_into`, no host synchronisation) and written
@@ -42,34 +48,25 @@ import torch
 
 from ..data import BatchStream, Dataset, normalize
 from ..determinism import set_deterministic
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError
 from ..metrics import disagreement, loss_barrier, param_dissimilarity
 from ..models import build_model
 from ..progress import progress as progress_bar
 from ..store import ChaosStore
 from ..train import TrainConfig, prepare_data
-from ..twins import (
-    NORMS,
-    Fleet,
-    MemberSpec,
-    Perturbation,
-    Strategy,
-    ZeroPerturbationError,
-    make_fleet,
-    resolve_strategy,
-)
+from ..twins import NORMS, Fleet, MemberSpec, Perturbation, Strategy, make_fleet, resolve_strategy
+from .chaos_checks import MIN_CHANGED_FRACTION, ChaosDivergedError, check_finite, check_perturbation, check_same_data
+from .chaos_result import FIELDS, FIELDS_V1, TRACE_FIELDS, ChaosResult, used_of
 from .distributed import Dist, rank_device
 
-FIELDS = ("dissimilarity", "l2", "rel_l2", "barrier_train", "barrier_test", "disagreement",
-          "acc_base", "acc_member")
-TRACE_FIELDS = ("l2", "dissimilarity", "norm")
-# A perturbation must change at least this fraction of the non-zero (trained) parameters in their
-# dtype; one that lands only on exactly-zero parameters (biases at init) is gone after a step.
-MIN_CHANGED_FRACTION = 1e-3
+__all__ = ["FIELDS", "MIN_CHANGED_FRACTION", "ChaosConfig", "ChaosDivergedError", "ChaosResult", "load_chaos",
+           "run_chaos", "write_summary"]
 
-
-class ChaosDivergedError(EngineError, RuntimeError):
-    """A member of the chaos fleet (or the base) has non-finite parameters."""
+# Seed offsets of the reference members: the independent run's initialisation is built under
+# train.seed + INDEPENDENT_SEED, spawn i's data order is the stream of stream_seed + SPAWN_SEED + i
+# (both far from the small seeds a study repeats over).
+INDEPENDENT_SEED = 10_007
+SPAWN_SEED = 20_011
 
 
 @dataclass
@@ -91,6 +88,8 @@ class ChaosConfig:
     bn: str = "interpolate"
     strategy: str = "auto"
     trace_every: int = 10
+    independent: bool = False
+    spawn_t0: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ChaosConfig:
@@ -116,6 +115,10 @@ class ChaosConfig:
             raise ConfigError("eval_train and eval_test must be >= 1")
         if isinstance(self.trace_every, bool) or int(self.trace_every) != self.trace_every or self.trace_every < 0:
             raise ConfigError(f"trace_every must be an integer >= 0 (0: no traces), got {self.trace_every!r}")
+        self.spawn_t0 = sorted(set(int(t) for t in self.spawn_t0))
+        late = [t for t in self.spawn_t0 if not 0 <= t <= self.t1[-1]]
+        if late:
+            raise ConfigError(f"spawn t0 {late[:5]} must lie in [0, last t1 = {self.t1[-1]}] (--spawn-t0)")
         return self
 
     def trace_iterations(self) -> list[int]:
@@ -130,6 +133,10 @@ class ChaosConfig:
         for i, t in enumerate(self.t0):
             p = Perturbation(self.eps, self.norm, self.perturb_seed + i, self.weights_only)
             specs.append(MemberSpec(f"t0={t}", t, p))
+        if self.independent:
+            specs.append(MemberSpec("independent", 0, init_seed=self.train.seed + INDEPENDENT_SEED))
+        for i, t in enumerate(self.spawn_t0):
+            specs.append(MemberSpec(f"spawn t0={t}", t, data_seed=self.train.stream_seed + SPAWN_SEED + i))
         return specs
 
     def to_dict(self) -> dict:
@@ -160,65 +167,6 @@ def _unpack(buf: torch.Tensor, layout) -> tuple[dict, dict]:
     return st, mom
 
 
-@dataclass
-class ChaosResult:
-    store: ChaosStore
-    config: ChaosConfig
-    members: list[MemberSpec]
-    metrics: np.ndarray          # (|t1|, K, F)
-    realized: np.ndarray         # (K, 3)
-    resumed_from: int | None
-    wall_s: float
-    trace_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # (n,)
-    trace: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3)))       # (n, K, 3) NaN before spawn
-    used: dict = field(default_factory=dict)   # eval subset sizes actually used, data fingerprint
-
-    def traces(self) -> list[dict]:
-        """One record per spawned member: ``t``, ``l2``, ``dissimilarity`` from its t0 on (recorded points)."""
-        out = []
-        for k, spec in enumerate(self.members):
-            if spec.t0 is None or not len(self.trace_t):
-                continue
-            ok = (self.trace_t >= spec.t0) & np.isfinite(self.trace[:, k, 0])
-            out.append({"member": spec.kind, "name": spec.name, "t0": spec.t0,
-                        "t": self.trace_t[ok].tolist(), "l2": self.trace[ok, k, 0].tolist(),
-                        "dissimilarity": self.trace[ok, k, 1].tolist()})
-        return out
-
-    def records(self) -> list[dict]:
-        """One record per (t0, t1, member) with t1 >= t0, for the JSON summary."""
-        out = []
-        for u, t1 in enumerate(self.config.t1):
-            for k, spec in enumerate(self.members):
-                if spec.t0 is None or t1 < spec.t0 or not np.isfinite(self.metrics[u, k]).any():
-                    continue  # the base itself, not spawned yet, or not computed yet (incomplete job)
-                rec = {"t0": spec.t0, "t1": t1, "member": spec.kind}
-                rec.update({f: float(v) for f, v in zip(FIELDS, self.metrics[u, k], strict=True)})
-                if spec.kind == "control":
-                    # The control is spawned once, at the first t0; report it for every t0 <= t1.
-                    for t0 in self.config.t0:
-                        if t0 <= t1:
-                            out.append({**rec, "t0": t0})
-                else:
-                    out.append(rec)
-        return out
-
-    def summary(self) -> dict:
-        return {"config": self.config.to_dict(),
-                "members": [{"name": s.name, "kind": s.kind, "t0": s.t0,
-                             "requested": float(self.realized[k, 0]), "realized_l2": float(self.realized[k, 1]),
-                             "realized_linf": float(self.realized[k, 2])} for k, s in enumerate(self.members)],
-                "noise_floor": self.noise_floor(), "used": self.used, "records": self.records(),
-                "trace": self.traces()}
-
-    def noise_floor(self) -> float:
-        """Largest control-vs-base L2 distance over all t₁ (0.0 when deterministic)."""
-        k = next(i for i, s in enumerate(self.members) if s.kind == "control")
-        col = self.metrics[:, k, FIELDS.index("l2")]
-        col = col[np.isfinite(col)]
-        return float(col.max()) if len(col) else float("nan")
-
-
 def _eval_sizes(ds: Dataset, cfg: ChaosConfig, quiet: bool) -> tuple[int, int]:
     """The metric subset sizes, clamped to the data; a clamp is said, and the used sizes recorded."""
     n_tr, n_te = min(cfg.eval_train, len(ds.y_train)), min(cfg.eval_test, len(ds.y_test))
@@ -242,7 +190,7 @@ def _measure(model, base: dict, other: dict, sets: dict, cfg: ChaosConfig) -> li
     bs = loss_barrier(model, base, other, *sets["test"], alphas=cfg.alphas, bn=cfg.bn, bn_data=bn_data)
     dg = disagreement(model, base, other, *sets["test"])
     return [d["dissimilarity"], d["l2"], d["rel_l2"], bt["barrier"], bs["barrier"], dg["disagreement"],
-            dg["acc_a"], dg["acc_b"]]
+            dg["acc_a"], dg["acc_b"], bs["error_barrier"]]
 
 
 def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = None,
@@ -260,6 +208,36 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
                           cache_dir=cache_dir)
     finally:
         d.close()
+
+
+def _reference_strategy(strategy: str, specs: list[MemberSpec], dev: torch.device, quiet: bool) -> str:
+    """Spawn members train on their own batches, which only the loop strategy steps: ``auto`` falls
+    back to it (said once), an explicit ``vmap`` is refused."""
+    if not any(s.kind == "spawn" for s in specs) or resolve_strategy(strategy, dev) is not Strategy.VMAP:
+        return strategy
+    if strategy != Strategy.AUTO.value:
+        raise ConfigError("spawn references (--spawn-t0) train on their own data order, which --strategy vmap "
+                          "cannot batch: use --strategy loop (or auto)")
+    if not quiet:
+        print("entk chaos: note: spawn references train on their own data order: stepping the members one by one "
+              "(strategy loop) instead of vmap", file=sys.stderr)
+    return Strategy.LOOP.value
+
+
+def _references(specs: list[MemberSpec], ds: Dataset, tcfg: TrainConfig, dev: torch.device) -> tuple[dict, dict]:
+    """The batch streams of this rank's spawn members and the initial states of its independent ones
+    (fleet index -> stream / state); the global RNG is left as it was."""
+    streams, inits = {}, {}
+    for j, spec in enumerate(specs):
+        if spec.data_seed is not None:
+            streams[j] = BatchStream.from_dataset(ds, "train", batch_size=tcfg.batch_size, seed=spec.data_seed,
+                                                  augment=tcfg.augment, device=dev)
+        if spec.init_seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.init_seed)
+                net = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
+            inits[j] = {n: v.detach().clone() for n, v in net.state_dict().items()}
+    return streams, inits
 
 
 def _sharded_strategy(strategy: str, k: int, d: Dist, dev: torch.device) -> str:
@@ -293,7 +271,9 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
     model = build_model(tcfg.model, num_classes=ds.num_classes).to(dev)
     stream = BatchStream.from_dataset(ds, "train", batch_size=tcfg.batch_size, seed=tcfg.stream_seed,
                                       augment=tcfg.augment, device=dev)
-    fleet = make_fleet(model, tcfg, stream, lspecs, strategy=strategy)
+    strategy = _reference_strategy(strategy, lspecs, dev, quiet or not d.main)
+    streams, inits = _references(lspecs, ds, tcfg, dev)
+    fleet = make_fleet(model, tcfg, stream, lspecs, strategy=strategy, streams=streams, inits=inits)
     layout = _state_layout(fleet)
     nbytes = int(_pack(fleet, 0).numel())
     n_tr, n_te = _eval_sizes(ds, cfg, quiet or not d.main)
@@ -310,9 +290,11 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
         datasets["trace_t"] = ((len(trace_t),), torch.int64)
         datasets["trace"] = ((len(trace_t), k, len(TRACE_FIELDS)), torch.float64)
 
+    fresh = overwrite or not Path(out).exists()  # this call creates the file (removed again if refused at once)
+
     def create() -> ChaosStore:  # rank 0 lays the file out (or resumes it)
         if Path(out).exists() and not overwrite:
-            _check_same_data(out, job)
+            check_same_data(out, job)
         return ChaosStore.open_or_create(out, job=job, overwrite=overwrite, n_units=len(cfg.t1), datasets=datasets)
 
     # the other ranks open it, checking it holds their job too
@@ -360,12 +342,13 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
                         info = fleet.spawn(j)
                         realized[local[j]] = [info["requested"], info["realized_l2"], info["realized_linf"]]
                         if spec.kind == "perturbed" and not cfg.allow_zero:
-                            _check_perturbation(spec, info, cfg, fleet, t, out)
+                            check_perturbation(spec, info, cfg, fleet, t, out,
+                                               drop=fresh and d.main and not store.complete.any())
                 if t in trace_row:
                     fleet.trace_into(trace, trace_row[t])
                 if t in t1_index:
                     u = t1_index[t]
-                    _check_finite(fleet, lspecs, t,
+                    check_finite(fleet, lspecs, t,
                                   trace[:trace_row[t] + 1].cpu().numpy() if len(trace_t) else None, trace_t)
                     base = fleet.state(0)
                     for j in range(1, len(local)):
@@ -395,7 +378,7 @@ def _run_chaos(d: Dist, cfg: ChaosConfig, out, *, dataset, device, overwrite, qu
             full_trace = np.array(store.memmap("trace"))
     return ChaosResult(store=store, config=cfg, members=specs, metrics=metrics, realized=realized,
                        resumed_from=resumed_from, wall_s=time.perf_counter() - t_start, trace_t=trace_t,
-                       trace=full_trace, used=_used(job))
+                       trace=full_trace, used=used_of(job))
 
 
 def _unit_part(fleet: Fleet, local: list[int], main: bool, u: int, metrics: np.ndarray, realized: np.ndarray,
@@ -406,59 +389,6 @@ def _unit_part(fleet: Fleet, local: list[int], main: bool, u: int, metrics: np.n
     rows = [local[j] for j in cols]
     return {"members": rows, "metrics": metrics[u, rows], "realized": realized[rows],
             "trace": trace[:, list(cols)].cpu().numpy(), "slots": torch.stack([_pack(fleet, j) for j in cols])}
-
-
-def _used(job: dict) -> dict:
-    return {"eval_train": job.get("eval_used", [None, None])[0], "eval_test": job.get("eval_used", [None, None])[1],
-            "data_fingerprint": job.get("data_fingerprint"), "data_source": job.get("data_source"),
-            "data_subset": job.get("data_subset")}
-
-
-def _check_same_data(out, job: dict) -> None:
-    """A resumed job must see the same data: one line naming both fingerprints (and sources)."""
-    try:
-        old = ChaosStore(out).job
-    except Exception:  # not a chaos file, or damaged: open_or_create gives its own one-line error
-        return
-    if old.get("data_fingerprint") != job["data_fingerprint"]:
-        raise ConfigError(
-            f"{out} was computed on other data: it holds {old.get('data_fingerprint')} "
-            f"({old.get('data_source')}, subset {old.get('data_subset')}), this run has {job['data_fingerprint']} "
-            f"({job['data_source']}, subset {job['data_subset']}); pass the same data or --overwrite")
-
-
-def _check_perturbation(spec: MemberSpec, info: dict, cfg: ChaosConfig, fleet: Fleet, t: int, out) -> None:
-    """Refuse a perturbation that does not change the trained (non-zero) parameters in their dtype."""
-    frac = info["changed_nonzero"] / max(info["nonzero"], 1)
-    if info["realized_l2"] > 0 and frac >= MIN_CHANGED_FRACTION:
-        return
-    dtype = next(iter(fleet.state(0).values())).dtype
-    raise ZeroPerturbationError(
-        f"the perturbation of member {spec.name} (eps={cfg.eps}, norm={cfg.norm}) rounds to zero in {dtype} on "
-        f"the trained parameters: it changes {info['changed_nonzero']} of {info['nonzero']} non-zero values "
-        f"(needs {MIN_CHANGED_FRACTION:.1%}; {info['changed']} of {info['coords']} coordinates in all); use a "
-        f"larger eps or another norm, or allow it explicitly (--allow-zero). Results for t1 < {t} are kept in {out}")
-
-
-def _check_finite(fleet: Fleet, specs: list[MemberSpec], t: int, trace: np.ndarray | None, trace_t) -> None:
-    """Name the member that diverged and when (to within the trace spacing) before measuring anything."""
-    for i, spec in enumerate(specs):
-        if not fleet.spawned[i]:
-            continue
-        st = fleet.state(i)
-        if all(bool(torch.isfinite(v).all()) for v in st.values() if v.is_floating_point()):
-            continue
-        who = "the base run" if spec.t0 is None else f"member {spec.name}"
-        when = f"before iteration {t}"
-        if trace is not None:
-            bad = np.flatnonzero(~np.isfinite(trace[:, i, 2]) & (trace_t[:len(trace)] >= (spec.t0 or 0)))
-            if len(bad):
-                j = int(bad[0])
-                when = (f"between iterations {int(trace_t[j - 1])} and {int(trace_t[j])}" if j > 0
-                        else f"by iteration {int(trace_t[j])}")
-        loss = float(fleet.last_loss[i])
-        raise ChaosDivergedError(f"{who} diverged {when}: its parameters are not finite (last batch loss {loss:.3g}); "
-                                 f"lower the learning rate")
 
 
 def write_summary(result: ChaosResult, path: str | Path) -> None:
@@ -474,15 +404,16 @@ def load_chaos(path: str | Path) -> ChaosResult:
     job = store.job
     names = {f.name for f in dataclasses.fields(ChaosConfig)} - {"train"}
     cfg = ChaosConfig(train=TrainConfig.from_dict(job["train"]), **{n: job[n] for n in names if n in job})
-    metrics = np.array(store.memmap("metrics"))
+    metrics = np.array(store.verified("metrics", written_only=True))
     done = store.complete
     metrics[~done] = np.nan
+    fields = tuple(job.get("fields", FIELDS_V1))
     trace_t, trace = np.zeros(0, np.int64), np.zeros((0, metrics.shape[1], 3))
     if "trace" in store.datasets and done.any():
         trace_t = np.array(cfg.trace_iterations(), dtype=np.int64)
-        trace = np.array(store.memmap("trace"))
+        trace = np.array(store.verified("trace", written_only=True))
         last = cfg.t1[int(np.nonzero(done)[0].max())]
         trace[trace_t > last] = np.nan
     return ChaosResult(store=store, config=cfg, members=cfg.members(), metrics=metrics,
-                       realized=np.array(store.memmap("realized")), resumed_from=None, wall_s=float("nan"),
-                       trace_t=trace_t, trace=trace, used=_used(job))
+                       realized=np.array(store.verified("realized", written_only=True)), resumed_from=None,
+                       wall_s=float("nan"), trace_t=trace_t, trace=trace, used=used_of(job), fields=fields)

@@ -27,8 +27,16 @@ import torch
 from ..data import Dataset, normalize
 from ..errors import ConfigError, RunFileError, parse_enum
 from ..models import build_model
-from ..ntk import EntkKernel, distance_from_gram, entk, kernel_gram, num_outputs, parameter_layout, probe_hash
-from ..ntk.kernel import DEFAULT_BUDGET
+from ..ntk import (
+    DEFAULT_BUDGET,
+    KernelKind,
+    distance_from_gram,
+    entk,
+    kernel_gram,
+    num_outputs,
+    parameter_layout,
+    probe_hash,
+)
 from ..progress import progress as progress_bar
 from ..store import KernelStore, RunFile, data_mismatch, data_record, kernel_name
 from ..train import TrainConfig, prepare_data
@@ -75,7 +83,8 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
                        store_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                        budget_bytes: int = DEFAULT_BUDGET, data_root: str | None = None,
                        cache_dir=None, overwrite: bool = False, quiet: bool = False,
-                       ops_backend: str = "auto", dataset: Dataset | None = None) -> CheckpointKernels:
+                       ops_backend: str = "auto", dataset: Dataset | None = None,
+                       contraction: str = "auto") -> CheckpointKernels:
     """Compute and store the eNTK of each requested checkpoint of ``run_path``.
 
     The probes are drawn from the run's own data: the dataset and subset it was trained
@@ -85,11 +94,12 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     stored as ``(N·C, C)``, row ``n·C + c``, ``pntk``), of the parameters ``param_names`` (all by
     default), computed in ``compute_dtype`` (``torch.bfloat16`` for the bfloat16 mode).
     ``backend`` picks the Jacobian implementation; ``ops_backend`` the fused Gram tiles and the
-    all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``).
+    all-pairs kernel inner products (``torch`` | ``triton`` | ``ext`` | ``auto``); ``contraction``
+    each layer's strategy (``auto`` | ``materialise`` | ``pairs``, as :func:`engine.ntk.entk`).
     Under torchrun each rank computes its share of the checkpoints (module docstring); every rank
     returns the whole result, ``seconds`` included.
     """
-    kernel = parse_enum(EntkKernel, kernel, "kernel").value
+    kernel = parse_enum(KernelKind, kernel, "kernel").value
     d = Dist()
     try:
         if d.world > 1:
@@ -99,14 +109,14 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
                                    param_names=param_names, compute_dtype=compute_dtype, store_dtype=store_dtype,
                                    device=device, budget_bytes=budget_bytes, data_root=data_root,
                                    cache_dir=cache_dir, overwrite=overwrite, quiet=quiet, ops_backend=ops_backend,
-                                   dataset=dataset)
+                                   dataset=dataset, contraction=contraction)
     finally:
         d.close()
 
 
 def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed, probe_split, kernel, backend,
                         dtype, param_names, compute_dtype, store_dtype, device, budget_bytes, data_root, cache_dir,
-                        overwrite, quiet, ops_backend, dataset) -> CheckpointKernels:
+                        overwrite, quiet, ops_backend, dataset, contraction) -> CheckpointKernels:
     _check_ops_backend(ops_backend, torch.device(device))  # before any long work
     run = RunFile(run_path)
     cfg = TrainConfig.from_dict(run.config)
@@ -170,8 +180,7 @@ def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed
                 model.eval()
                 t0 = time.perf_counter()
                 h = entk(model, x, kernel=kernel, implementation=backend, dtype=dtype, budget_bytes=budget_bytes,
-                         param_names=param_names, compute_dtype=compute_dtype,
-                         ops_backend="auto" if ops_backend == "ext" else ops_backend)  # gram has no ext
+                         param_names=param_names, compute_dtype=compute_dtype, contraction=contraction)
                 h = h.reshape(shape)
                 seconds[it] = time.perf_counter() - t0
                 if not torch.isfinite(h).all():

@@ -228,12 +228,27 @@ def _ce_sums(logits: Tensor, yb: Tensor) -> Tensor:
     return F.cross_entropy(flat, targets, reduction="none").view(*lead, bsz).sum(-1)
 
 
+def _err_sums(logits: Tensor, yb: Tensor) -> Tensor:
+    """Per-model count of misclassified inputs of ``logits`` (..., B, C) as float64 -> (...)."""
+    return (logits.argmax(-1) != yb).sum(-1).double()
+
+
 def _check_label_range(y_max: int, num_classes: int) -> None:
     if y_max >= num_classes:
         raise ConfigError(f"y has label {y_max} but the model has {num_classes} outputs")
 
 
-def _barrier_result(alphas: list[float], losses: list[float], i0: int, i1: int) -> dict[str, Any]:
+def _barrier_result(alphas: list[float], losses: list[float], i0: int, i1: int,
+                    errors: list[float] | None = None) -> dict[str, Any]:
+    out = _gap(alphas, losses, i0, i1)
+    if errors is not None:
+        e = _gap(alphas, errors, i0, i1)
+        out.update({"error_barrier": e["barrier"], "error_alpha_max": e["alpha_max"], "errors": e["losses"],
+                    "error_a": e["loss_a"], "error_b": e["loss_b"]})
+    return out
+
+
+def _gap(alphas: list[float], losses: list[float], i0: int, i1: int) -> dict[str, Any]:
     la, lb = losses[i0], losses[i1]
     n = len(alphas)
     # torch.lerp's form of the chord: exactly la at α = 0, lb at α = 1, and la everywhere
@@ -305,7 +320,9 @@ def loss_barrier(
     For α on ``alphas`` (a number of uniform grid points in [0, 1], or explicit values),
     θ_α = (1−α)θ + αθ' and L = mean cross-entropy on ``(x, y)`` in eval mode; returns
     ``barrier`` = max_α [L(θ_α) − ((1−α)L(θ) + αL(θ'))], ``alpha_max`` (its α), ``alphas``,
-    ``losses`` (L per α), ``loss_a`` = L(θ), ``loss_b`` = L(θ'). With a grid containing an
+    ``losses`` (L per α), ``loss_a`` = L(θ), ``loss_b`` = L(θ'); the same for the test error
+    (fraction of misclassified inputs, argmax): ``error_barrier``, ``error_alpha_max``,
+    ``errors``, ``error_a``, ``error_b`` (Frankle et al.'s instability is the error barrier). With a grid containing an
     endpoint the barrier is ≥ 0 (exactly 0 when the path is convex); the endpoints are
     evaluated even when not on the grid. Identical states give a barrier of exactly 0.
 
@@ -353,6 +370,7 @@ def loss_barrier(
                 batched(params, buffers, xb)
         net.eval()
         sums = torch.zeros(n_alpha, dtype=torch.float64, device=pair.device)
+        errs = torch.zeros(n_alpha, dtype=torch.float64, device=pair.device)
         y_max = int(y.max())
         start = 0
         for xb in _batches(x, batch_size, pair.device, pair.dtype):
@@ -362,8 +380,9 @@ def loss_barrier(
             if start == len(xb):
                 _check_label_range(y_max, logits.shape[-1])
             sums += _ce_sums(logits, yb)
+            errs += _err_sums(logits, yb)
     losses = (sums / len(x)).tolist()
-    return _barrier_result(alpha_list, losses, i0, i1)
+    return _barrier_result(alpha_list, losses, i0, i1, (errs / len(x)).tolist())
 
 
 def loss_barrier_reference(
@@ -389,7 +408,7 @@ def loss_barrier_reference(
     )
     evals, i0, i1 = _eval_alphas(alpha_list)
     net = copy.deepcopy(model)
-    losses = []
+    losses, errors = [], []
     y_max = int(y.max())
     with torch.no_grad():
         for alpha in evals:
@@ -404,6 +423,7 @@ def loss_barrier_reference(
                     net(xb)
             net.eval()
             total = torch.zeros((), dtype=torch.float64, device=pair.device)
+            wrong = torch.zeros((), dtype=torch.float64, device=pair.device)
             start = 0
             for xb in _batches(x, batch_size, pair.device, pair.dtype):
                 yb = y[start : start + len(xb)].to(pair.device, torch.int64)
@@ -411,8 +431,10 @@ def loss_barrier_reference(
                 logits = net(xb)
                 _check_label_range(y_max, logits.shape[-1])
                 total += _ce_sums(logits, yb)
+                wrong += _err_sums(logits, yb)
             losses.append(float(total) / len(x))
-    return _barrier_result(alpha_list, losses, i0, i1)
+            errors.append(float(wrong) / len(x))
+    return _barrier_result(alpha_list, losses, i0, i1, errors)
 
 
 # --------------------------------------------------------------------------- 3. disagreement

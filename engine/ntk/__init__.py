@@ -6,9 +6,15 @@ order, flattened); H = J Jᵀ. The traced kernel sums the C×C output blocks (N�
 keeps the per-sample blocks (N, C, C); the pNTK is the kernel of Σ_c f_c/√C (N×N).
 BatchNorm is always in eval mode. Kernel distance (Fort et al. 2020):
 S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F).
+
+Modules: ``kinds`` (the vocabulary), ``params`` (columns, per-layer keys, checks), ``rules/``
+(one file per layer family), ``capture`` (hooks and output gradients), ``fallback`` (torch.func),
+``contract`` (tile products), ``budget`` (working memory), and the front ends ``jacobian``,
+``onepass``/``kernel`` (``entk``), ``functional`` (``entk_fn``), ``gram``.
 """
 
 from ..store import open_kernel  # reader of entk kernel files
+from .budget import DEFAULT_BUDGET
 from .distance import (
     DistanceBackend,
     KernelValueError,
@@ -17,22 +23,20 @@ from .distance import (
     kernel_gram,
     pairwise_kernel_distance,
 )
-from .functional import KernelShape, entk_fn
-from .gram import KernelKind, gram
-from .jacobian import JacobianBackend, jacobian, parameter_layout
-from .kernel import entk, fill_jacobian_store, jacobian_to_store, num_outputs, param_groups, probe_hash
-from .onepass import EntkKernel, Implementation
+from .functional import entk_fn
+from .gram import gram
+from .jacobian import jacobian, parameter_layout
+from .kernel import entk, fill_jacobian_store, jacobian_to_store, num_outputs, probe_hash
+from .kinds import Implementation, KernelKind
 from .planner import Contraction, ContractionPlan, plan
 
 __all__ = [
+    "DEFAULT_BUDGET",
     "Contraction",
     "ContractionPlan",
     "DistanceBackend",
-    "EntkKernel",
     "Implementation",
-    "JacobianBackend",
     "KernelKind",
-    "KernelShape",
     "KernelValueError",
     "distance_from_gram",
     "entk",
@@ -46,7 +50,6 @@ __all__ = [
     "num_outputs",
     "open_kernel",
     "pairwise_kernel_distance",
-    "param_groups",
     "parameter_layout",
     "plan",
     "probe_hash",

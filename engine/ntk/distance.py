@@ -112,10 +112,9 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
             every ``KernelStore`` are): read only upper triangles. Their lower triangles are
             then never read, so NaN/Inf there would go unseen: pass False for other matrices.
         tile_rows: rows per tile (default: the T tiles fit in ``budget_bytes``).
-        budget_bytes: bytes of one stacked tile. Default 64 MB on the CPU (cache-friendly:
-            0.6 s vs 0.7 s at 1 GB for T=16, M=2048, 2 cores) and 1 GB on CUDA, where a
-            launch must move far more than 64 MB to amortise its start (the H200 reached
-            its best rates on 2-4 GB tiles).
+        budget_bytes: the working memory, which is one stacked tile of the T kernels. Default:
+            64 MB on the CPU (cache-sized tiles) and 1 GB on CUDA, where a launch must move far
+            more than 64 MB to amortise its start; measurements in benchmarks/results/README.md.
         device: where tiles are reduced (``cuda`` for the GPU kernels).
         backend: ``torch`` (float64 reference) | ``triton`` | ``ext`` | ``auto``.
 

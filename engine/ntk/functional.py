@@ -14,27 +14,18 @@ never held. Only the parameters are differentiated; inputs may be integer token 
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from torch.func import grad, jacrev, vmap
 
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
-from .gram import symmetrize
-from .jacobian import as_names, layer_of
-
-DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian blocks held at once
-
-
-class KernelShape(enum.StrEnum):
-    FULL = "full"          # (N1·C, N2·C), row n·C + c
-    TRACED = "traced"      # (N1, N2), Σ_c H_cc
-    DIAGONAL = "diagonal"  # (N, C, C), per-sample blocks only
-    PNTK = "pntk"          # (N1, N2), kernel of Σ_c f_c / √C
-
+from .budget import DEFAULT_BUDGET, check_budget
+from .contract import contract, symmetrize
+from .fallback import per_sample_jacobian
+from .kinds import KernelKind
+from .params import as_names, layer_of
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -137,13 +128,6 @@ def _compute_dtype(dtype: object) -> torch.dtype:
     return dtype
 
 
-def _budget(budget_bytes: object) -> int:
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float) \
-            or not math.isfinite(budget_bytes) or budget_bytes < 1:
-        raise ConfigError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
-    return int(budget_bytes)
-
-
 # ---------------------------------------------------------------------------------------------
 # inputs and the per-sample function
 
@@ -192,10 +176,8 @@ def _jacobian_block(apply_fn: Callable, fixed: dict[str, torch.Tensor], chunk: d
         _check_output(out, c)
         return out[0].sum() / math.sqrt(c) if pntk else out[0]
 
-    jac = vmap(grad(f) if pntk else jacrev(f), in_dims=(None, 0))(chunk, xb)
-    b = next(iter(jac.values())).shape[0]
-    rows = 1 if pntk else c
-    parts = [jac[n].reshape(b, rows, -1) for n in chunk]
+    jac = per_sample_jacobian(f, chunk, xb, 1 if pntk else c, pntk)
+    parts = [jac[n] for n in chunk]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
@@ -217,13 +199,13 @@ def _chunks(names: list[str], params: dict[str, torch.Tensor], cap: int, per_lay
     return chunks
 
 
-def _plan(n1: int, n2: int | None, shape: KernelShape, rows: int, widest: tuple[str, int],
+def _plan(n1: int, n2: int | None, shape: KernelKind, rows: int, widest: tuple[str, int],
           elem_bytes: int, budget: int) -> tuple[int, int, int]:
     """(row block of x1, row block of x2, column cap) so the Jacobian blocks in use fit ``budget``."""
     name, wcols = widest
     per_col = rows * elem_bytes            # bytes per sample per column
     one = wcols * per_col                  # one sample of the widest parameter
-    if shape is KernelShape.DIAGONAL:
+    if shape is KernelKind.DIAGONAL:
         operands, whole = 1, n1
     elif n2 is None:
         operands, whole = (1 if n1 == 1 else 2), n1
@@ -243,27 +225,11 @@ def _plan(n1: int, n2: int | None, shape: KernelShape, rows: int, widest: tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# contraction
-
-
-def _as_rows(j: torch.Tensor, shape: KernelShape) -> torch.Tensor:
-    """Rows of one tile operand: full/pntk (b·rows, cols); traced (b, C·cols)."""
-    b = j.shape[0]
-    return j.reshape(b, -1) if shape is KernelShape.TRACED else j.reshape(-1, j.shape[2])
-
-
-def _mm_nt(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    if a.dtype == torch.bfloat16 and a.is_cuda:
-        return torch.mm(a, b.T, out_dtype=acc)  # float32 out of the tensor cores' float32 accumulators
-    return torch.mm(a, b.T).to(acc)              # CPU: accumulates in float32 (oneDNN), rounds the tile
-
-
-def _bmm_nt(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return torch.bmm(a, a.transpose(1, 2)).to(acc)
+# the front end (tile products: engine.ntk.contract)
 
 
 def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, x2: Inputs | None = None, *,
-            kernel: str | KernelShape = "full", param_names: str | Iterable[str] | None = None, per_layer: bool = False,
+            kernel: str | KernelKind = "full", param_names: str | Iterable[str] | None = None, per_layer: bool = False,
             compute_dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
             progress: bool | None = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of ``apply_fn`` w.r.t. ``params`` on ``x1`` (against ``x2``).
@@ -287,14 +253,15 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
             params give a float64 kernel) or ``torch.bfloat16`` (bfloat16 copies of the
             Jacobian blocks, float32 accumulation; float32 kernel. On the CPU, bfloat16
             ``torch.mm`` accumulates in float32 but rounds each chunk's tile to bfloat16).
-        budget_bytes: bound on the Jacobian blocks held at once (not counting the activations
-            inside ``vmap``); below one sample of the widest parameter it is refused up front.
+        budget_bytes: the working memory: bounds the Jacobian blocks held at once (not counting
+            the activations inside ``vmap``; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`);
+            below one sample of the widest parameter it is refused up front.
         progress: a progress bar over (row block, parameter chunk) steps.
 
     Returns:
         The kernel on the parameters' device, or a dict of kernels with ``per_layer``.
     """
-    shape = parse_enum(KernelShape, kernel, "kernel")
+    shape = parse_enum(KernelKind, kernel, "kernel")
     if not callable(apply_fn):
         raise ConfigError(f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}")
     params = _check_params(params)
@@ -302,12 +269,12 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     n1 = _batch_size(x1, "x1")
     n2 = None
     if x2 is not None:
-        if shape is KernelShape.DIAGONAL:
+        if shape is KernelKind.DIAGONAL:
             raise ConfigError("kernel='diagonal' gives per-sample blocks of one input set; x2 must be None")
         n2 = _batch_size(x2, "x2")
         _check_same_structure(x1, x2)
     cdtype = _compute_dtype(compute_dtype)
-    budget = _budget(budget_bytes)
+    budget = check_budget(budget_bytes)
     if not isinstance(per_layer, bool):
         raise ConfigError(f"per_layer must be True or False, got {per_layer!r}")
 
@@ -315,7 +282,7 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     jdtype = torch.float64 if any(params[n].dtype == torch.float64 for n in names) else torch.float32
     acc = torch.float32 if cdtype == torch.bfloat16 else jdtype
     c = _num_outputs(apply_fn, params, x1, device)
-    pntk = shape is KernelShape.PNTK
+    pntk = shape is KernelKind.PNTK
     rows = 1 if pntk else c
     # Bytes per Jacobian element held: vmap's output and its concatenation (+ the bfloat16 copy).
     elem_bytes = 2 * jdtype.itemsize + (2 if cdtype == torch.bfloat16 else 0)
@@ -324,13 +291,13 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     chunks = _chunks(names, params, max(cap, widest[1]), per_layer)
     groups = list(dict.fromkeys(layer_of(n) for n in names)) if per_layer else [""]
 
-    m1 = n1 * c if shape is KernelShape.FULL else n1
-    if shape is KernelShape.DIAGONAL:
+    m1 = n1 * c if shape is KernelKind.FULL else n1
+    if shape is KernelKind.DIAGONAL:
         out = {g: torch.zeros(n1, c, c, dtype=acc, device=device) for g in groups}
     else:
-        m2 = m1 if n2 is None else (n2 * c if shape is KernelShape.FULL else n2)
+        m2 = m1 if n2 is None else (n2 * c if shape is KernelKind.FULL else n2)
         out = {g: torch.zeros(m1, m2, dtype=acc, device=device) for g in groups}
-    unit = c if shape is KernelShape.FULL else 1  # kernel rows per sample
+    unit = c if shape is KernelKind.FULL else 1  # kernel rows per sample
     blocks1 = [(s, min(s + b1, n1)) for s in range(0, n1, b1)]
     blocks2 = blocks1 if n2 is None else [(s, min(s + b2, n2)) for s in range(0, n2, b2)]
     xs2 = x1 if n2 is None else x2
@@ -338,8 +305,11 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     def operand(x: Inputs, s: int, e: int, chunk: list[str]) -> torch.Tensor:
         fixed = {k: v for k, v in params.items() if k not in chunk}
         j = _jacobian_block(apply_fn, fixed, {k: params[k] for k in chunk}, _slice(x, s, e, device), c, pntk)
-        j = j.to(cdtype if cdtype == torch.bfloat16 else acc)
-        return j if shape is KernelShape.DIAGONAL else _as_rows(j, shape)
+        return j.to(cdtype if cdtype == torch.bfloat16 else acc)
+
+    # bfloat16 operands multiply as bfloat16 with float32 accumulation (on the CPU torch.mm rounds
+    # each chunk's product to bfloat16 before it is added).
+    mode = "native" if cdtype == torch.bfloat16 else None
 
     bar = progress_bar(total=len(blocks1) * len(chunks), desc="entk_fn", enabled=progress, unit="step")
     with torch.no_grad():  # no autograd graph for the caller's tensors; the transforms run their own
@@ -347,19 +317,18 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
             for chunk in chunks:
                 dst = out[layer_of(chunk[0]) if per_layer else ""]
                 a = operand(x1, a0, a1, chunk)
-                if shape is KernelShape.DIAGONAL:
-                    dst[a0:a1] += _bmm_nt(a, acc)
+                if shape is KernelKind.DIAGONAL:
+                    contract(dst[a0:a1], a, None, shape, True, mode)
                     bar.update()
                     continue
                 for j in range(i if n2 is None else 0, len(blocks2)):
                     s0, s1 = blocks2[j]
-                    b = a if (n2 is None and j == i) else operand(xs2, s0, s1, chunk)
-                    dst[a0 * unit:a1 * unit, s0 * unit:s1 * unit] += _mm_nt(a, b, acc)
+                    sym = n2 is None and j == i  # a diagonal tile: its upper triangle, mirrored at the end
+                    b = None if sym else operand(xs2, s0, s1, chunk)
+                    contract(dst[a0 * unit:a1 * unit, s0 * unit:s1 * unit], a, b, shape, sym, mode)
                 bar.update()
     bar.close()
     for h in out.values():
-        if shape is KernelShape.DIAGONAL:
-            h.copy_(torch.triu(h) + torch.triu(h, 1).transpose(1, 2))
-        elif n2 is None:
+        if shape is KernelKind.DIAGONAL or n2 is None:
             symmetrize(h)
     return out if per_layer else out[""]

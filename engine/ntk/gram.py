@@ -13,7 +13,6 @@ computed directly as C batched products (1/C of the full kernel's FLOPs).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,15 +25,17 @@ from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 from ..store.h5raw import from_numpy
-
-
-class KernelKind(enum.StrEnum):
-    FULL = "full"        # (N·C) × (N·C), row n·C + c
-    TRACED = "traced"    # N × N, sum over the C×C output blocks
+from .budget import DEFAULT_BUDGET, check_budget
+from .contract import contract, symmetrize
+from .kinds import KernelKind
 
 
 def _kind(kernel: str | KernelKind) -> KernelKind:
-    return parse_enum(KernelKind, kernel, "kernel")
+    kind = parse_enum(KernelKind, kernel, "kernel")
+    if kind not in (KernelKind.FULL, KernelKind.TRACED):
+        raise ConfigError(f"gram computes the full or traced kernel of a stored J, got kernel={kind.value!r}; "
+                          "use entk for the diagonal kernel and the pNTK")
+    return kind
 
 
 class _Source:
@@ -43,6 +44,12 @@ class _Source:
     def __init__(self, J, device: torch.device, dtype: torch.dtype, fused: bool = False):
         self.bf16_bits = False
         if isinstance(J, JacobianStore):
+            done = J.complete
+            if not done.all():
+                missing = [int(u) for u in np.flatnonzero(~done)]
+                raise ConfigError(f"{J.path} is incomplete: {len(missing)} of {len(done)} units (blocks of "
+                                  f"{J.block_inputs} inputs) were never written, first unit {missing[0]}; rerun the "
+                                  f"job that writes it")
             self.bf16_bits = J.torch_dtype("jacobian") == torch.bfloat16
             J = J.jacobian_memmap()
         if isinstance(J, torch.Tensor):
@@ -76,8 +83,7 @@ class _Source:
 
     def _aligned(self, blk: torch.Tensor) -> torch.Tensor:
         """For the fused op: rows padded with zeros to a multiple of 16 elements (zeros add
-        nothing to the products). Unaligned rows force scalar loads: on an H200 a bfloat16
-        8192 x 8191 tile took 23.5 ms against 1.7 ms at 8192 columns (the copy: ~0.1 ms)."""
+        nothing to the products; unaligned rows force scalar loads, see benchmarks/results)."""
         if not self.fused or (blk.stride(0) % 16 == 0 and blk.shape[1] % 16 == 0 and blk.stride(1) == 1):
             return blk
         width = -(-blk.shape[1] // 16) * 16
@@ -113,14 +119,6 @@ def prefetched(keys: list, load: Callable) -> Iterator:
             yield key, block
 
 
-def _tile(a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int) -> torch.Tensor:
-    if kind is KernelKind.FULL:
-        return a @ b.T
-    pa = a.view(-1, c, a.shape[1]).transpose(0, 1)     # (C, na, p)
-    pb = b.view(-1, c, b.shape[1]).transpose(0, 1)     # (C, nb, p)
-    return torch.bmm(pa, pb.transpose(1, 2)).sum(0)    # (na, nb)
-
-
 def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether tiles go through the fused op (engine.ops.gram_tile) rather than plain torch."""
     if backend is OpsBackend.TORCH:
@@ -140,7 +138,7 @@ def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> boo
 def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
          dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
          out: torch.Tensor | None = None, accumulate: bool = False,
-         budget_bytes: int = 1 << 30, block_rows: int | None = None,
+         budget_bytes: int = DEFAULT_BUDGET, block_rows: int | None = None,
          backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """H = J Jᵀ (or the traced kernel) from a Jacobian held anywhere.
 
@@ -152,7 +150,8 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         dtype: accumulation dtype, float32 (default) or float64.
         device: where tiles are multiplied (default: J's device, CPU for files).
         out: write (or, with ``accumulate``, add) into this tensor.
-        budget_bytes: bound on the Jacobian blocks held at once.
+        budget_bytes: the working memory: the Jacobian blocks held at once (two in use, one
+            prefetching; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`).
         backend: ``torch`` (tile products in PyTorch) | ``triton`` (the fused Gram-tile op:
             bfloat16 blocks stay bfloat16, diagonal tiles compute only their upper triangle,
             results land in ``out`` directly) | ``auto`` (Triton on CUDA for float32).
@@ -161,6 +160,7 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
         The symmetric kernel on ``device`` (or ``out``).
     """
     kind = _kind(kernel)
+    budget_bytes = check_budget(budget_bytes)
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"gram accumulation dtype must be float32 or float64, got {dtype}")
     if device is None:
@@ -221,21 +221,11 @@ def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
 def _accumulate(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: KernelKind, c: int, fused: bool,
                 backend: str, upper: bool) -> None:
     if not fused:
-        dst += _tile(a, b, kind, c)
+        # engine.ntk.contract's tile product on (n, C, w) operands (C = 1 for the full kernel);
+        # a diagonal tile (a is b) computes only its upper triangle, mirrored by symmetrize.
+        k = c if kind is KernelKind.TRACED else 1
+        contract(dst, a.view(-1, k, a.shape[1]), None if upper else b.view(-1, k, b.shape[1]), kind, upper, None)
     elif kind is KernelKind.FULL:
         gram_tile(a, b, want="full", num_outputs=1, out=dst, accumulate=True, upper=upper, backend=backend)
     else:
         gram_tile(a, b, want="traced", num_outputs=c, traced=dst, accumulate=True, upper=upper, backend=backend)
-
-
-def symmetrize(h: torch.Tensor, tile: int = 2048) -> torch.Tensor:
-    """Copy the upper triangle onto the lower one in place, tile by tile (exact symmetry,
-    O(tile²) extra memory)."""
-    m = h.shape[0]
-    for r0 in range(0, m, tile):
-        r1 = min(r0 + tile, m)
-        d = h[r0:r1, r0:r1]
-        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-        if r1 < m:
-            h[r1:, r0:r1] = h[r0:r1, r1:].T
-    return h

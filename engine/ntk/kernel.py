@@ -18,25 +18,22 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, parse_enum
-from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
-from .gram import KernelKind
-from .jacobian import (
+from .budget import DEFAULT_BUDGET, check_budget
+from .contract import bf16_matrix_unit
+from .jacobian import jacobian
+from .kinds import Implementation, KernelKind
+from .onepass import onepass_kernel
+from .params import (
     check_mode,
     check_projection,
     eval_mode,
-    jacobian,
     parameter_layout,
     params_dtype_device,
     selected_entries,
 )
-from .onepass import EntkKernel, Implementation, bf16_matrix_unit, onepass_kernel
-
-DEFAULT_BUDGET = 2 << 30  # bytes of Jacobian held at once
-# entk()'s working memory: 4 GiB holds the block data of 256 resnet20 samples in one block
-# (11.9 MB each, see onepass._per_sample_bytes), so no inner block is recomputed per tile.
-ENTK_BUDGET = 4 << 30
+from .planner import Contraction
 
 
 def probe_hash(x: torch.Tensor) -> str:
@@ -60,29 +57,11 @@ def num_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> int:
             out = model(inputs[:1].to(_device_of(model)))
     finally:
         model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model output must be one (N, C) logits tensor, got a {type(out).__name__}")
     if out.ndim != 2:
         raise ConfigError(f"model output must be (N, C) logits, got shape {tuple(out.shape)}")
     return int(out.shape[1])
-
-
-def param_groups(model: torch.nn.Module, *, rows: int, budget_bytes: int,
-                 itemsize: int = 4) -> list[list[str]]:
-    """Consecutive parameters grouped so that ``rows × group columns × itemsize`` fits the budget.
-
-    A single parameter larger than the budget gets a group of its own; the caller
-    decides whether that is acceptable.
-    """
-    max_cols = max(1, budget_bytes // max(rows * itemsize, 1))
-    groups: list[list[str]] = []
-    cols = 0
-    for name, shape, _, _ in parameter_layout(model):
-        n = math.prod(shape)
-        if not groups or cols + n > max_cols:
-            groups.append([])
-            cols = 0
-        groups[-1].append(name)
-        cols += n
-    return groups
 
 
 def _as_inputs(x: object, what: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -129,12 +108,13 @@ def _probe_outputs(model: torch.nn.Module, x: tuple[torch.Tensor, ...], what: st
 _warned_bf16 = False
 
 
-def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "full",
+def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "full",
          param_names: str | Iterable[str] | None = None, per_layer: bool = False,
-         compute_dtype: torch.dtype | None = None, budget_bytes: int = ENTK_BUDGET,
-         implementation: str | Implementation = "auto", ops_backend: str = "auto", force_eval: bool = False,
+         compute_dtype: torch.dtype | None = None, budget_bytes: int = DEFAULT_BUDGET,
+         implementation: str | Implementation = "auto", force_eval: bool = False,
          progress: bool | None = False, projection: torch.Tensor | None = None,
-         dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+         dtype: torch.dtype | None = None, backend: str | None = None,
+         contraction: str | Contraction = "auto") -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of ``model`` at ``x1`` (and ``x2``), computed in one pass per row block.
 
     Args:
@@ -164,11 +144,13 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
             blocks are recomputed per tile (more time, bounded memory).
         implementation: ``"auto"`` (= ``"structured"``: layer rules, torch.func for the
             rest) or ``"reference"`` (torch.func for every column).
-        ops_backend: accepted for compatibility with :func:`gram`; the one-pass tiles
-            are plain ``torch.mm`` products.
         projection: v (C,): the kernel of the single output v·f (N1, N2) with
             ``kernel="full"``.
         dtype: result dtype (default: float32, or float64 for a float64 model).
+        contraction: how each layer's block is contracted: ``"auto"`` (the cheaper per layer
+            by :func:`engine.ntk.plan`'s cost model), ``"materialise"`` (per-sample gradient
+            columns, then their Gram) or ``"pairs"`` (spatial pairs wherever a layer rule
+            offers them: convolutions, Linear); the same kernel either way.
         backend: deprecated name of ``implementation``.
 
     Returns:
@@ -179,9 +161,9 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
         warnings.warn("entk(backend=...) is deprecated; use implementation=... (backend= will be removed "
                       "in the next release)", DeprecationWarning, stacklevel=2)
         implementation = backend
-    kind = parse_enum(EntkKernel, kernel.value if isinstance(kernel, KernelKind) else kernel, "kernel")
+    kind = parse_enum(KernelKind, kernel, "kernel")
     impl = parse_enum(Implementation, implementation, "implementation")
-    parse_backend(ops_backend)
+    how = parse_enum(Contraction, contraction, "contraction")
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     entries = selected_entries(model, param_names)
@@ -199,11 +181,10 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
     out_dtype = pdtype if dtype is None else dtype
     if out_dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {out_dtype}")
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
-        raise ConfigError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
-    if kind is EntkKernel.DIAGONAL and x2 is not None:
+    budget_bytes = check_budget(budget_bytes)
+    if kind is KernelKind.DIAGONAL and x2 is not None:
         raise ConfigError("kernel='diagonal' has no cross-kernel: pass x2=None")
-    if projection is not None and kind is not EntkKernel.FULL:
+    if projection is not None and kind is not KernelKind.FULL:
         raise ConfigError("a projection already gives one output: use kernel='full' (N×N)")
     xs1 = _as_inputs(x1, "x1", pdtype, device)
     xs2 = None if x2 is None else _as_inputs(x2, "x2", pdtype, device)
@@ -219,7 +200,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
         v = None
         if projection is not None:
             v = check_projection(projection, c, pdtype, device)
-        elif kind is EntkKernel.PNTK:
+        elif kind is KernelKind.PNTK:
             v = torch.full((c,), 1 / math.sqrt(c), dtype=pdtype, device=device)
         k = 1 if v is not None else c
         bar = None
@@ -228,7 +209,7 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | EntkKernel = "ful
                 return progress_bar(it, desc="eNTK tiles", enabled=progress, unit="tile")
         out = onepass_kernel(model, xs1, xs2, entries, kind=kind, k=k, v=v, per_layer=per_layer,
                              implementation=impl, bf16=bf16, dtype=pdtype, budget_bytes=budget_bytes,
-                             progress=bar)
+                             progress=bar, contraction=how)
     if out_dtype != pdtype:
         out = {key: h.to(out_dtype) for key, h in out.items()} if per_layer else out.to(out_dtype)
     return out
@@ -244,7 +225,7 @@ def _first_bad_column(block: torch.Tensor) -> tuple[int, int] | None:
 
 def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | Path, *,
                       block_inputs: int | None = None, dtype: torch.dtype = torch.float32,
-                      backend: str = "auto", job: Mapping | None = None,
+                      implementation: str | Implementation = "auto", job: Mapping | None = None,
                       budget_bytes: int = DEFAULT_BUDGET, overwrite: bool = False,
                       force_eval: bool = False, progress: bool | None = False) -> JacobianStore:
     """Stream the Jacobian of ``model`` on ``inputs`` into an HDF5 file, block by block.
@@ -252,32 +233,38 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
     Rerunning the same call after an interruption resumes at the first incomplete
     block; the result is bit-identical to an uninterrupted run (each block depends
     only on the model and its inputs). Memory is bounded by ``block_inputs``
-    (default: as many inputs as fit ``budget_bytes``).
+    (default: as many inputs as keep one block of J within half of ``budget_bytes``, the working
+    memory; the other half is the Jacobian's own workspace and the write).
     """
     if model.training and not force_eval:
         raise ConfigError(f"{type(model).__name__} is in train mode; BatchNorm must use running statistics: "
                           "call model.eval() or pass force_eval=True")
     dev = _device_of(model)
     inputs = inputs.to(dev)
+    pdtype, _ = params_dtype_device(model, selected_entries(model, None))
+    if inputs.is_floating_point() and inputs.dtype != pdtype:  # before the file exists
+        raise ConfigError(f"inputs have dtype {inputs.dtype} but the parameters of {type(model).__name__} are "
+                          f"{pdtype}; convert the inputs (inputs.to({pdtype})) or the model so they match")
     c = num_outputs(model, inputs)
     layout = parameter_layout(model)
     p = layout[-1][3] if layout else 0
     if block_inputs is None:
-        block_inputs = max(1, min(inputs.shape[0], budget_bytes // max(c * p * 4, 1)))
+        block_inputs = max(1, min(inputs.shape[0], check_budget(budget_bytes) // 2 // max(c * p * 4, 1)))
     spec = {"model": getattr(model, "arch", type(model).__name__), "mode": "eval",
-            "probe_hash": probe_hash(inputs), "backend": str(backend),
+            "probe_hash": probe_hash(inputs), "backend": str(implementation),
             "params": [[n, list(s)] for n, s, _, _ in layout], **(job or {})}
     store = JacobianStore.create_for(path, job=spec, n_inputs=inputs.shape[0], num_outputs=c,
                                      n_params=p, block_inputs=block_inputs, dtype=dtype,
                                      overwrite=overwrite)
     fill_jacobian_store(store, model, inputs, [u for u, done in enumerate(store.complete) if not done],
-                        backend=backend, force_eval=force_eval, progress=progress)
+                        implementation=implementation, force_eval=force_eval, progress=progress)
     return store
 
 
 def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
                         inputs: torch.Tensor | Callable[[int, int], torch.Tensor], units: Iterable[int], *,
-                        projection: torch.Tensor | None = None, backend: str = "auto", force_eval: bool = False,
+                        projection: torch.Tensor | None = None, implementation: str | Implementation = "auto",
+                        force_eval: bool = False,
                         progress: bool | None = False, desc: str = "Jacobian blocks") -> None:
     """Compute blocks ``units`` of ``store`` and write each, flagged complete once its bytes are written:
     the one writer of stored Jacobians (:func:`jacobian_to_store`, and the ``entk kernel`` job, whose ranks
@@ -295,7 +282,7 @@ def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
             s, e = store.unit_inputs(u)
             x = inputs(s, e) if callable(inputs) else inputs[s:e]
             # float64 stores hold float64 Jacobians (of a float64 model); the others are cast from float32
-            block = jacobian(model, x, backend=backend, force_eval=force_eval, projection=projection,
+            block = jacobian(model, x, implementation=implementation, force_eval=force_eval, projection=projection,
                              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             bad = _first_bad_column(block)
             if bad is not None:

@@ -3,15 +3,15 @@
 For a block of inputs the model runs forward once (hooks record each ruled module's
 input), and the K output-gradient backward passes run once (one backward per output, each
 captured gradient copied into its ``(n, K, ...)`` slot as it is formed). Then, layer by layer, the
-per-sample parameter gradients of that layer (the rules of ``engine/ntk/_layers.py``)
+per-sample parameter gradients of that layer (the rules of ``engine/ntk/rules/``)
 are formed for a chunk of its columns (output channels) and contracted into the tile
 at once, ``tile += J_chunk,a J_chunk,bᵀ``: J never exists beyond one chunk, and no
 forward or backward is repeated per parameter group. Small layers are packed side by
 side into one chunk so the Gram products stay large.
 
-* A Linear layer on (n, I) inputs contributes in closed form,
-  ⟨g_a ⊗ a_a, g_b ⊗ a_b⟩ = (g_a·g_b)(a_a·a_b): two small Grams instead of forming
-  n·K·O·I values.
+* A conv or Linear may contribute by spatial pairs (engine/ntk/pairs.py) without forming its
+  columns: ``contraction="auto"`` picks per layer the cheaper by engine/ntk/planner.py's cost
+  model, ``"materialise"`` / ``"pairs"`` force one (materialise also skips closed forms).
 * Parameters without a rule (or used where a rule cannot see them: tied weights, a
   parameter read outside its module) get their columns from ``torch.func``
   (vmap of jacrev), contracted the same way.
@@ -31,64 +31,27 @@ Kernels (rows of the full kernel are ``n·K + c``):
 
 from __future__ import annotations
 
-import enum
-import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import ConfigError
-from ._layers import LayerRule
-from .gram import symmetrize
-from .jacobian import Call, Entry, Plan, Recorder, layer_of, make_plan, output_grads
+from .capture import Call, Plan, Recorder, make_plan, output_grads
+from .contract import bf16_mode, contract, symmetrize
+from .fallback import fill_columns
+from .kinds import Implementation, KernelKind
+from .pairs import pair_gram
+from .params import Entry, layer_of
+from .planner import Contraction, strategy_for
+from .rules import LayerRule
 
-__all__ = ["EntkKernel", "Implementation", "bf16_matrix_unit", "onepass_kernel"]
+__all__ = ["onepass_kernel"]
 
-
-class EntkKernel(enum.StrEnum):
-    FULL = "full"
-    TRACED = "traced"
-    DIAGONAL = "diagonal"
-    PNTK = "pntk"
-
-
-class Implementation(enum.StrEnum):
-    """How per-sample gradients are formed: layer rules (structured) or torch.func for every column."""
-
-    AUTO = "auto"
-    STRUCTURED = "structured"
-    REFERENCE = "reference"
-
-
-# Row strips of a symmetric diagonal tile: each strip multiplies only the columns at
-# and right of its first row. Strips narrower than this lose more to BLAS efficiency
-# than they save.
-_STRIP_ROWS = 128
-# Longest inner dimension of one Gram product (see _gram_into).
-_INNER = 8192
 # Bound on one column-chunk buffer: a chunk is formed and then read by the Gram while still
-# in the last-level cache, and a small reused buffer is not faulted in afresh for every
-# chunk (this VM maps fresh memory slowly).
+# in the last-level cache, and a small reused buffer is not faulted in afresh for every chunk.
 _CHUNK_BYTES = 32 << 20
-
-
-@cache
-def bf16_matrix_unit() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 # --------------------------------------------------------------------------- inputs
@@ -161,19 +124,11 @@ class _Piece:
     entries: tuple[Entry, ...] = ()  # fallback params
 
 
-def _chunkable(m: nn.Module) -> int | None:
-    """Output channels of a module whose columns split cleanly by output channel, else None."""
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1:
-        return m.out_channels
-    return None
-
-
-def _module_pieces(m: nn.Module, key: str, slots: list[tuple[str, Entry]], max_cols: int) -> list[_Piece]:
+def _module_pieces(m: nn.Module, rule: LayerRule, key: str, slots: list[tuple[str, Entry]],
+                   max_cols: int, calls: list[Call]) -> list[_Piece]:
     width = sum(e.end - e.start for _, e in slots)
-    out_ch = _chunkable(m)
-    if width <= max_cols or out_ch is None:
+    out_ch = rule.channels(m)
+    if width <= max_cols or out_ch is None or any(rule.channels(m, c.a) is None for c in calls):
         return [_Piece(key, width, m, tuple(slots))]
     per_ch = width // out_ch
     step = max(1, max_cols // per_ch)
@@ -186,7 +141,7 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
     m = piece.module
     calls = blk.calls.get(id(m), [])
     o = piece.chunk
-    out_ch = _chunkable(m)
+    out_ch = rule.channels(m)
     dests, col = {}, 0
     for attr, e in piece.slots:
         w = e.end - e.start
@@ -211,125 +166,11 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
 
 def _fill_fallback(model: nn.Module, piece: _Piece, blk: _Block, dest: Tensor, v: Tensor | None) -> None:
     """torch.func columns of the piece's parameters for the block's rows."""
-    params = {e.name: e.param.detach() for e in piece.entries}
-
-    def single(p: dict[str, Tensor], xs: Inputs) -> Tensor:
-        y = functional_call(model, p, tuple(t.unsqueeze(0) for t in xs))[0]
-        return y if v is None else y @ v
-
-    with torch.no_grad():
-        if v is not None:
-            jac = vmap(grad(single), in_dims=(None, 0))(params, blk.x)
-            jac = {k: t.unsqueeze(1) for k, t in jac.items()}
-        else:
-            try:
-                jac = vmap(jacrev(single), in_dims=(None, 0))(params, blk.x)
-            except RuntimeError:
-                # Nested vmap (samples x outputs) trips over a few batching rules (torch 2.14:
-                # PReLU's backward); one vmap level per output works.
-                cols = [vmap(grad(lambda p, xs, j=j: single(p, xs)[j]), in_dims=(None, 0))(params, blk.x)
-                        for j in range(dest.shape[1])]
-                jac = {name: torch.stack([col[name] for col in cols], dim=1) for name in params}
-        col = 0
-        for e in piece.entries:
-            w = e.end - e.start
-            dest[:, :, col:col + w].copy_(jac[e.name].reshape(blk.n, dest.shape[1], w))
-            col += w
-
-
-# --------------------------------------------------------------------------- contraction
-
-
-@dataclass
-class _Tile:
-    kind: EntkKernel
-    k: int
-    sym: bool  # a diagonal tile of a symmetric kernel (a is b)
-    bf16: str | None  # None, "emulate" (round to bf16, multiply in float32), "native"
-
-
-def _round(t: Tensor, mode: str | None) -> Tensor:
-    if mode == "emulate":
-        return t.copy_(t.to(torch.bfloat16))
-    if mode == "native":
-        return t.to(torch.bfloat16)
-    return t
-
-
-def _mm_into(out: Tensor, a: Tensor, b: Tensor, mode: str | None) -> None:
-    """out += a @ bᵀ, in float32 accumulation."""
-    if mode == "native":
-        if out.device.type == "cuda":
-            out.add_(torch.mm(a, b.T, out_dtype=out.dtype))
-        else:
-            out.add_(torch.mm(a, b.T))
-        return
-    out.addmm_(a, b.T)
-
-
-def _gram_into(out: Tensor, a: Tensor, b: Tensor, sym: bool, mode: str | None) -> None:
-    """out (ra, rb) += a (ra, w) @ b (rb, w)ᵀ; for ``sym`` (a is b) only the upper-triangle strips.
-
-    The inner dimension is split into pieces of at most ``_INNER`` columns: this CPU's
-    BLAS sums a long inner dimension of a small product in one running sum (float32
-    error ~1e-5 at 10⁵ columns, against ~1e-7 when split).
-    """
-    w = a.shape[1]
-    if w > _INNER:
-        for c0 in range(0, w, _INNER):
-            _gram_into(out, a[:, c0:c0 + _INNER], b[:, c0:c0 + _INNER], sym, mode)
-        return
-    rows = a.shape[0]
-    if not sym or rows < 2 * _STRIP_ROWS:
-        _mm_into(out, a, b, mode)
-        return
-    strips = rows // _STRIP_ROWS
-    edges = [round(i * rows / strips) for i in range(strips + 1)]
-    for r0, r1 in itertools.pairwise(edges):
-        _mm_into(out[r0:r1, r0:], a[r0:r1], b[r0:], mode)
-
-
-def _contract(out: Tensor, ja: Tensor, jb: Tensor | None, t: _Tile) -> None:
-    """Add the columns' contribution to the tile ``out``; ja (na, K, w), jb (nb, K, w) or None (= ja)."""
-    ja = _round(ja, t.bf16)
-    jb = ja if jb is None else _round(jb, t.bf16)
-    na, k, w = ja.shape
-    if t.kind is EntkKernel.DIAGONAL:
-        for c0 in range(0, w, _INNER):  # split inner dimension, as in _gram_into
-            p = ja[:, :, c0:c0 + _INNER]
-            if t.bf16 == "native":
-                out.add_(torch.bmm(p, p.transpose(1, 2)))
-            else:
-                out.baddbmm_(p, p.transpose(1, 2))
-    elif t.kind is EntkKernel.TRACED:
-        _gram_into(out, ja.reshape(na, k * w), jb.reshape(jb.shape[0], k * w), t.sym, t.bf16)
-    else:
-        _gram_into(out, ja.reshape(na * k, w), jb.reshape(-1, w), t.sym, t.bf16)
-
-
-def _linear_closed_form(out: Tensor, m: nn.Module, slots, ca: Call, ga: Tensor, cb: Call, gb: Tensor,
-                        t: _Tile) -> None:
-    """The contribution of a Linear on (n, I) inputs: (g_a·g_b)(a_a·a_b) for the weight, g_a·g_b for the bias."""
-    attrs = {a for a, _ in slots}
-    ga = ga if ca.scale is None else ga * ca.scale
-    gb = gb if cb.scale is None else gb * cb.scale
-    aa, ab = ca.a.to(ga.dtype), cb.a.to(gb.dtype)
-    if t.bf16 is not None:
-        # Same rounding as the columns would get; closed forms are cheap, so multiply in float32.
-        ga, gb, aa, ab = (x.to(torch.bfloat16).to(out.dtype) for x in (ga, gb, aa, ab))
-    w = 1.0 if "weight" in attrs else 0.0
-    b = 1.0 if "bias" in attrs else 0.0
-    na, k, o = ga.shape
-    if t.kind is EntkKernel.DIAGONAL:
-        s = (aa * aa).sum(1) * w + b
-        out.add_(torch.bmm(ga, ga.transpose(1, 2)) * s.view(-1, 1, 1))
-        return
-    s = (aa @ ab.T) * w + b  # (na, nb)
-    if t.kind is EntkKernel.TRACED:
-        out.add_((ga.reshape(na, k * o) @ gb.reshape(-1, k * o).T) * s)
-    else:
-        gg = (ga.reshape(na * k, o) @ gb.reshape(-1, o).T).view(na, k, -1, k)
-        out.view(na, k, -1, k).add_(gg * s[:, None, :, None])
+    cols, col = [], 0
+    for e in piece.entries:
+        cols.append((col, col + e.end - e.start))
+        col += e.end - e.start
+    fill_columns(model, piece.entries, blk.x, dest, v, cols)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -342,7 +183,7 @@ class _Setup:
     plan: Plan | None
     v: Tensor | None
     k: int
-    kind: EntkKernel
+    kind: KernelKind
     per_layer: bool
     max_cols: int
     bf16: str | None
@@ -350,6 +191,9 @@ class _Setup:
     names: dict[int, str]  # module id -> name
     owner_name: dict[int, str]  # param id -> per-layer key
     always_fallback: set[int]
+    contraction: Contraction = Contraction.AUTO
+    workspace: int = _CHUNK_BYTES  # bound on one pair product's intermediates
+    strategy: dict[int, str] = field(default_factory=dict)  # module id -> materialise | pairs
 
 
 def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
@@ -369,7 +213,7 @@ def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str]
 
 
 def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]:
-    """Column pieces common to blocks a and b, and the closed-form Linear contributions."""
+    """Column pieces common to blocks a and b, and the closed-form and spatial-pair contributions."""
     fb = a.fallback | b.fallback
     pieces: list[_Piece] = []
     closed: list[tuple] = []
@@ -381,16 +225,24 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
                 continue
             key = s.names[id(m)]
             ca, cb = a.calls.get(id(m), []), b.calls.get(id(m), [])
-            if (isinstance(m, nn.Linear) and len(ca) == 1 and len(cb) == 1 and ca[0].a.dim() == 2
-                    and a.grads[id(ca[0])] is not None and b.grads[id(cb[0])] is not None):
-                closed.append((key, m, slots, ca[0], cb[0]))
+            rule = s.plan.rules[id(m)]
+            one = len(ca) == 1 and len(cb) == 1 and a.grads[id(ca[0])] is not None and b.grads[id(cb[0])] is not None
+            if one and id(m) not in s.strategy:  # decided on the first tile, kept for the kernel
+                s.strategy[id(m)] = strategy_for(s.contraction, rule.pairs, m, ca[0].a, ca[0].y,
+                                                 sum(e.end - e.start for _, e in slots), s.kind.value, a.n, b.n, s.k,
+                                                 a is b, 2 if s.bf16 else torch.empty((), dtype=s.dtype).element_size())
+            if one and s.strategy[id(m)] == Contraction.PAIRS.value:
+                closed.append((key, m, slots, ca[0], cb[0], True))
                 continue
-            pieces += _module_pieces(m, key, slots, s.max_cols)
+            if (one and s.contraction is not Contraction.MATERIALISE and rule.closed_form_for(m, ca[0].a)
+                    and rule.closed_form_for(m, cb[0].a)):
+                closed.append((key, m, slots, ca[0], cb[0], False))
+                continue
+            pieces += _module_pieces(m, rule, key, slots, s.max_cols, ca + cb)
     by_key: dict[str, list[Entry]] = {}
     for e in fallback_entries:
         by_key.setdefault(s.owner_name[id(e.param)] if s.per_layer else "", []).append(e)
     for key, es in by_key.items():
-        width = sum(e.end - e.start for e in es)
         # Fallback columns are formed by torch.func per parameter group: chunk by parameter.
         group: list[Entry] = []
         for e in es:
@@ -399,7 +251,6 @@ def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]
                 group = []
             group.append(e)
         pieces.append(_Piece(key, sum(x.end - x.start for x in group), entries=tuple(group)))
-        del width
     return pieces, closed
 
 
@@ -408,15 +259,24 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
     """Accumulate tile (a, b) (b None: a symmetric diagonal tile, or a diagonal kernel) into ``outs``."""
     sym = b is None
     bb = a if sym else b
-    t = _Tile(s.kind, s.k, sym, s.bf16)
     pieces, closed = _pieces(s, a, bb)
 
     def out_for(key: str) -> Tensor:
         return view(outs[key if s.per_layer else ""])
 
     with torch.no_grad():
-        for key, m, slots, ca, cb in closed:
-            _linear_closed_form(out_for(key), m, slots, ca, a.grads[id(ca)], cb, bb.grads[id(cb)], t)
+        for key, m, slots, ca, cb, pairs in closed:
+            ga, gb = a.grads[id(ca)], bb.grads[id(cb)]
+            if pairs:
+                ops, attrs = s.plan.rules[id(m)].pairs.operands, {attr for attr, _ in slots}
+                pb = (None, None) if sym else ops(m, cb.a, gb, cb.scale)
+                pair_gram(out_for(key), s.kind.value, *ops(m, ca.a, ga, ca.scale), *pb, weight="weight" in attrs,
+                          bias="bias" in attrs, mode=s.bf16, workspace_bytes=s.workspace)
+                continue
+            ga = ga if ca.scale is None else ga * ca.scale
+            gb = gb if cb.scale is None else gb * cb.scale
+            s.plan.rules[id(m)].closed_form(out_for(key), {attr for attr, _ in slots}, ca.a, ga, cb.a, gb, s.kind,
+                                            s.bf16 is not None)
         # Pack consecutive pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
         i = 0
         while i < len(pieces):
@@ -433,7 +293,7 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
             if not sym:
                 jb = _chunk_buffer(bufs, 1, bb.n, s.k, width, s.dtype)
                 _fill(s, group, bb, jb)
-            _contract(out_for(group[0].key), ja, jb, t)
+            contract(out_for(group[0].key), ja, jb, s.kind, sym, s.bf16)
 
 
 def _chunk_buffer(bufs: list[Tensor], slot: int, n: int, k: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -467,17 +327,17 @@ def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
     # transient, one layer at a time: the unfolded patches and the batched backward's K
     # gradients of the widest activation (twice: input and output of an op).
     held = sum((2 + (s.k if id(c) in own else 0)) * c.y.numel() for c in rec.calls)
-    patches = max((math.prod(int(d) for d in getattr(c.module, "kernel_size", (1,))) * c.a.numel()
-                   for c in rec.calls), default=0)
+    patches = max((s.plan.rules[id(c.module)].workspace_elements(c.module, c.a, c.y) for c in rec.calls),
+                  default=0)
     widest = max((c.y.numel() for c in rec.calls), default=0)
     total = held + patches + 2 * s.k * widest
     return max(1, total * 4)
 
 
 def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
-                   kind: EntkKernel, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
-                   bf16: bool, dtype: torch.dtype, budget_bytes: int,
-                   progress: Callable | None = None) -> Tensor | dict[str, Tensor]:
+                   kind: KernelKind, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
+                   bf16: bool, dtype: torch.dtype, budget_bytes: int, progress: Callable | None = None,
+                   contraction: Contraction = Contraction.AUTO) -> Tensor | dict[str, Tensor]:
     """The kernel (or per-layer kernels) of ``model`` at ``x1`` (and ``x2``); see the module docstring.
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
@@ -488,10 +348,8 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     device = entries[0].param.device
     plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
     names, owner, shared = _owner_names(model, entries)
-    mode = None
-    if bf16:
-        mode = "native" if device.type == "cuda" or bf16_matrix_unit() else "emulate"
-    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared)
+    mode = bf16_mode(bf16, device)
+    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction)
 
     n1 = _size(x1)
     n2 = 0 if x2 is None else _size(x2)
@@ -505,9 +363,9 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     # The two column-chunk buffers take at most a quarter of the budget each (and no more
     # than _CHUNK_BYTES); the block data gets the rest: all inputs in one block if they fit,
     # else two blocks (a row block and a column block) of equal size.
-    chunk_bytes = min(budget_bytes // 4, _CHUNK_BYTES)
+    chunk_bytes = s.workspace = min(budget_bytes // 4, _CHUNK_BYTES)  # a pair product's share too
     data_bytes = budget_bytes - 2 * chunk_bytes
-    total = n1 + n2 if kind is not EntkKernel.DIAGONAL else n1
+    total = n1 + n2 if kind is not KernelKind.DIAGONAL else n1
     if total * per_sample <= data_bytes:
         b1, b2 = n1, max(n2, 1)
     else:
@@ -515,19 +373,19 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     rows = k * max(min(b1, n1), min(b2, n2) if n2 else 0)
     s.max_cols = max(widest, chunk_bytes // max(rows * itemsize, 1))
 
-    m1 = n1 * (1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k)
-    m2 = (n2 if x2 is not None else n1) * (1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k)
-    shape = (n1, k, k) if kind is EntkKernel.DIAGONAL else (m1, m2)
+    m1 = n1 * (1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k)
+    m2 = (n2 if x2 is not None else n1) * (1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k)
+    shape = (n1, k, k) if kind is KernelKind.DIAGONAL else (m1, m2)
     keys = sorted({owner[id(e.param)] for e in entries}) if per_layer else [""]
     outs = {key: torch.zeros(shape, dtype=dtype, device=device) for key in keys}
-    r = 1 if kind in (EntkKernel.TRACED, EntkKernel.PNTK) else k
+    r = 1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k
     bufs = [torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)]
 
     def fb(x: Inputs) -> _Block:
         return _forward_backward(model, plan, x, v, shared)
 
     blocks1 = [(s0, min(n1, s0 + b1)) for s0 in range(0, n1, b1)]
-    if kind is EntkKernel.DIAGONAL:
+    if kind is KernelKind.DIAGONAL:
         todo = [(i, None) for i in range(len(blocks1))]
     elif x2 is None:
         # Each row's column blocks run last to first, so the last one a row computes (i + 1)
@@ -547,7 +405,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
             a, cur = carry[1] if carry is not None and carry[0] == i else fb(_slice(x1, *blocks1[i])), i
             carry = None
         p0, p1 = blocks1[i]
-        if kind is EntkKernel.DIAGONAL:
+        if kind is KernelKind.DIAGONAL:
             _tile(s, outs, lambda o, p0=p0, p1=p1: o[p0:p1], a, None, bufs)
             continue
         if x2 is None:
@@ -564,7 +422,7 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
                 b = fb(_slice(x2, q0, q1))
         _tile(s, outs, lambda o, p0=p0, p1=p1, q0=q0, q1=q1: o[p0 * r:p1 * r, q0 * r:q1 * r], a, b, bufs)
         del b
-    if x2 is None and kind is not EntkKernel.DIAGONAL:
+    if x2 is None and kind is not KernelKind.DIAGONAL:
         for o in outs.values():
             symmetrize(o)
     return outs if per_layer else outs[""]
@@ -579,7 +437,7 @@ def _widest_unit(plan: Plan | None, entries: list[Entry]) -> int:
     chunked: set[int] = set()
     units = []
     for m in plan.modules:
-        out_ch = _chunkable(m)
+        out_ch = plan.rules[id(m)].channels(m)
         width = sum(e.end - e.start for _, e in plan.slots[id(m)])
         if out_ch is not None:
             units.append(width // out_ch)

@@ -155,12 +155,38 @@ def _rows_g(g: Tensor, traced: bool) -> Tensor:
     return g.reshape(groups, n * t, k * co) if traced else g.reshape(groups, n * t * k, co)
 
 
+def two_stage(kind: str, k: int, t: int) -> bool:
+    """Whether the full kernel's pairs go in two stages: M_j = A_ij g_j over s (K·T²·co per pair),
+    then g_i · M_j over (t, o) (K²·T·co), instead of Γ's K²·T²·co: fewer multiply-adds once
+    K + T < K·T."""
+    return kind in ("full", "pntk") and k + t < k * t
+
+
+def _two_stages(out: Tensor, pa: Tensor, ga: Tensor, pb: Tensor, gb: Tensor, bias: bool) -> None:
+    """out (na·K × nb·K) += Σ_{t,s} A[i,t,j,s] g_ic[t]·g_jd[s] without forming Γ."""
+    na, k, groups, co, t = ga.shape
+    nb = gb.shape[0]
+    dt = out.dtype
+    amat = _bmm(_rows_p(pa), _rows_p(pb), dt)  # (G, na·T, nb·T)
+    if bias:
+        amat += 1.0
+    lhs = amat.view(groups, na * t, nb, t).permute(0, 2, 1, 3).reshape(groups * nb, na * t, t)
+    rhs = gb.permute(2, 0, 4, 1, 3).reshape(groups * nb, t, k * co).to(dt)  # (G·nb, T_s, (d, o))
+    m = torch.bmm(lhs, rhs)  # (G·nb, na·T_t, (d, o)): M[j, i, t, d, o]
+    m = m.view(groups, nb, na, t, k, co).permute(0, 2, 3, 5, 1, 4).reshape(groups * na, t * co, nb * k)
+    gl = ga.permute(2, 0, 1, 4, 3).reshape(groups * na, k, t * co).to(dt)  # (G·na, c, (t, o))
+    out.view(na, k, nb, k).add_(torch.bmm(gl, m).view(groups, na, k, nb, k).sum(0))
+
+
 def _block(out: Tensor, kind: str, pa: Tensor, ga: Tensor, pb: Tensor, gb: Tensor, weight: bool, bias: bool) -> None:
     """out (full: na·K × nb·K, traced: na × nb) += the pair sums of one block pair."""
     na, k, groups, _, t = ga.shape
     nb = gb.shape[0]
     dt = out.dtype
     traced = kind == "traced"
+    if weight and two_stage(kind, k, t):
+        _two_stages(out, pa, ga, pb, gb, bias)
+        return
     gam = _bmm(_rows_g(ga, traced), _rows_g(gb, traced), dt)  # (G, na·T[·K], nb·T[·K])
     if weight:
         amat = _bmm(_rows_p(pa), _rows_p(pb), dt)  # (G, na·T, nb·T)
@@ -226,9 +252,12 @@ def pair_gram(out: Tensor, kind: str, pa: Tensor, ga: Tensor, pb: Tensor | None 
         if bias:
             _bias_only(out, kind, ga, gb)
         return out
-    na, k, groups, _, t = ga.shape
-    # Elements of the largest intermediate per pair of samples (Γ of the full kernel is K² per T²).
+    na, k, groups, co, t = ga.shape
+    # Elements of the largest intermediate per pair of samples (Γ of the full kernel is K² per T²;
+    # the two-stage M is T·K·co, held twice while it is rearranged).
     per_pair = groups * t * t * (1 if kind == "traced" else k * k) * max(out.element_size(), 4)
+    if two_stage(kind, k, t):
+        per_pair = groups * t * max(t, 2 * k * co) * max(out.element_size(), 4)
     if kind == "diagonal":
         step = max(1, workspace_bytes // per_pair)
         for r0 in range(0, na, step):
@@ -255,6 +284,8 @@ def pair_gram(out: Tensor, kind: str, pa: Tensor, ga: Tensor, pb: Tensor | None 
 def pair_macs(kind: str, na: int, nb: int, k: int, groups: int, d: int, co: int, t: int) -> int:
     """Multiply-adds of :func:`pair_gram` for one tile (d, co per group; nb = na for a diagonal kernel)."""
     pairs = na if kind == "diagonal" else na * nb
+    if two_stage(kind, k, t):
+        return pairs * groups * t * (t * d + k * t * co + k * k * co)
     if kind == "traced":
         return pairs * groups * t * t * (d + k * co + 1)
     return pairs * groups * t * t * (d + k * k * (co + 1))

@@ -28,16 +28,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
-from ._layers import rule_for
-from .jacobian import eval_mode, selected_entries
-from .pairs import KINDS, Geometry
+from .pairs import KINDS, Geometry, two_stage
+from .params import eval_mode, layer_of, selected_entries
+from .rules import rule_for
 
 __all__ = ["Contraction", "ContractionPlan", "Cost", "LayerCost", "choose", "materialise_cost", "pairs_cost",
-           "plan"]
+           "plan", "strategy_for"]
 
 # Machine balance used to weigh bytes against multiply-adds when no rates are given: a CPU
 # core's float32 GEMM rate over its share of memory bandwidth is of this order.
 DEFAULT_RATES = (50e9, 10e9)  # multiply-adds per second, bytes per second
+# The Gram's inner dimension is split into pieces of at most this many columns (onepass).
+_INNER = 8192
 
 
 class Contraction(enum.StrEnum):
@@ -48,14 +50,18 @@ class Contraction(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Cost:
+    """Multiply-adds and bytes moved; ``gemm``: the (m, k, n) of the product doing most of the
+    multiply-adds (for rating them at the machine's measured rate for that shape)."""
+
     macs: int
     bytes: int
+    gemm: tuple[int, int, int] | None = field(default=None, compare=False)
 
     def seconds(self, rates: tuple[float, float] = DEFAULT_RATES) -> float:
         return self.macs / rates[0] + self.bytes / rates[1]
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.macs + other.macs, self.bytes + other.bytes)
+        return Cost(self.macs + other.macs, self.bytes + other.bytes, self.gemm or other.gemm)
 
 
 def _pairs_of_samples(kind: str, na: int, nb: int, sym: bool) -> int:
@@ -81,7 +87,9 @@ def materialise_cost(kind: str, na: int, nb: int, k: int, sym: bool, columns: in
     moved = 2 * formed * k * columns  # columns written, then read by the Gram
     if geom is not None:
         moved += 2 * formed * geom.t * geom.groups * geom.d + formed * k * geom.t * geom.groups * geom.co
-    return Cost(gram + form, moved * itemsize)
+    r = 1 if kind == "traced" else k
+    gemm = (na * r, min(columns * (k // r), _INNER), (na if kind == "diagonal" else nb) * r)
+    return Cost(gram + form, moved * itemsize, gemm)
 
 
 def pairs_cost(kind: str, na: int, nb: int, k: int, sym: bool, geom: Geometry, itemsize: int = 4) -> Cost:
@@ -89,11 +97,23 @@ def pairs_cost(kind: str, na: int, nb: int, k: int, sym: bool, geom: Geometry, i
     output-gradient Gram Γ (K² per pair of positions; K for the traced kernel) and the weighted sum."""
     pairs, formed = _pairs_of_samples(kind, na, nb, sym), _formed(kind, na, nb, sym)
     g, t2 = geom.groups, geom.t * geom.t
+    if kind != "diagonal" and two_stage(kind, k, geom.t):  # no Γ: M = A g_j, then g_i · M
+        macs = pairs * g * geom.t * (geom.t * geom.d + k * geom.t * geom.co + k * k * geom.co)
+        moved = (2 * formed * geom.t * g * (geom.d + k * geom.co) * itemsize
+                 + pairs * g * (4 * t2 + 4 * geom.t * k * geom.co) * 4)  # A twice, M written, moved, read
+        gemm = ((1 if kind == "diagonal" else na) * geom.t, geom.d, nb * geom.t)
+        return Cost(macs, moved, gemm)
     per_pos = geom.d + (k * geom.co + 1 if kind == "traced" else k * k * (geom.co + 1))
     gam = 1 if kind == "traced" else k * k
     moved = (2 * formed * geom.t * g * (geom.d + k * geom.co) * itemsize  # operands rearranged
              + 2 * pairs * g * t2 * (gam + 1) * 4)  # A and Γ (float32) written and read
-    return Cost(pairs * g * t2 * per_pos, moved)
+    kk = 1 if kind == "traced" else k
+    per_a = 1 if kind == "diagonal" else na
+    per_b = 1 if kind == "diagonal" else nb
+    gam_shape = (per_a * geom.t * kk, geom.co * (k // kk), per_b * geom.t * kk)
+    a_shape = (per_a * geom.t, geom.d, per_b * geom.t)
+    gemm = gam_shape if k * k * geom.co >= geom.d else a_shape
+    return Cost(pairs * g * t2 * per_pos, moved, gemm)
 
 
 def choose(mat: Cost, pairs: Cost | None, rates: tuple[float, float] = DEFAULT_RATES) -> str:
@@ -101,6 +121,19 @@ def choose(mat: Cost, pairs: Cost | None, rates: tuple[float, float] = DEFAULT_R
     if pairs is not None and pairs.seconds(rates) < mat.seconds(rates):
         return Contraction.PAIRS.value
     return Contraction.MATERIALISE.value
+
+
+def strategy_for(contraction: Contraction, pairs_support, module: nn.Module, a: Tensor, y: Tensor, columns: int,
+                 kind: str, na: int, nb: int, k: int, sym: bool, itemsize: int) -> str:
+    """The driver's choice for one module call in an (na × nb) tile: ``materialise`` without pair
+    support or when forced, ``pairs`` when forced, else the cheaper by :func:`choose`."""
+    if pairs_support is None or contraction is Contraction.MATERIALISE:
+        return Contraction.MATERIALISE.value
+    if contraction is Contraction.PAIRS:
+        return Contraction.PAIRS.value
+    geom = pairs_support.geometry(module, a, y)
+    return choose(materialise_cost(kind, na, nb, k, sym, columns, geom, itemsize),
+                  pairs_cost(kind, na, nb, k, sym, geom, itemsize))
 
 
 @dataclass(frozen=True)
@@ -152,7 +185,7 @@ class ContractionPlan:
         for lc in self.layers:
             m, p = lc.materialise, lc.pairs
             pairs = f"{p.macs / 1e9:>11.3f} {p.bytes / 1e6:>9.1f}" if p else f"{'-':>11} {'-':>9}"
-            rows.append(f"{lc.name or '(top)':<24.24} {lc.layer:<12.12} {lc.t or '-':>5} {lc.columns:>10,} "
+            rows.append(f"{lc.name:<24.24} {lc.layer:<12.12} {lc.t or '-':>5} {lc.columns:>10,} "
                         f"{m.macs / 1e9:>17.3f} {m.bytes / 1e6:>9.1f} {pairs}  {lc.strategy}")
         f, m = self.floor, self.materialise_everywhere
         tile = f"{self.n1} x {self.n1} (symmetric)" if self.n2 is None else f"{self.n1} x {self.n2}"
@@ -259,5 +292,6 @@ def plan(model: nn.Module, x1, x2=None, *, kernel: str = "full", param_names: It
         else:
             strategy = how.value if pc is not None else Contraction.MATERIALISE.value
         name = type(m).__name__ if ruled else "torch.func"
-        layers.append(LayerCost(owner, name, columns, geom.t if geom else None, mat, pc, strategy))
+        key = owner or ",".join(layer_of(e.name) for e in es)  # top-level parameters: their own names
+        layers.append(LayerCost(key, name, columns, geom.t if geom else None, mat, pc, strategy))
     return ContractionPlan(kind, n1, n2, k, itemsize, layers, formed * k * back, rates)

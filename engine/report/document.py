@@ -58,6 +58,55 @@ def guard_sentences(record: dict) -> list[str]:
     return out
 
 
+def basin_blocks(record: dict) -> list[tuple]:
+    """Which rule answers the paper's question, and the barrier read-out per t1 (mean ± sd over seeds)."""
+    basins = record.get("basins") or {}
+    seeds = [str(s) for s in record.get("seeds", [])]
+    if not basins or not all(basins.get(s) for s in seeds):
+        return []
+    out: list[tuple] = [("h2", "Which basin the twins end in"),
+                        ("p", "The paper's Chaos Effect is about where training ends: a perturbation before the "
+                              "transition sends the twin into another basin, one after it does not. `chaos_basin` "
+                              "answers that question: it reads the test loss barrier between the base and its twin "
+                              "at the last t1 against the barrier between the base and an independent run (two "
+                              "basins by construction). The `sensitivity_*` rules measure how much a perturbation "
+                              "grows inside a basin; they do not locate the transition.")]
+    t = next((x for x in record.get("transitions", []) if x["rule"] == "chaos_basin"), None)
+    if t is not None:
+        sep = t.get("reference_separated")
+        ref = ", ".join(_fmt(v) for v in t.get("reference_error_barrier", []))
+        if not sep:
+            out.append(("p", f"**The independent pair is not clearly in two basins** (its test error barrier per seed: "
+                             f"{ref}; Frankle et al. call a pair stable below 0.02), so a twin's barrier has no "
+                             f"scale to be read against here: the answer is not resolvable at this scale."))
+        elif t["iteration"] is None:
+            out.append(("p", "Every twin of the grid, up to the last t0, ends further from the base than "
+                             f"{record.get('basin_frac', 0.1):g} of the independent pair's barrier for some seed: "
+                             "no t0 of this grid is past the transition."))
+        elif t["at_grid_edge"]:
+            out.append(("p", f"chaos_basin = {_est(t)} lies on the edge of the t0 grid for some seed: at the first t0 "
+                             f"the twins already end in the base's basin (the transition, if any, lies before it), "
+                             f"or only the last t0 qualifies."))
+        else:
+            out.append(("p", f"chaos_basin = {_est(t)}: perturbations before it end in another basin, "
+                             f"perturbations from it on in the base's."))
+    for t1 in sorted({int(k) for s in seeds for k in basins[s]}):
+        rows = [("pair", "t0", "loss barrier", "error barrier", "disagreement", "L2")]
+        cells = [basins[s].get(str(t1)) for s in seeds]
+        if not all(cells):
+            continue
+        f4 = ("barrier_test", "error_barrier_test", "disagreement", "l2")
+        for t0 in sorted({int(k) for c in cells for k in c["twins"]}):
+            rows.append(("twin", str(t0), *(_mean_std([c["twins"].get(str(t0), {}).get(f) for c in cells])
+                                            for f in f4)))
+        for t0 in sorted({int(k) for c in cells for k in c["spawn"]}):
+            rows.append(("spawn", str(t0), *(_mean_std([c["spawn"].get(str(t0), {}).get(f) for c in cells])
+                                             for f in f4)))
+        rows.append(("independent", "0", *(_mean_std([c["independent"].get(f) for c in cells]) for f in f4)))
+        out += [("h3", f"t1 = {t1}"), ("table", rows)]
+    return out
+
+
 def _blocks(record: dict, per: dict) -> list[tuple]:
     tr, ch, est = record["train"], record["chaos"], record["estimates"]
     seeds = record.get("seeds", [0])
@@ -116,6 +165,7 @@ def _blocks(record: dict, per: dict) -> list[tuple]:
     ]
     for t in record["transitions"]:
         blocks.append(("p", f"`{t['rule']}`: {t['description'].rstrip('.')}."))
+    blocks += basin_blocks(record)
     warn = guard_sentences(record)
     blocks.append(("h3", "What these estimates can and cannot say"))
     if warn:
@@ -158,6 +208,11 @@ def _blocks(record: dict, per: dict) -> list[tuple]:
                  f"Dissimilarity, loss barrier and prediction disagreement of twins perturbed at t0 and compared "
                  f"with the base at t1 (mean over {len(seeds)} seed(s)). Comparing at one absolute t1 gives a later "
                  f"t0 less time to diverge; Figure 6 compares over a fixed window instead.{lr_note}"),
+        "fig3b": ("Figure 3b (which basin the twins end in)",
+                  "Test loss barrier (top) and error barrier (bottom) between the base and its twin against t0, one "
+                  "column per t1; the independent pair (another initialisation, orange band: min-max over seeds) "
+                  "and the spawn pairs (green squares at their t0) give the scale of two basins; the dashed line "
+                  f"is the chaos_basin threshold.{lr_note}"),
         "fig4": ("Figure 4 (kernel distance between checkpoints)",
                  f"Seed {seeds[0]}: kernel distances reach {_fmt(float(s.max()))} across the whole run and stay "
                  f"below {_fmt(float(late.max()))} among checkpoints after iteration "
@@ -176,7 +231,7 @@ def _blocks(record: dict, per: dict) -> list[tuple]:
                  f"S = 1 - cos to the final kernel.{kd_text}{lr_note}"),
     }
     blocks.append(("h2", "Figures"))
-    for key in ("fig3", "fig4", "fig5", "fig6", "fig7"):
+    for key in ("fig3b", "fig3", "fig4", "fig5", "fig6", "fig7"):
         if key not in figs:
             continue
         title, sentence = fig_text[key]

@@ -331,8 +331,9 @@ def _band(ax, x, ys, color, label, *, geometric: bool = False, marker: str = "o-
 
 
 def _mark_transitions(ax, transitions, rules) -> None:
-    styles = {"chaos_growth": {"color": "tab:red", "ls": ":"}, "chaos_window": {"color": "tab:purple", "ls": ":"},
-              "chaos_dissimilarity": {"color": "tab:brown", "ls": ":"}, "cone": {"color": "black", "ls": "--"}}
+    styles = {"sensitivity_growth": {"color": "tab:red", "ls": ":"},
+              "sensitivity_window": {"color": "tab:purple", "ls": ":"},
+              "sensitivity_dissimilarity": {"color": "tab:brown", "ls": ":"}, "cone": {"color": "black", "ls": "--"}}
     for t in transitions or []:
         if t["rule"] in rules and t["iteration"] is not None:
             spread = f" ± {t['spread']:.0f}" if t.get("spread") is not None else ""
@@ -373,7 +374,7 @@ def plot_growth(summaries, out_stem, *, window: int, lr_changes=(), transitions=
     _band(ax_b, x, [[r.get(t, np.nan) for t in t0s] for r in rates], "C0",
           rf"$\lambda(t_0)$ over $[t_0, t_0 + {window}]$")
     ax_b.axhline(0, color="0.5", lw=1)
-    _mark_transitions(ax_b, transitions, {"chaos_growth"})
+    _mark_transitions(ax_b, transitions, {"sensitivity_growth"})
     _lr_lines(ax_b, lr_changes)
     ax_b.set_xscale("symlog", linthresh=10, linscale=0.5)
     ax_b.set_xlabel("$t_0$ (iteration perturbed)")
@@ -390,7 +391,7 @@ def plot_growth(summaries, out_stem, *, window: int, lr_changes=(), transitions=
         per = {r["t0"]: r["dissimilarity"] for r in s["records"] if r["member"] == "perturbed" and r["t1"] == last}
         ends.append([per.get(t, np.nan) for t in t0s])
     _band(ax_c, x, ends, "C2", f"at the last $t_1$ = {last}", geometric=True)
-    _mark_transitions(ax_c, transitions, {"chaos_window", "chaos_dissimilarity"})
+    _mark_transitions(ax_c, transitions, {"sensitivity_window", "sensitivity_dissimilarity"})
     _lr_lines(ax_c, lr_changes)
     ax_c.set_yscale("log")
     ax_c.set_xscale("symlog", linthresh=10, linscale=0.5)

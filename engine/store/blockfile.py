@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import RunFileError
+from . import integrity
 from .data_record import data_mismatch
 from .h5raw import RawWriter, create_preallocated, dataset_offset, from_numpy, numpy_dtype, to_numpy, torch_dtype_of
 
@@ -65,7 +66,7 @@ class StoreFile:
     """An open engine file of one ``FORMAT``; subclasses define the layout (``_load``, ``create``)."""
 
     FORMAT = "entk-file"
-    VERSION = 1
+    VERSION = 2                 # 2: checksums (engine/store/integrity.py); 1 is read unchecked
     NOUN = "entk file"          # what the file is, for messages ("entk run file")
     FLAGS = "units/complete"    # the uint8 completion flag of each unit of work
 
@@ -75,6 +76,10 @@ class StoreFile:
             raise StoreError(f"{self.path} is a directory, not {_a(self.NOUN)}")
         if not self.path.exists():
             raise StoreError(f"{self.NOUN} {self.path} does not exist")
+        try:
+            self._sums = integrity.check(self.path, _a(self.NOUN))  # before h5py parses a byte of it
+        except integrity.DamagedFileError as e:
+            raise StoreError(str(e)) from None
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")
@@ -89,6 +94,7 @@ class StoreFile:
                 self._load(f)
                 self.n_units = int(f[self.FLAGS].shape[0])
                 self._flags = dataset_offset(f[self.FLAGS])
+                self._rows = self._row_sums()
         except StoreError:
             raise
         except (OSError, KeyError, ValueError) as e:
@@ -96,6 +102,50 @@ class StoreFile:
 
     def _load(self, f: h5py.File) -> None:
         """Read the layout's attributes and index its datasets (``self._index``)."""
+
+    def _row_sums(self) -> dict[str, tuple[int, int]]:
+        """Dataset name -> (first entry in /integrity/crc, rows) for every dataset with row checksums."""
+        if self._sums is None:
+            return {}
+        by_off = {int(o): (int(first), int(rows)) for o, _, first, rows in self._sums.extents.tolist() if rows}
+        return {name: by_off[info.offset] for name, info in self.datasets.items() if info.offset in by_off}
+
+    def verify_rows(self, name: str, r0: int = 0, r1: int | None = None, *, written_only: bool = False) -> int:
+        """Check rows ``[r0, r1)`` of dataset ``name`` against their checksums; the number checked.
+
+        A row never written is refused as damaged unless ``written_only`` (``entk verify``, which
+        skips the rows of units not done yet). Files without checksums (version 1) pass unchecked.
+        """
+        if name not in self._rows:
+            return 0
+        first, rows = self._rows[name]
+        r1 = rows if r1 is None else min(r1, rows)
+        if r1 <= r0:
+            return 0
+        shape, dtype, off, _ = self.datasets[name]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) else dtype.itemsize
+        checked = 0
+        with open(self.path, "rb") as fh:
+            step = max(1, (64 << 20) // max(row_bytes, 1))
+            for a in range(r0, r1, step):
+                b = min(r1, a + step)
+                fh.seek(self._sums.crc_offset + 8 * (first + a))
+                want = np.frombuffer(fh.read(8 * (b - a)), dtype=np.uint64)
+                fh.seek(off + a * row_bytes)
+                got = integrity.row_entries(fh.read((b - a) * row_bytes), b - a)
+                for i in np.flatnonzero(want != got):
+                    if want[i] == 0 and written_only:
+                        continue
+                    what = "was never written" if want[i] == 0 else "fails its checksum"
+                    raise integrity.DamagedFileError(f"{self.path} is damaged: row {a + int(i)} of {name} {what}")
+                checked += int(np.count_nonzero(want)) if written_only else b - a
+        return checked
+
+    def verified(self, name: str, *, written_only: bool = False) -> np.memmap:
+        """:meth:`memmap` of ``name`` once every row of it has passed its checksum (a dataset read whole;
+        ``written_only``: the rows written so far, for a reader of an unfinished job that masks the rest)."""
+        self.verify_rows(name, written_only=written_only)
+        return self.memmap(name)
 
     def _index(self, f: h5py.File, name: str) -> None:
         """Record dataset ``name``'s shape, dtype and offset; a group's datasets one by one."""
@@ -122,10 +172,12 @@ class StoreFile:
         tmp = path.with_name(path.name + ".creating")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(tmp, "w", libver="earliest") as f:
+            with h5py.File(tmp, "w", libver="earliest", userblock_size=integrity.HEADER_SIZE) as f:
                 f.attrs["format"] = cls.FORMAT
                 f.attrs["format_version"] = cls.VERSION
                 build(f)
+                integrity.plan(f, cls.FLAGS)
+            integrity.seal(tmp)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot create {path}: {e.strerror or e}") from None
@@ -156,7 +208,12 @@ class StoreFile:
         """bool ``(n_units,)``: which units are fully written."""
         with open(self.path, "rb") as fh:
             fh.seek(self._flags)
-            return np.frombuffer(fh.read(self.n_units), dtype=np.uint8).astype(bool)
+            flags = np.frombuffer(fh.read(self.n_units), dtype=np.uint8)
+        if flags.size != self.n_units or flags.max(initial=0) > 1:
+            bad = [int(u) for u in np.flatnonzero(flags > 1)[:3]]
+            raise integrity.DamagedFileError(f"{self.path} is damaged: completion flags of units {bad} are not 0 or 1 "
+                                             f"({self.FLAGS})")
+        return flags.astype(bool)
 
     def memmap(self, name: str) -> np.memmap:
         """Read-only memory map of dataset ``name`` in its storage dtype."""
@@ -169,7 +226,15 @@ class StoreFile:
         return getattr(torch, self.datasets[name].torch_dtype.removeprefix("torch."))
 
     def read(self, name: str, index=slice(None)) -> torch.Tensor:
-        """``dataset[index]`` as a torch tensor (copied out of the memory map)."""
+        """``dataset[index]`` as a torch tensor (copied out of the memory map), its rows checked."""
+        n = self.datasets[name].shape[0] if self.datasets[name].shape else 1
+        if isinstance(index, (int, np.integer)):
+            self.verify_rows(name, int(index) % max(n, 1), int(index) % max(n, 1) + 1)
+        elif isinstance(index, slice) and index.step in (None, 1):
+            a, b, _ = index.indices(n)
+            self.verify_rows(name, a, b)
+        else:
+            self.verify_rows(name)
         return from_numpy(np.array(self.memmap(name)[index]), self.datasets[name].torch_dtype)
 
     # -- writing -----------------------------------------------------------------------------
@@ -264,6 +329,10 @@ class BlockWriter:
             return  # zero-size dataset: nothing to store
         try:
             self._raw.write(off + first_row * row_elems * dtype.itemsize, a)
+            sums = self.f._rows.get(name)
+            if sums is not None:  # the rows' checksums, after their bytes, before any completion flag
+                n = a.size // max(row_elems, 1)
+                self._raw.write(self.f._sums.crc_offset + 8 * (sums[0] + first_row), integrity.row_entries(a, n))
         except OSError as e:
             raise StoreError(f"writing {name} rows from {first_row} to {self.f.path} failed ({e.strerror}); "
                              f"completed units are kept: rerun the same command to resume") from None

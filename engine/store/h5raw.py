@@ -88,6 +88,10 @@ def create_preallocated(group: h5py.Group, name: str, shape: tuple[int, ...],
     ds = group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
     if fill is not None and ds.size:
         ds[...] = np.full(shape, fill, dtype=dtype)
+    elif ds.size:
+        from .integrity import note_unfilled  # its rows get checksums only once written
+
+        note_unfilled(group.file.filename, ds.name.lstrip("/"))
     return ds
 
 

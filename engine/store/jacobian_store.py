@@ -53,4 +53,4 @@ class JacobianStore(BlockFile):
 
     def jacobian_memmap(self) -> np.memmap:
         """The stored Jacobian, memory-mapped (bfloat16 appears as its uint16 bits)."""
-        return self.memmap("jacobian")
+        return self.verified("jacobian")

@@ -65,7 +65,7 @@ class KernelStore(BlockFile):
             raise StoreError(f"iteration {iteration} is not in {self.path} (has {self.iterations})")
         if not self.complete[self.iterations.index(iteration)]:
             raise StoreError(f"the kernel of iteration {iteration} in {self.path} was never completed")
-        return self.memmap(kernel_name(iteration))
+        return self.verified(kernel_name(iteration))
 
     def kernels(self) -> list[np.memmap]:
         """Memory maps of every completed kernel, in iteration order."""
@@ -75,4 +75,4 @@ class KernelStore(BlockFile):
         """``(kernel_gram, distance)``, each ``(T, T)`` float64, or None if not computed yet."""
         if not self.complete[len(self.iterations)]:
             return None
-        return np.array(self.memmap("kernel_gram")), np.array(self.memmap("distance"))
+        return np.array(self.verified("kernel_gram")), np.array(self.verified("distance"))

@@ -142,6 +142,7 @@ class TiledKernel:
         self._grid = f.grid()
         self._id = {ij: k for k, ij in enumerate(self._grid)}
         self._tiles = f.memmap("tiles")
+        self._valid: set[int] = set()  # tiles already checked (a solver reads every tile many times)
 
     def __repr__(self) -> str:
         done = int(self.complete.sum())
@@ -166,7 +167,7 @@ class TiledKernel:
             return None
         if not self.file.inputs_recorded:
             raise StoreError(f"{self.path}: the input record was never written (the job stopped before its first tile)")
-        return np.array(self.file.memmap(name))
+        return np.array(self.file.verified(name))
 
     @property
     def x1_index(self) -> np.ndarray:
@@ -199,7 +200,24 @@ class TiledKernel:
             r0, r1, c0, c1 = self.file.tile_bounds(i, j)
             if not done[k]:
                 self._missing(i, j)
-            yield r0, r1, c0, c1, np.asarray(self._tiles[k, : r1 - r0, : c1 - c0])
+            yield r0, r1, c0, c1, self._checked(k, np.asarray(self._tiles[k, : r1 - r0, : c1 - c0]))
+
+    def _checked(self, k: int, blk: np.ndarray) -> np.ndarray:
+        """``blk`` (stored tile ``k``) once it is known to be a kernel's: finite, and exactly symmetric on the
+        diagonal of a symmetric kernel (the job writes those tiles from their upper triangle)."""
+        if k in self._valid:
+            return blk
+        self.file.verify_rows("tiles", k, k + 1)
+        i, j = self._grid[k]
+        if not np.isfinite(blk).all():
+            bad = np.argwhere(~np.isfinite(blk))[0]
+            raise StoreError(f"{self.path}: tile ({i}, {j}) is not finite (NaN or inf at row {int(bad[0])}, column "
+                             f"{int(bad[1])} of the tile); the kernel is unusable: recompute it with --overwrite")
+        if self.symmetric and i == j and not np.array_equal(blk, blk.T):
+            raise StoreError(f"{self.path}: tile ({i}, {j}) on the diagonal of a symmetric kernel is not symmetric; "
+                             f"the file is damaged: recompute it with --overwrite")
+        self._valid.add(k)
+        return blk
 
     def _missing(self, i: int, j: int):
         done = self.complete
@@ -216,8 +234,8 @@ class TiledKernel:
             self._missing(i, j)
         a, b = (j, i) if flip else (i, j)
         r0, r1, c0, c1 = self.file.tile_bounds(a, b)
-        blk = self._tiles[k, : r1 - r0, : c1 - c0]
-        return np.asarray(blk.T if flip else blk)
+        blk = self._checked(k, np.asarray(self._tiles[k, : r1 - r0, : c1 - c0]))
+        return blk.T if flip else blk
 
     def _dense(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         out = np.empty((r1 - r0, c1 - c0), dtype=self.dtype)

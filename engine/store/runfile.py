@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import RunFileError
+from ..errors import RunFileError, describe_mismatch
 from .blockfile import BlockWriter, StoreFile
 from .h5raw import create_preallocated, numpy_dtype
 
@@ -39,7 +39,6 @@ class RunFile(StoreFile):
     """An open run file; cheap to construct, reads go through memory maps per call."""
 
     FORMAT = "entk-run"
-    VERSION = 1
     NOUN = "entk run file"
     FLAGS = "checkpoints/complete"
 
@@ -116,14 +115,14 @@ class RunFile(StoreFile):
 
     def loss_log(self) -> np.ndarray:
         """float32 ``(steps,)``: the training loss of each step (NaN where not reached)."""
-        return np.array(self.memmap("log/loss"))
+        return np.array(self.verified("log/loss"))
 
     def lr_log(self) -> np.ndarray:
-        return np.array(self.memmap("log/lr"))
+        return np.array(self.verified("log/lr"))
 
     def summary(self) -> dict[str, float] | None:
         """Final metrics, or None if training has not finished."""
-        vals = np.array(self.memmap("summary"))
+        vals = np.array(self.verified("summary"))
         if np.all(np.isnan(vals)):
             return None
         return dict(zip(SUMMARY_FIELDS, (float(v) for v in vals), strict=True))
@@ -149,9 +148,8 @@ class RunFile(StoreFile):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
             raise RunFileError(f"checkpoint {iteration} of {self.path} does not fit the model: "
-                               f"{' '.join(s.strip() for s in first[:3])}") from None
+                               f"{describe_mismatch(e)}") from None
         return model
 
     # -- writing -----------------------------------------------------------------------------

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..models import MODEL_NAMES
 from .schedule import SCHEDULES, milestone_steps
+
+SEED_LIMIT = 2**63  # seeds are stored and hashed as int64
+
+_INTS = ("subset_seed", "steps", "batch_size", "warmup_steps", "seed", "eval_train", "eval_batch_size")
+_OPTIONAL_INTS = ("n_train", "n_test", "data_seed")
+_FLOATS = ("lr", "momentum", "weight_decay", "gamma")
+_BOOLS = ("nesterov", "augment", "deterministic")
+_STRS = ("model", "data", "schedule")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -45,8 +63,13 @@ class TrainConfig:
     eval_batch_size: int = 1000
 
     def __post_init__(self):
-        self.milestones = tuple(float(m) for m in self.milestones)
-        self.checkpoints = sorted(set(int(i) for i in self.checkpoints) | {self.steps})
+        # Conversions that cannot fail on well-typed input; the types themselves are checked by validate().
+        try:
+            self.milestones = tuple(float(m) for m in self.milestones)
+        except (TypeError, ValueError):
+            pass
+        if _is_int(self.steps) and all(_is_int(i) for i in self.checkpoints):
+            self.checkpoints = sorted(set(int(i) for i in self.checkpoints) | {int(self.steps)})
 
     @property
     def stream_seed(self) -> int:
@@ -62,6 +85,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        self._check_types()
         need(self.model in MODEL_NAMES, f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -74,7 +98,9 @@ class TrainConfig:
         need(all(m > 0 for m in self.milestones), f"milestones must be positive, got {list(self.milestones)}")
         ms = milestone_steps(self.milestones, self.steps)
         need(ms == sorted(ms), f"milestones must be increasing, got {list(self.milestones)}")
-        need(self.seed >= 0 and self.stream_seed >= 0, "seeds must be non-negative")
+        for name in ("seed", "data_seed", "subset_seed"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v < SEED_LIMIT, f"{name} must be in [0, 2**63), got {v}")
         bad = [i for i in self.checkpoints if not 0 <= i <= self.steps]
         need(not bad, f"checkpoint iterations {bad[:5]} are outside [0, {self.steps}]")
         need(self.eval_train >= 0, f"eval_train must be >= 0 (0 = whole train set), got {self.eval_train}")
@@ -83,6 +109,27 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v >= 1, f"{name} must be >= 1 or unset, got {v}")
         return self
+
+    def _check_types(self) -> None:
+        """Every field has its type (an int is not a bool, a step count not a float, a rate not a string)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _INTS or (f.name in _OPTIONAL_INTS and v is not None):
+                if not _is_int(v):
+                    raise ConfigError(f"{f.name} must be an integer, got {v!r}")
+            elif f.name in _FLOATS:
+                if not _is_number(v):
+                    raise ConfigError(f"{f.name} must be a number, got {v!r}")
+                if not math.isfinite(v):
+                    raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
+            elif f.name in _BOOLS and not isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be True or False, got {v!r}")
+            elif f.name in _STRS and not isinstance(v, str):
+                raise ConfigError(f"{f.name} must be a string, got {v!r}")
+        if not isinstance(self.milestones, tuple) or not all(_is_number(m) for m in self.milestones):
+            raise ConfigError(f"milestones must be numbers, got {self.milestones!r}")
+        if not all(_is_int(i) for i in self.checkpoints):
+            raise ConfigError(f"checkpoints must be integer iterations, got {self.checkpoints!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -11,9 +11,19 @@ SCHEDULES = ("constant", "multistep", "cosine")
 
 
 def milestone_steps(milestones: Sequence[float], steps: int) -> list[int]:
-    """Milestones as absolute steps: values <= 1 are fractions of ``steps``, larger ones steps."""
+    """Milestones as absolute steps: values <= 1 are fractions of ``steps``, larger ones steps.
+
+    One list holds one unit: fractions (all <= 1) or whole steps (none a fraction), never both,
+    since ``0.5,3`` could mean either and a wrong guess silently moves the learning-rate drops.
+    """
+    bad = [m for m in milestones if not math.isfinite(m)]
+    if bad:
+        raise ConfigError(f"milestones must be finite numbers, got {list(milestones)}")
     if all(m <= 1 for m in milestones):
         return [round(m * steps) for m in milestones]
+    if any(m != int(m) for m in milestones):
+        raise ConfigError(f"milestones {list(milestones)} mix fractions of the run (<= 1) and steps (> 1): "
+                          f"give all as fractions (0.5,0.75) or all as whole steps (500,750)")
     return [int(m) for m in milestones]
 
 

@@ -50,16 +50,28 @@ class Strategy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """A fleet member: ``t0`` is the iteration it is spawned at (None for the base)."""
+    """A fleet member: ``t0`` is the iteration it is spawned at (None for the base).
+
+    Reference members: ``init_seed`` makes it an ``independent`` run (at t0 it starts from
+    another initialisation, built under that seed, with the base's data order); ``data_seed``
+    makes it a ``spawn`` (a copy of the base at t0 trained on the batch stream of that seed:
+    Frankle et al.'s noise). Neither carries a perturbation.
+    """
 
     name: str
     t0: int | None
     perturbation: Perturbation | None = None
+    init_seed: int | None = None
+    data_seed: int | None = None
 
     @property
     def kind(self) -> str:
         if self.t0 is None:
             return "base"
+        if self.init_seed is not None:
+            return "independent"
+        if self.data_seed is not None:
+            return "spawn"
         return "control" if self.perturbation is None or self.perturbation.eps == 0 else "perturbed"
 
 
@@ -73,10 +85,13 @@ def resolve_strategy(strategy: str, device: torch.device) -> Strategy:
 class Fleet:
     """K members trained in lockstep; see the module docstring. Build with :func:`make_fleet`."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, stream: BatchStream, specs: list[MemberSpec]):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, stream: BatchStream, specs: list[MemberSpec], *,
+                 streams: dict[int, BatchStream] | None = None, inits: dict[int, dict] | None = None):
         if not specs or specs[0].t0 is not None:
             raise ConfigError("the first fleet member must be the base (t0=None)")
         self.cfg, self.stream, self.specs = cfg, stream, specs
+        # Member k's own batch stream (a spawn reference) and its own initial state (an independent one).
+        self.streams, self.inits = dict(streams or {}), dict(inits or {})
         self.k = len(specs)
         self.device = stream.device
         self.lrs = np.array([lr_at(s, steps=cfg.steps, **cfg.schedule_kwargs()) for s in range(cfg.steps)],
@@ -106,9 +121,13 @@ class Fleet:
 
     # -- shared ------------------------------------------------------------------------------
     def spawn(self, k: int) -> dict:
-        """Member k becomes a deep copy of the base now, plus its perturbation."""
+        """Member k becomes a deep copy of the base now, plus its perturbation (an independent member:
+        its own initial state, with zero momentum)."""
         spec = self.specs[k]
-        self.load(k, self.state(0), self.momentum(0))
+        if k in self.inits:
+            self.load(k, self.inits[k], {n: torch.zeros_like(v) for n, v in self.momentum(0).items()})
+        else:
+            self.load(k, self.state(0), self.momentum(0))
         pert = spec.perturbation or Perturbation(0.0)
         params = self._param_list(k)
         if pert.weights_only:
@@ -157,8 +176,8 @@ class LoopFleet(Fleet):
 
     strategy = Strategy.LOOP
 
-    def __init__(self, model, cfg, stream, specs):
-        super().__init__(model, cfg, stream, specs)
+    def __init__(self, model, cfg, stream, specs, **refs):
+        super().__init__(model, cfg, stream, specs, **refs)
         self.models = [model] + [copy.deepcopy(model) for _ in specs[1:]]
         self.opts = [make_optimizer(m, cfg) for m in self.models]
         for m in self.models:
@@ -170,7 +189,10 @@ class LoopFleet(Fleet):
         for k, (m, opt) in enumerate(zip(self.models, self.opts, strict=True)):
             if not self.spawned[k]:
                 continue
-            self.last_loss[k] = sgd_step(m, opt, xb, yb, lr)
+            if k in self.streams:  # a spawn reference: same step, its own data order
+                self.last_loss[k] = sgd_step(m, opt, *self.streams[k].batch(t), lr)
+            else:
+                self.last_loss[k] = sgd_step(m, opt, xb, yb, lr)
 
     def state(self, k):
         return {n: v.detach().clone() for n, v in self.models[k].state_dict().items()}
@@ -201,8 +223,11 @@ class VmapFleet(Fleet):
 
     strategy = Strategy.VMAP
 
-    def __init__(self, model, cfg, stream, specs, *, cuda_graph: bool = True):
-        super().__init__(model, cfg, stream, specs)
+    def __init__(self, model, cfg, stream, specs, *, cuda_graph: bool = True, **refs):
+        super().__init__(model, cfg, stream, specs, **refs)
+        if self.streams:
+            raise ConfigError("spawn members train on their own data order, but the vmap strategy steps every "
+                              "member on one batch: use strategy='loop' (--strategy loop)")
         if cfg.nesterov:
             raise ConfigError("the vmap strategy implements plain momentum SGD; use strategy='loop' for nesterov")
         self.template = model.train()
@@ -300,9 +325,14 @@ class VmapFleet(Fleet):
 
 
 def make_fleet(model: nn.Module, cfg: TrainConfig, stream: BatchStream, specs: list[MemberSpec], *,
-               strategy: str = "auto", cuda_graph: bool = True) -> Fleet:
-    """A fleet of ``specs`` (member 0 the base) from ``model`` (the base at iteration 0)."""
+               strategy: str = "auto", cuda_graph: bool = True, streams: dict[int, BatchStream] | None = None,
+               inits: dict[int, dict] | None = None) -> Fleet:
+    """A fleet of ``specs`` (member 0 the base) from ``model`` (the base at iteration 0).
+
+    ``streams[k]``: member k's own batch stream (spawn references; loop strategy only);
+    ``inits[k]``: member k's own initial state, loaded at its t0 (independent references).
+    """
     s = resolve_strategy(strategy, stream.device)
     if s is Strategy.LOOP:
-        return LoopFleet(model, cfg, stream, specs)
-    return VmapFleet(model, cfg, stream, specs, cuda_graph=cuda_graph)
+        return LoopFleet(model, cfg, stream, specs, streams=streams, inits=inits)
+    return VmapFleet(model, cfg, stream, specs, cuda_graph=cuda_graph, streams=streams, inits=inits)

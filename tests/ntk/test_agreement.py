@@ -290,3 +290,18 @@ def test_kernel_job_agrees(tmp_path, ds, model_name, kind):
     ref64 = _reference(_fresh_copy64(model), x.double(), None, kind, names, False)[""]
     assert K.shape == tuple(ref32.shape) and K.is_complete
     assert_close_to_torch(torch.from_numpy(K[:]), ref32, ref64, what=f"kernel job {model_name} {kind}")
+
+
+def test_small_budget_splits_only_the_calls_that_split():
+    """A budget small enough that wide layers are formed a channel range at a time: a Linear on
+    (N, L, d) tokens has L, not its features, on the output's dim 1, so its columns stay whole
+    (this crashed with a shape error when it was split like a Linear on (N, I) rows)."""
+    gen, _ = seeded()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Flatten(), nn.Linear(64 * 9, C)).eval()
+    x = torch.randn(7, 9, 40, generator=gen)
+    names = [n for n, _ in model.named_parameters()]
+    ref32 = _reference(model, x, None, "full", names, False)[""]
+    ref64 = _reference(_fresh_copy64(model), x.double(), None, "full", names, False)[""]
+    for budget in (200_000, 120_000):
+        assert_close_to_torch(entk(model, x, budget_bytes=budget), ref32, ref64, what=f"budget {budget}")

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ...data import Dataset, balanced_indices, load_dataset
-from ...errors import ConfigError
+from ...errors import ConfigError, describe_mismatch
 from ...models import build_model
 from ...store import RunFile
 from ...train import TrainConfig
+from ..job_inputs import check_model, check_run_data, load_state_file
 
 
 def parse_inputs(spec: str, what: str = "--x1") -> tuple[str, int]:
@@ -47,17 +48,13 @@ def load_model_fn(spec: str, state: str | Path | None = None) -> nn.Module:
     model = factory()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model-fn {spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    check_model(model, spec)
     if state is not None:
-        if not Path(state).exists():
-            raise ConfigError(f"--state {state} does not exist")
-        sd = torch.load(state, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
+        sd = load_state_file(state, spec)
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise ConfigError(f"--state {state} does not fit --model-fn {spec}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"--state {state} does not fit --model-fn {spec}: {describe_mismatch(e)}") from None
     return model
 
 
@@ -75,6 +72,7 @@ def from_run(run_path, checkpoint, data_root, cache_dir, quiet):
     root = data_root or cfg.data_root
     kwargs = {"cache_dir": cache_dir, "progress": False if quiet else None} if cfg.data == "cifar10" else {}
     ds = load_dataset(cfg.data, root, **kwargs)
+    check_run_data(run_path, run.data, ds, cfg)
     model = build_model(cfg.model, num_classes=ds.num_classes)
     run.load_into(model, it)
     subset = {"train": cfg.n_train, "test": cfg.n_test}

@@ -18,10 +18,11 @@ from torch import nn
 from ...data import Dataset, normalize
 from ...determinism import set_deterministic
 from ...errors import ConfigError, parse_enum
-from ...ntk import num_outputs
+from ...ntk import Contraction, num_outputs
 from ...progress import progress as progress_bar
 from ...store import JacobianStore, KernelTiles, TiledKernel
 from ..distributed import Dist, rank_device
+from ..job_inputs import check_logits, check_tile
 from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
@@ -67,6 +68,7 @@ class _Request:
     split1: str
     n1: int
     sx2: tuple[str, int] | None
+    contraction: str = "auto"
 
     @property
     def n2(self) -> int:
@@ -100,8 +102,9 @@ class _Work:
         return [u8 for _, u8, _ in self.inputs]
 
 
-def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy) -> _Request:
+def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction) -> _Request:
     kind = parse_enum(KernelKind, kernel, "kernel")
+    how = parse_enum(Contraction, contraction, "contraction").value
     cdtype = parse_compute_dtype(compute_dtype)
     strategy = parse_enum(Strategy, strategy, "strategy")
     split1, n1 = parse_inputs(x1, "--x1")
@@ -117,7 +120,7 @@ def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strat
         raise ConfigError(f"--out {out}: the folder is not writable")
     if (run is None) == (model is None):
         raise ConfigError("give either a run file (--run) or a model (--model-fn), not both or neither")
-    return _Request(out, kind, cdtype, strategy, split1, n1, sx2)
+    return _Request(out, kind, cdtype, strategy, split1, n1, sx2, how)
 
 
 def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, model_name, seed, data_root,
@@ -137,6 +140,8 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     # keeps the hash of the state it was given.
     compute_model = copy.deepcopy(model).double() if f64 else model
     work = _Work(compute_model, dev, inputs, ds.mean, ds.std, torch.float64 if f64 else torch.float32, 0, 0, {}, 0)
+    if run is None:
+        check_logits(compute_model, work.batch(inputs[0][1], 0, 1), info["model"])
     work.c = num_outputs(compute_model, work.batch(inputs[0][1], 0, 1))
     work.p = sum(q.numel() for q in compute_model.parameters() if q.requires_grad)
     sx2 = req.sx2
@@ -167,6 +172,10 @@ def _plan(req: _Request, work: _Work, *, overwrite, budget_bytes, tile_inputs, d
                               f"{budget_bytes / GiB:.3g}; resume with a larger budget")
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
     t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
+    if tile_inputs is not None:
+        n_max = max(req.n1, req.n2)
+        check_tile(tile_inputs, budget_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
+                   largest=choose_tile_inputs(budget_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
     strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
                                     req.out, disk_budget_bytes, itemsize=work.dtype.itemsize)
     return t, strat, reason
@@ -216,7 +225,8 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
         for n, k in enumerate(bar):
             i, j = grid[k]
             if kind is KernelKind.DIAGONAL:
-                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, budget_bytes)
+                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, budget_bytes,
+                         req.contraction)
             elif reader is not None:
                 ja, jb = reader.blocks(n)
                 h = contract(ja, jb, kind, work.c, req.cdtype)
@@ -224,7 +234,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
             else:
                 xa = work.batch(sides[0], i * t, (i + 1) * t)
                 xb = None if req.symmetric and i == j else work.batch(sides[-1], j * t, (j + 1) * t)
-                h = tile(work.model, xa, xb, kind, req.cdtype, budget_bytes)
+                h = tile(work.model, xa, xb, kind, req.cdtype, budget_bytes, req.contraction)
             if not torch.isfinite(h).all():
                 raise ConfigError(f"tile ({i}, {j}) of the kernel has NaN/Inf values (diverged weights?); "
                                   f"completed tiles are kept in {req.out}")
@@ -245,7 +255,8 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
-               deterministic: bool = True, log: Callable[[str], None] | None = print) -> KernelJobResult:
+               deterministic: bool = True, log: Callable[[str], None] | None = print,
+               contraction: str = "auto") -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the package docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
@@ -256,12 +267,13 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
     ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
     beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
-    is refused unless ``overwrite``.
+    is refused unless ``overwrite``. ``contraction``: each layer's strategy for the float32 and bfloat16
+    tiles (``auto`` | ``materialise`` | ``pairs``, as :func:`engine.ntk.entk`).
     ``deterministic`` turns on deterministic algorithms (``engine.set_deterministic``), so that
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
     t_start = time.perf_counter()
-    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy)
+    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction)
     say = log if log is not None else (lambda s: None)
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run

@@ -43,7 +43,7 @@ def contract(ja: torch.Tensor, jb: torch.Tensor | None, kind: KernelKind, c: int
 
 
 def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: KernelKind,
-         compute_dtype: torch.dtype, budget_bytes: int) -> torch.Tensor:
+         compute_dtype: torch.dtype, budget_bytes: int, contraction: str = "auto") -> torch.Tensor:
     """One tile of the kernel, straight from the model: ``(na·C, nb·C)``, ``(na, nb)`` or ``(na, C·C)``.
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
@@ -51,13 +51,15 @@ def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Kern
     Every compute dtype goes through the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel for
     ``xb``), which computes in the parameters' dtype: for float64 ``model`` and the inputs are the
     job's float64 copies, so the tile is float64 throughout. Nothing else in this package computes a
-    tile from the model.
+    tile from the model. ``contraction``: each layer's strategy in the one-pass engine (``auto`` |
+    ``materialise`` | ``pairs``).
     """
     if compute_dtype == torch.float64:
-        h = entk(model, xa, xb, kernel=kind.value, budget_bytes=budget_bytes, dtype=torch.float64)
+        h = entk(model, xa, xb, kernel=kind.value, budget_bytes=budget_bytes, dtype=torch.float64,
+                 contraction=contraction)
     else:
         h = entk(model, xa, xb, kernel=kind.value, compute_dtype=compute_dtype, budget_bytes=budget_bytes,
-                 dtype=torch.float32)
+                 dtype=torch.float32, contraction=contraction)
     if kind is KernelKind.DIAGONAL:
         return h.reshape(len(xa), -1)
     return symmetrised(h) if xb is None else h

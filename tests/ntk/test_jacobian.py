@@ -18,14 +18,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerance import assert_close_to_torch, rel_err
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from engine.errors import ConfigError
 from engine.models import MODEL_NAMES, build_model
-from engine.ntk.jacobian import JacobianBackend, jacobian, parameter_layout, structured_coverage
+from engine.ntk.jacobian import jacobian, parameter_layout, structured_coverage
+from engine.ntk.kinds import Implementation
+from tests._tolerance import assert_close_to_torch, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -114,13 +115,13 @@ def check_against_float64(model: nn.Module, draw, param_names=None, what: str = 
     """structured ≈ reference in float32, both judged against a float64 reference."""
     model = randomize_bn(model).eval()
     x = off_kink_input(model, draw)
-    js = jacobian(model, x, backend="structured", param_names=param_names)
-    jr = jacobian(model, x, backend="reference", param_names=param_names)
+    js = jacobian(model, x, implementation="structured", param_names=param_names)
+    jr = jacobian(model, x, implementation="reference", param_names=param_names)
     assert js.shape == jr.shape
     assert torch.isfinite(js).all()
     assert not js.requires_grad and not jr.requires_grad
     m64 = copy.deepcopy(model).double()
-    j64 = jacobian(m64, x.double(), backend="reference", param_names=param_names, dtype=torch.float64)
+    j64 = jacobian(m64, x.double(), implementation="reference", param_names=param_names, dtype=torch.float64)
     assert_close_to_torch(js, jr, j64, factor=4.0, what=what)
     e, e_s, e_r = rel_err(js, jr), rel_err(js, j64), rel_err(jr, j64)
     # torch.func's vmapped forward rounds differently from the batched one and can
@@ -131,7 +132,7 @@ def check_against_float64(model: nn.Module, draw, param_names=None, what: str = 
         f"reference {e_r:.3g})"
     )
     # In float64 the two backends must agree to float64 rounding.
-    js64 = jacobian(m64, x.double(), backend="structured", param_names=param_names, dtype=torch.float64)
+    js64 = jacobian(m64, x.double(), implementation="structured", param_names=param_names, dtype=torch.float64)
     assert rel_err(js64, j64) < 1e-12, f"{what}: float64 rel err {rel_err(js64, j64):.3g}"
 
 
@@ -307,8 +308,8 @@ def test_projection_is_weighted_sum_of_rows(backend):
     model = randomize_bn(build_model("cnn", num_classes=7, width=4)).eval().double()
     x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
     v = torch.randn(7, dtype=torch.float64)
-    full = jacobian(model, x, backend=backend, dtype=torch.float64)
-    proj = jacobian(model, x, backend=backend, projection=v, dtype=torch.float64)
+    full = jacobian(model, x, implementation=backend, dtype=torch.float64)
+    proj = jacobian(model, x, implementation=backend, projection=v, dtype=torch.float64)
     assert proj.shape == (3, full.shape[1])
     expected = torch.einsum("ncp,c->np", full.view(3, 7, -1), v)
     assert rel_err(proj, expected) < 1e-12
@@ -318,10 +319,10 @@ def test_projection_is_weighted_sum_of_rows(backend):
 def test_param_names_select_columns_in_model_order(backend):
     model = randomize_bn(OddConvNet(3)).eval().double()
     x = torch.randn(3, 3, 7, 9, dtype=torch.float64)
-    full = jacobian(model, x, backend=backend, dtype=torch.float64)
+    full = jacobian(model, x, implementation=backend, dtype=torch.float64)
     layout = {name: (s, e) for name, _, s, e in parameter_layout(model)}
     pick = ["fc.bias", "conv_b.weight", "scale.gain", "bn_a.weight"]  # out of order, one fallback
-    sub = jacobian(model, x, backend=backend, param_names=pick, dtype=torch.float64)
+    sub = jacobian(model, x, implementation=backend, param_names=pick, dtype=torch.float64)
     order = [n for n in layout if n in pick]
     assert [n for n, *_ in parameter_layout(model, pick)] == order
     expected = torch.cat([full[:, layout[n][0] : layout[n][1]] for n in order], dim=1)
@@ -347,12 +348,12 @@ def test_out_buffer_fully_written(backend):
     x = torch.randn(5, 7)
     p = parameter_layout(model)[-1][3]
     out = torch.full((15, p), float("nan"))
-    res = jacobian(model, x, backend=backend, out=out, chunk_size=2)
+    res = jacobian(model, x, implementation=backend, out=out, chunk_size=2)
     assert res is out
     assert not torch.isnan(out).any()
-    assert rel_err(out, jacobian(model, x, backend="reference")) < 1e-5
+    assert rel_err(out, jacobian(model, x, implementation="reference")) < 1e-5
     proj = torch.full((5, p), float("nan"))
-    jacobian(model, x, backend=backend, projection=torch.randn(3), out=proj)
+    jacobian(model, x, implementation=backend, projection=torch.randn(3), out=proj)
     assert not torch.isnan(proj).any()
 
 
@@ -374,7 +375,7 @@ def test_chunking_and_dtypes_agree():
     model = randomize_bn(build_model("cnn", width=4)).eval()
     x = torch.randn(5, 3, 8, 8)
     base = jacobian(model, x)
-    for kw in ({"chunk_size": 1}, {"chunk_size": 2}, {"backend": "reference", "chunk_size": 3}):
+    for kw in ({"chunk_size": 1}, {"chunk_size": 2}, {"implementation": "reference", "chunk_size": 3}):
         assert rel_err(jacobian(model, x, **kw), base) < 1e-6, kw
     wide = jacobian(model, x, dtype=torch.float64)  # computed in float32, stored in float64
     assert wide.dtype == torch.float64 and torch.equal(wide.float(), base)
@@ -382,8 +383,10 @@ def test_chunking_and_dtypes_agree():
     narrow = jacobian(m64, x64)  # computed in float64, stored in the default float32
     assert narrow.dtype == torch.float32
     assert rel_err(narrow, base) < 1e-5
-    assert JacobianBackend("auto") is JacobianBackend.AUTO
-    assert torch.equal(jacobian(model, x, backend=JacobianBackend.AUTO), base)
+    assert Implementation("auto") is Implementation.AUTO
+    assert torch.equal(jacobian(model, x, implementation=Implementation.AUTO), base)
+    with pytest.warns(DeprecationWarning, match="implementation"):
+        assert torch.equal(jacobian(model, x, backend="structured"), base)
 
 
 # --------------------------------------------------------------------------- modes & safety
@@ -399,7 +402,7 @@ def test_train_mode_refused_and_force_eval_restores():
     with pytest.raises(ConfigError, match=r"is in train mode; BatchNorm must use running statistics: call "):
         jacobian(model, x)
     for backend in ("structured", "reference"):
-        j = jacobian(model, x, backend=backend, force_eval=True)
+        j = jacobian(model, x, implementation=backend, force_eval=True)
         assert [m.training for m in model.modules()] == flags
         assert_untouched(model, before)
     assert rel_err(j, jacobian(copy.deepcopy(model).eval(), x)) < 1e-5
@@ -413,8 +416,8 @@ def test_parameters_and_buffers_untouched(name):
     model = randomize_bn(build_model(name)).eval()
     before = snapshot(model)
     x = torch.randn(2, 3, 32, 32)
-    jacobian(model, x, backend="structured")
-    jacobian(model, x, backend="reference", projection=torch.randn(10))
+    jacobian(model, x, implementation="structured")
+    jacobian(model, x, implementation="reference", projection=torch.randn(10))
     structured_coverage(model, x)
     assert_untouched(model, before)
 
@@ -437,8 +440,8 @@ def test_bad_inputs_are_config_errors():
         jacobian(model, [[1.0]])
     with pytest.raises(ConfigError, match=r"projection must be a float tensor of shape \(10,\)"):
         jacobian(model, x, projection=torch.randn(3))
-    with pytest.raises(ConfigError, match="Jacobian backend must be one of auto, reference, structured, got 'fast'"):
-        jacobian(model, x, backend="fast")
+    with pytest.raises(ConfigError, match="implementation must be one of"):
+        jacobian(model, x, implementation="fast")
     with pytest.raises(ConfigError, match="chunk_size"):
         jacobian(model, x, chunk_size=0)
     with pytest.raises(ConfigError, match=r"unknown parameter name\(s\) 'conv9.weight'"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _tolerance import assert_close_to_torch, rel_err
 
 from engine.errors import ConfigError
 from engine.ntk.gram import gram, plan_tiles
 from engine.ops.tf32x3 import tf32x3
 from engine.store import JacobianStore
+from tests._tolerance import assert_close_to_torch, rel_err
 
 
 def _store(tmp_path, J, dtype=torch.float32, c=1):

@@ -10,10 +10,10 @@ import numpy as np
 
 from ..analysis import ConeAnalysis, centred_alignment, effective_rank, label_gram, spectrum, traced
 from ..data import load_dataset
-from ..jobs import probe_set
 from ..ntk import probe_hash
 from ..store import KernelStore
 from ..train import TrainConfig
+from .kernels import probe_set
 
 TOP = 5
 

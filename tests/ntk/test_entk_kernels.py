@@ -23,15 +23,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerance import assert_close_to_torch, rel_err
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from engine.errors import ConfigError
 from engine.ntk import entk
-from engine.ntk.onepass import bf16_matrix_unit
+from engine.ntk.contract import bf16_matrix_unit
 from tests._random import seeded
-from tests.test_jacobian import OddConvNet, OddSeqNet, SharingNet, off_kink_input, randomize_bn
+from tests._tolerance import assert_close_to_torch, rel_err
+from tests.ntk.test_jacobian import OddConvNet, OddSeqNet, SharingNet, off_kink_input, randomize_bn
 
 FACTOR = 8.0
 
@@ -227,6 +227,7 @@ def test_parameter_subset_and_per_layer_sum():
 def test_small_budget_blocks_and_chunks_and_strips_agree(monkeypatch):
     """Several row blocks (recomputed inner blocks), column chunks of a wide layer, and the
     upper-triangle strips of a large diagonal tile give the kernel within tolerance."""
+    import engine.ntk.contract as ct
     import engine.ntk.onepass as op
 
     g, seed = seeded()
@@ -238,7 +239,7 @@ def test_small_budget_blocks_and_chunks_and_strips_agree(monkeypatch):
     ref = kernels_of(*(2 * [ref_jacobian(m64, (x.double(),))]))
     plain = kernels_of(*(2 * [ref_jacobian(model, (x,))]))
     seen = {"chunks": 0, "strips": 0}
-    fill, mm = op._fill_structured, op._mm_into
+    fill, mm = op._fill_structured, ct._mm_into
 
     def counting_fill(piece, *a):
         seen["chunks"] += piece.chunk is not None
@@ -249,7 +250,7 @@ def test_small_budget_blocks_and_chunks_and_strips_agree(monkeypatch):
         return mm(out, a, b, mode)
 
     monkeypatch.setattr(op, "_fill_structured", counting_fill)
-    monkeypatch.setattr(op, "_mm_into", counting_mm)
+    monkeypatch.setattr(ct, "_mm_into", counting_mm)
     for budget in (1 << 30, 4_000_000):
         for kind in ("full", "traced"):
             h = entk(model, x, kernel=kind, budget_bytes=budget)

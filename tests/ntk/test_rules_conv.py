@@ -1,0 +1,31 @@
+"""The conv rules against torch.func: Conv1d and Conv2d with stride, padding, dilation, groups,
+'same' padding with a non-zero padding mode, no bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests._random import seeded
+from tests.ntk._rule_check import check_rule
+
+
+def _x(*shape):
+    gen, _ = seeded()
+    return torch.randn(*shape, generator=gen)
+
+
+def test_conv2d_stride_padding_dilation():
+    check_rule(nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), _x(4, 3, 7, 9), "Conv2d")
+
+
+def test_conv2d_groups_without_bias():
+    check_rule(nn.Conv2d(6, 9, 3, groups=3, bias=False), _x(3, 6, 5, 7), "grouped Conv2d")
+
+
+def test_conv2d_same_reflect():
+    check_rule(nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"), _x(3, 2, 6, 5), "Conv2d same/reflect")
+
+
+def test_conv1d():
+    check_rule(nn.Conv1d(4, 5, 3, stride=2, padding=1), _x(5, 4, 11), "Conv1d")

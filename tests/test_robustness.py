@@ -1,0 +1,443 @@
+"""Bad input gets a clear refusal before any work (issue 22): a table of bad calls replayed
+through the command line and the API.
+
+Every CLI case must exit 2 with its error as one line (``entk CMD: error: ...``, or argparse's
+usage error) that names the flag or file and what was expected, print no traceback, leave no
+new file behind and change no existing file. Every API case must raise ``ConfigError`` or
+``DataError`` (or a store error, which is a ``ValueError`` of the engine) with such a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import build_parser, main
+from engine.errors import EngineError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "cnn", "--n-train", "200", "--n-test", "100", "--batch-size", "20", "--eval-train", "100",
+         "--quiet"]
+MODELS = "tests.helpers.bad_models"
+
+
+class CaseTimeout(BaseException):
+    """A refusal comes before any work: a case still running after CASE_SECONDS did the work instead."""
+
+
+CASE_SECONDS = 60
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout(f"still running after {CASE_SECONDS} s: the input was accepted and the work started")
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    """Every file under ``d`` with the hash of its bytes (directories by name), but the data cache's
+    (a decoded source is cached when it is first read: a cache, not an output of the command)."""
+    snap = {}
+    for p in sorted(d.rglob("*")):
+        key = str(p.relative_to(d))
+        if key.split(os.sep)[0] == "cache":
+            continue
+        snap[key] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return snap
+
+
+def _write_tile(path: Path, k: int, fill) -> None:
+    """Replace tile ``k`` of a stored kernel as a job would write it (a valid store holding a bad value)."""
+    from engine.store import KernelTiles
+
+    f = KernelTiles(path)
+    tr, tc = f.tile_shape
+    block = torch.from_numpy(np.array(f.memmap("tiles")[k]))
+    fill(block)
+    with f.writer() as w:
+        w.write("tiles", k, block.reshape(1, tr, tc))
+        w.mark_complete(k)
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def _jpeg_tree(root: Path, seed: int) -> Path:
+    """A tiny CIFAR-shaped JPEG tree (10 classes, 4 train and 2 test images each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A small run, kernels made from it (some of them wrong on purpose), and two CIFAR-shaped trees."""
+    d = tmp_path_factory.mktemp("robust")
+    run = str(d / "run.h5")
+    assert main(["train", *SMALL, "--steps", "4", "--checkpoints", "0", "--out", run]) == 0
+    common = ["--run", run, "--tile", "6", "--quiet"]
+    assert main(["kernel", *common, "--x1", "train:12", "--out", str(d / "ktr.h5")]) == 0
+    assert main(["kernel", *common, "--x1", "test:6", "--x2", "train:12", "--out", str(d / "kte.h5")]) == 0
+    assert main(["kernel", *common, "--x1", "train:6", "--kernel", "diagonal", "--out", str(d / "kdiag.h5")]) == 0
+    for name, fill in (("knan.h5", lambda b: b[1, 2].fill_(float("nan"))),
+                       ("kasym.h5", lambda b: b[1, 2].add_(1.0))):
+        shutil.copy(d / "ktr.h5", d / name)
+        _write_tile(d / name, 0, fill)
+    from engine.store import KernelTiles
+
+    for name, src, off in (("kdamaged.h5", "ktr.h5", KernelTiles(d / "ktr.h5").datasets["tiles"].offset + 10),
+                           ("rundamaged.h5", "run.h5", 1057)):  # a tile; the run's HDF5 metadata
+        shutil.copy(d / src, d / name)
+        _flip(d / name, off)
+    (d / "garbage.pt").write_bytes(b"this is not a pickle\n" * 10)
+    (d / "statedir").mkdir()
+    _jpeg_tree(d / "treeA", 1)
+    _jpeg_tree(d / "treeB", 2)
+    cache = d / "cache"
+    assert main(["train", "--model", "cnn", "--data", "cifar10", "--data-root", str(d / "treeA"), "--cache-dir",
+                 str(cache), "--batch-size", "10", "--eval-train", "10", "--steps", "2", "--quiet",
+                 "--out", str(d / "runA.h5")]) == 0
+    return d
+
+
+# (id, argv with {d} for the fixture folder, regexes the error line must match)
+CLI_CASES = [
+    # kernel-predict: non-finite and too-small numbers
+    ("predict-ridge-inf", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --ridge inf", [r"--ridge", r"finite"]),
+    ("predict-ridge-nan", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --ridge nan", [r"--ridge"]),
+    ("predict-budget-inf", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --budget-gb inf",
+     [r"--budget-gb", r"finite"]),
+    ("predict-budget-nan", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --budget-gb nan", [r"--budget-gb"]),
+    ("predict-budget-tiny", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --budget-gb 1e-12",
+     [r"--budget-gb", r"1e-12", r"byte", r"^(?!.*got 0\b)"]),
+    ("predict-budget-neg", "kernel-predict --train {d}/ktr.h5 --cross {d}/kte.h5 --budget-gb -1", [r"--budget-gb"]),
+    # stored kernels that are wrong: a NaN, an asymmetric diagonal tile
+    ("info-nan-tile", "kernel-info {d}/knan.h5", [r"knan\.h5", r"tile \(0, 0\)", r"not finite"]),
+    ("predict-nan-train-cg", "kernel-predict --train {d}/knan.h5 --cross {d}/kte.h5 --solver cg",
+     [r"knan\.h5", r"tile \(0, 0\)", r"not finite"]),
+    ("predict-nan-train-chol", "kernel-predict --train {d}/knan.h5 --cross {d}/kte.h5 --solver cholesky",
+     [r"knan\.h5", r"tile \(0, 0\)", r"not finite"]),
+    ("info-asym-tile", "kernel-info {d}/kasym.h5", [r"kasym\.h5", r"tile \(0, 0\)", r"not symmetric"]),
+    ("predict-asym-train", "kernel-predict --train {d}/kasym.h5 --cross {d}/kte.h5 --solver cg",
+     [r"kasym\.h5", r"tile \(0, 0\)", r"not symmetric"]),
+    ("predict-swapped", "kernel-predict --train {d}/kte.h5 --cross {d}/ktr.h5", [r"kte\.h5", r"square"]),
+    ("info-missing", "kernel-info {d}/nope.h5", [r"nope\.h5", r"does not exist"]),
+    ("info-not-kernel", "kernel-info {d}/run.h5", [r"run\.h5", r"not"]),
+    ("info-dir", "kernel-info {d}/statedir", [r"statedir", r"directory"]),
+    ("info-garbage", "kernel-info {d}/garbage.pt", [r"garbage\.pt"]),
+    # damaged files: refused naming the file and the part, never a crash
+    ("info-damaged-tile", "kernel-info {d}/kdamaged.h5", [r"kdamaged\.h5", r"damaged", r"row 0 of tiles"]),
+    ("predict-damaged-tile", "kernel-predict --train {d}/kdamaged.h5 --cross {d}/kte.h5", [r"kdamaged\.h5",
+                                                                                        r"damaged"]),
+    ("ntk-damaged-run", "ntk --run {d}/rundamaged.h5 --probe 4 --out {d}/kk.h5", [r"rundamaged\.h5", r"metadata"]),
+    ("kernel-damaged-run", "kernel --run {d}/rundamaged.h5 --x1 train:4 --out {d}/kx.h5",
+     [r"rundamaged\.h5", r"metadata"]),
+    ("train-resume-damaged", "train " + " ".join(SMALL) + " --steps 4 --checkpoints 0 --out {d}/rundamaged.h5",
+     [r"rundamaged\.h5", r"damaged"]),
+    ("verify-not-ours", "verify {d}/garbage.pt", [r"garbage\.pt", r"not an entk file"]),
+    ("verify-dir", "verify {d}/statedir", [r"statedir", r"directory"]),
+    # train: numbers and lists
+    ("train-lr-inf", "train " + " ".join(SMALL) + " --steps 5 --lr inf", [r"lr", r"finite"]),
+    ("train-lr-nan", "train " + " ".join(SMALL) + " --steps 5 --lr nan", [r"lr"]),
+    ("train-momentum-nan", "train " + " ".join(SMALL) + " --steps 5 --momentum nan", [r"momentum"]),
+    ("train-wd-inf", "train " + " ".join(SMALL) + " --steps 5 --weight-decay inf", [r"weight_decay|--weight-decay"]),
+    ("train-gamma-nan", "train " + " ".join(SMALL) + " --steps 5 --gamma nan", [r"gamma"]),
+    ("train-milestones-inf", "train " + " ".join(SMALL) + " --steps 5 --milestones inf", [r"milestones", r"finite"]),
+    ("train-milestones-mixed", "train " + " ".join(SMALL) + " --steps 5 --milestones 0.5,3",
+     [r"milestones", r"mix"]),
+    ("train-seed-2**64", "train " + " ".join(SMALL) + f" --steps 5 --seed {2**64 + 1}", [r"seed", r"2\*\*63|2\^63"]),
+    ("train-seed-2**63", "train " + " ".join(SMALL) + f" --steps 5 --seed {2**63}", [r"seed"]),
+    ("train-seed-neg", "train " + " ".join(SMALL) + " --steps 5 --seed -1", [r"seed"]),
+    ("train-data-seed-big", "train " + " ".join(SMALL) + f" --steps 5 --data-seed {2**63}", [r"seed"]),
+    ("train-subset-seed-big", "train " + " ".join(SMALL) + f" --steps 5 --subset-seed {2**64}", [r"seed"]),
+    ("train-checkpoints-empty", "train " + " ".join(SMALL) + " --steps 5 --checkpoints '' --out {d}/new.h5",
+     [r"--checkpoints"]),
+    ("train-steps-frac", "train " + " ".join(SMALL) + " --steps 2.5", [r"--steps"]),
+    ("train-out-dir", "train " + " ".join(SMALL) + " --steps 5 --out {d}/statedir", [r"statedir", r"directory"]),
+    ("train-resume-other-data", "train " + " ".join(SMALL).replace("200", "180", 1) + " --steps 4 --checkpoints 0 "
+     "--out {d}/run.h5", [r"run\.h5"]),
+    # reproduce: empty lists are errors, never the preset
+    ("reproduce-seeds-empty", "reproduce --seeds '' --out {d}/study", [r"--seeds", r"empty"]),
+    ("reproduce-t0-empty", "reproduce --t0 '' --out {d}/study", [r"--t0", r"empty"]),
+    ("reproduce-t1-empty", "reproduce --t1 , --out {d}/study", [r"--t1", r"empty"]),
+    ("reproduce-checkpoints-empty", "reproduce --checkpoints '' --out {d}/study", [r"--checkpoints", r"empty"]),
+    ("reproduce-seeds-big", f"reproduce --seeds 0,{2**63} --out {{d}}/study", [r"--seeds", r"2\*\*63"]),
+    ("reproduce-steps-zero", "reproduce --steps 0 --out {d}/study", [r"--steps"]),
+    # chaos
+    ("chaos-t0-empty", "chaos " + " ".join(SMALL) + " --t0 '' --t1 4 --out {d}/chaos.h5", [r"--t0", r"empty"]),
+    ("chaos-eps-zero", "chaos " + " ".join(SMALL) + " --t0 0 --t1 4 --eps 0 --out {d}/chaos.h5", [r"eps"]),
+    ("chaos-eps-inf", "chaos " + " ".join(SMALL) + " --t0 0 --t1 4 --eps inf --out {d}/chaos.h5", [r"eps"]),
+    ("chaos-perturb-seed-big", "chaos " + " ".join(SMALL) + f" --t0 0 --t1 4 --perturb-seed {2**63} "
+     "--out {d}/chaos.h5", [r"seed"]),
+    # kernel: models, states, data, budgets
+    ("kernel-run-other-data", "kernel --run {d}/runA.h5 --data-root {d}/treeB --cache-dir {d}/cache --x1 train:4 "
+     "--quiet --out {d}/kx.h5", [r"runA\.h5", r"other data"]),
+    ("kernel-tile-over-budget", "kernel --run {d}/run.h5 --x1 train:40 --tile 40 --budget-gb 1.08 --quiet "
+     "--out {d}/kx.h5", [r"--tile 40", r"--budget-gb", r"largest tile that fits is --tile \d+"]),
+    ("kernel-budget-inf", "kernel --run {d}/run.h5 --x1 train:4 --budget-gb inf --out {d}/kx.h5",
+     [r"--budget-gb", r"finite"]),
+    ("kernel-budget-tiny", "kernel --run {d}/run.h5 --x1 train:4 --budget-gb 1e-12 --out {d}/kx.h5",
+     [r"--budget-gb", r"^(?!.*got 0\b)"]),
+    ("kernel-disk-budget-inf", "kernel --run {d}/run.h5 --x1 train:4 --disk-budget-gb inf --out {d}/kx.h5",
+     [r"--disk-budget-gb", r"finite"]),
+    ("kernel-seed-big", f"kernel --run {{d}}/run.h5 --x1 train:4 --seed {2**63} --out {{d}}/kx.h5", [r"--seed"]),
+    ("kernel-seed-neg", "kernel --run {d}/run.h5 --x1 train:4 --seed -3 --out {d}/kx.h5", [r"--seed"]),
+    ("kernel-state-garbage", f"kernel --model-fn {MODELS}:float32_model --state {{d}}/garbage.pt --x1 train:4 "
+     "--quiet --out {d}/kx.h5", [r"--state", r"garbage\.pt"]),
+    ("kernel-state-dir", f"kernel --model-fn {MODELS}:float32_model --state {{d}}/statedir --x1 train:4 "
+     "--quiet --out {d}/kx.h5", [r"--state", r"statedir", r"directory"]),
+    ("kernel-model-float64", f"kernel --model-fn {MODELS}:float64_model --x1 train:4 --quiet --out {{d}}/kx.h5",
+     [r"--model-fn", r"float64"]),
+    ("kernel-model-tuple", f"kernel --model-fn {MODELS}:tuple_model --x1 train:4 --quiet --out {{d}}/kx.h5",
+     [r"--model-fn", r"tuple"]),
+    ("kernel-x1-too-many", "kernel --run {d}/run.h5 --x1 train:100000 --out {d}/kx.h5", [r"--x1"]),
+    ("kernel-x1-bad", "kernel --run {d}/run.h5 --x1 val:4 --out {d}/kx.h5", [r"--x1"]),
+    ("kernel-checkpoint-missing", "kernel --run {d}/run.h5 --checkpoint 3 --x1 train:4 --out {d}/kx.h5",
+     [r"checkpoint 3"]),
+    ("kernel-run-is-kernel", "kernel --run {d}/ktr.h5 --x1 train:4 --out {d}/kx.h5", [r"ktr\.h5"]),
+    ("kernel-out-is-run", "kernel --run {d}/run.h5 --x1 train:4 --out {d}/run.h5", [r"run\.h5"]),
+    ("kernel-resume-other-job", "kernel --run {d}/run.h5 --x1 train:4 --quiet --out {d}/ktr.h5", [r"ktr\.h5"]),
+    # ntk
+    ("ntk-probe-zero", "ntk --run {d}/run.h5 --probe 0 --out {d}/kk.h5", [r"--probe"]),
+    ("ntk-run-garbage", "ntk --run {d}/garbage.pt --probe 4 --out {d}/kk.h5", [r"garbage\.pt"]),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_refuses_bad_input(files, case):
+    _, template, patterns = case
+    argv = [a if a != "''" else "" for a in template.format(d=files).split()]
+    before = _snapshot(files)
+    rc, out, err = _cli(argv)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2, f"exit {rc}; stderr: {err[-600:]!r}; stdout: {out[-300:]!r}"
+    assert "Traceback" not in err + out
+    assert lines, "no message"
+    msg = lines[-1]
+    if not msg.startswith("usage:") and not re.match(r"entk [\w-]+: error: argument ", msg):
+        assert len(lines) == 1, f"the error is not one line: {err!r}"
+    assert re.match(r"entk [\w-]+: error: ", msg), msg
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
+    assert _snapshot(files) == before, "a file was created or changed"
+
+
+def test_verify_exit_codes(files):
+    """0 for an intact file, 1 for a damaged one (the part named), 2 for a file that is not ours."""
+    for name in ("run.h5", "ktr.h5", "kte.h5", "kdiag.h5", "runA.h5"):
+        rc, out, err = _cli(["verify", str(files / name)])
+        assert rc == 0 and "ok" in out, (name, out, err)
+    rc, out, _ = _cli(["verify", str(files / "kdamaged.h5")])
+    assert rc == 1 and "kdamaged.h5 is damaged: row 0 of tiles fails its checksum" in out, out
+    rc, out, _ = _cli(["verify", str(files / "rundamaged.h5")])
+    assert rc == 1 and "metadata" in out, out
+    rc, _, err = _cli(["verify", str(files / "garbage.pt")])
+    assert rc == 2 and "not an entk file" in err
+
+
+def test_negative_numbers_are_values_not_options():
+    """``--eps -1e-7`` is a value (argparse alone reads it as an option)."""
+    p = build_parser()
+    args = p.parse_args(["chaos", "--t0", "0", "--t1", "4", "--eps", "-1e-7", "--out", "x.h5"])
+    assert args.eps == -1e-7
+    args = p.parse_args(["reproduce", "--eps", "-1E-7", "--out", "d"])
+    assert args.eps == -1e-7
+
+
+def test_chaos_negative_eps_is_refused_before_any_file(files):
+    before = _snapshot(files)
+    rc, _, err = _cli(["chaos", *SMALL, "--t0", "0", "--t1", "4", "--eps", "-1e-7", "--out", str(files / "c.h5")])
+    assert rc == 2 and "eps" in err and "Traceback" not in err
+    assert _snapshot(files) == before
+
+
+def test_kernel_info_of_the_diagonal_kernel_names_no_x2(files):
+    rc, out, err = _cli(["kernel-info", str(files / "kdiag.h5")])
+    assert rc == 0, err
+    assert "None" not in out and "x2" not in out
+
+
+def test_ext_status_claims_no_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, out, _ = _cli(["ext", "status", "--device", "cuda"])
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("triton (cuda)")]
+    assert lines and "not available" in lines[0], out
+
+
+def test_json_into_a_read_only_directory_is_refused_up_front(files, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "s.json").write_text("{}")
+    ro.chmod(0o555)
+    try:
+        rc, _, err = _cli(["kernel-info", str(files / "ktr.h5"), "--json", str(ro / "s.json")])
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2 and "--json" in err and (ro / "s.json").read_text() == "{}"
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+
+def _api_cases(d: Path):
+    from engine import TrainConfig
+    from engine.analysis.kernel_tools import kernel_predict, top_eigenpairs
+    from engine.ntk import entk, gram, jacobian_to_store
+    from engine.store import JacobianStore, RunFile, open_kernel
+    from tests.helpers.bad_models import float64_model, tuple_model
+
+    x = torch.randn(3, 3, 32, 32)
+
+    def incomplete_store():
+        s = JacobianStore.create_for(d / "api-J.h5", job={"model": "x"}, n_inputs=4, num_outputs=2, n_params=5,
+                                     block_inputs=2, overwrite=True)
+        with s.writer() as w:
+            w.write("jacobian", 0, torch.ones(4, 5))
+            w.mark_complete(0)
+        try:
+            return gram(JacobianStore(d / "api-J.h5"))
+        finally:
+            (d / "api-J.h5").unlink()
+
+    def load_into_wrong_model():
+        from engine.models import build_model
+
+        return RunFile(d / "run.h5").load_into(build_model("resnet20", num_classes=10), 0)
+
+    nan = np.eye(6)
+    nan[1, 2] = np.nan
+    labels = np.arange(6) % 2
+    not_psd = -np.eye(6)
+    return [
+        ("predict-nan-file", lambda: kernel_predict(open_kernel(d / "knan.h5"), open_kernel(d / "kte.h5")),
+         [r"knan\.h5", r"tile \(0, 0\)", r"not finite"]),
+        ("predict-nan-array", lambda: kernel_predict(nan, np.eye(6), y_train=labels, num_classes=2),
+         [r"not finite"]),
+        ("predict-asym-array", lambda: kernel_predict(np.triu(np.ones((6, 6))), np.eye(6), y_train=labels,
+                                                      num_classes=2), [r"not symmetric"]),
+        ("predict-not-psd-cg", lambda: kernel_predict(not_psd, np.eye(6), y_train=labels, num_classes=2,
+                                                      solver="cg"), [r"positive"]),
+        ("predict-ridge-inf", lambda: kernel_predict(np.eye(6), np.eye(6), y_train=labels, num_classes=2,
+                                                     ridge=float("inf")), [r"ridge", r"finite"]),
+        ("predict-budget-zero", lambda: kernel_predict(np.eye(6), np.eye(6), y_train=labels, num_classes=2,
+                                                       budget_bytes=0), [r"budget"]),
+        ("eig-iterations-1", lambda: top_eigenpairs(np.diag(np.arange(1.0, 9.0)), 4, iterations=1),
+         [r"iterations"]),
+        ("eig-nan", lambda: top_eigenpairs(open_kernel(d / "knan.h5"), 2), [r"tile \(0, 0\)", r"not finite"]),
+        ("gram-budget-zero", lambda: gram(torch.ones(4, 3), budget_bytes=0), [r"budget_bytes"]),
+        ("gram-budget-inf", lambda: gram(torch.ones(4, 3), budget_bytes=float("inf")), [r"budget_bytes"]),
+        ("gram-incomplete-store", incomplete_store, [r"api-J\.h5", r"unit|block", r"1"]),
+        ("entk-float64-model", lambda: entk(float64_model().eval(), x), [r"float64"]),
+        ("entk-tuple-model", lambda: entk(tuple_model().eval(), x), [r"tuple"]),
+        ("jacobian-store-float64", lambda: jacobian_to_store(float64_model().eval(), x, d / "api-J64.h5"),
+         [r"float64"]),
+        ("config-steps-frac", lambda: TrainConfig(steps=2.5).validate(), [r"steps", r"int"]),
+        ("config-lr-str", lambda: TrainConfig(lr="0.1").validate(), [r"lr", r"number"]),
+        ("config-lr-inf", lambda: TrainConfig(lr=float("inf")).validate(), [r"lr", r"finite"]),
+        ("config-seed-big", lambda: TrainConfig(seed=2**63).validate(), [r"seed", r"2\*\*63"]),
+        ("config-batch-bool", lambda: TrainConfig(batch_size=True).validate(), [r"batch_size"]),
+        ("config-milestones-mixed", lambda: TrainConfig(milestones=(0.5, 3)).validate(), [r"milestones", r"mix"]),
+        ("load-into-wrong-model", load_into_wrong_model, [r"run\.h5", r"does not fit", r"\d+ (missing|unexpected)"]),
+    ]
+
+
+API_IDS = ["predict-nan-file", "predict-nan-array", "predict-asym-array", "predict-not-psd-cg", "predict-ridge-inf",
+           "predict-budget-zero", "eig-iterations-1", "eig-nan", "gram-budget-zero", "gram-budget-inf",
+           "gram-incomplete-store", "entk-float64-model", "entk-tuple-model", "jacobian-store-float64",
+           "config-steps-frac", "config-lr-str", "config-lr-inf", "config-seed-big", "config-batch-bool",
+           "config-milestones-mixed", "load-into-wrong-model"]
+
+
+@pytest.mark.parametrize("name", API_IDS)
+def test_api_refuses_bad_input(files, name):
+    cases = {c[0]: c for c in _api_cases(files)}
+    assert set(cases) == set(API_IDS)
+    _, call, patterns = cases[name]
+    before = _snapshot(files)
+    with pytest.raises(EngineError) as info:
+        call()
+    assert isinstance(info.value, ValueError), type(info.value)
+    msg = str(info.value)
+    assert "\n" not in msg.strip(), msg
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
+    assert _snapshot(files) == before, "a file was created or changed"
+
+
+def test_top_eigenpairs_returns_the_pairs_asked_for():
+    from engine.analysis.kernel_tools import top_eigenpairs
+
+    k = np.diag(np.arange(1.0, 9.0))
+    eig = top_eigenpairs(k, 4, iterations=4)
+    assert len(eig.values) == 4 and eig.vectors.shape == (8, 4)
+
+
+def test_sigint_exits_130_without_traceback(files):
+    """SIGINT while the work runs exits 130; SIGINT once it has ended (reporting, teardown) keeps exit 0.
+
+    Neither prints a traceback. The signal is sent once the process is past its imports: the work
+    has started when the run file exists, and has ended when the summary is printed.
+    """
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    out = files / "sigint.h5"
+    for when, steps, want in (("working", 2000, 130), ("ending", 2, 0)):
+        out.unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, "-m", "engine", "train", *SMALL, "--steps", str(steps), "--checkpoints",
+                              "0", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=env)
+        if when == "working":
+            deadline = time.monotonic() + 240
+            while not out.exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+        else:
+            first = p.stdout.readline()  # the summary: the command is reporting, then tears down
+            assert first, p.stderr.read()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == want, (when, p.returncode, err)
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        if want == 130:
+            assert "interrupted" in err and len(err.strip().splitlines()) == 1, err
+    out.unlink(missing_ok=True)
