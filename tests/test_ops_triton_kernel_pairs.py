@@ -115,8 +115,11 @@ def test_elements_below_diagonal_are_not_read(device, diag_offset):
     x = x.to(device)
     g = kernel_pair_products(x, symmetric=True, diag_offset=diag_offset, backend="triton")
     assert torch.isfinite(g).all(), f"a below-diagonal element was read (seed={seed})"
-    ref = kernel_pairs_reference(torch.nan_to_num(x, nan=0.0), symmetric=True, diag_offset=diag_offset)
-    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=f"seed={seed}")
+    clean = torch.nan_to_num(x, nan=0.0)  # the weight-0 NaNs read as zeros
+    ref = kernel_pairs_reference(clean, symmetric=True, diag_offset=diag_offset)
+    # precision-derived (a fixed rtol failed on a CPU run: seed 799424859, diag_offset -5)
+    assert_close_to_torch(g.cpu(), _torch_same_precision(clean, True, diag_offset).cpu(), ref.cpu(),
+                          what=f"seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
