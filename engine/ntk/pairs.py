@@ -84,13 +84,9 @@ def linear_geometry(m: nn.Module, a: Tensor, y: Tensor) -> Geometry:
     return Geometry(1, m.in_features, m.out_features, math.prod(a.shape[1:-1]))
 
 
-def conv_operands(m: nn.Module, a: Tensor, g: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(p, g) of a Conv1d/Conv2d call: input a (n, C_in, *S), output gradients g (n, K, C_out, *S_out).
 
-    ``scale`` (C_out,): the true output gradient is g times it along the channels (a gradient
-    borrowed from a following BatchNorm).
-    """
-    spatial = a.dim() - 2
+def conv_patches(m: nn.Module, a: Tensor, spatial: int) -> Tensor:
+    """Unfolded input patches (n, C_in·∏kernel, L) of a 1-D or 2-D conv ``m`` on its input ``a``."""
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         # As the conv's own forward: explicit (possibly asymmetric) padding, then none.
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -102,7 +98,16 @@ def conv_operands(m: nn.Module, a: Tensor, g: Tensor, scale: Tensor | None = Non
     if spatial == 1:
         a = a.unsqueeze(2)
         kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    p = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C_in·kk, T)
+    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+
+def conv_operands(m: nn.Module, a: Tensor, g: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(p, g) of a Conv1d/Conv2d call: input a (n, C_in, *S), output gradients g (n, K, C_out, *S_out).
+
+    ``scale`` (C_out,): the true output gradient is g times it along the channels (a gradient
+    borrowed from a following BatchNorm).
+    """
+    spatial = a.dim() - 2
+    p = conv_patches(m, a, spatial)  # (n, C_in·kk, T)
     n, k, c_out = g.shape[:3]
     groups = m.groups
     g5 = g.reshape(n, k, groups, c_out // groups, -1)

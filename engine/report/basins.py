@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from ..analysis.chaos import BASIN_FRAC, basin_values
 from ..errors import ConfigError
+from .figures import save_figure
 
 DPI = 130
 _FIELDS = (("barrier_test", "test loss barrier"), ("error_barrier_test", "test error barrier"))
@@ -75,11 +76,4 @@ def plot_basins(summaries, out_stem, *, lr_changes=()) -> list[Path]:
     tc = cfg["train"]
     fig.suptitle(f"Which basin the twins end in: {tc['model']} on {tc['data']}, {len(sums)} seed(s); "
                  + (f"lr changes at {list(lr_changes)}" if lr_changes else "constant learning rate"))
-    stem = Path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        p = stem.parent / f"{stem.name}.{ext}"
-        fig.savefig(p, dpi=DPI)
-        paths.append(p)
-    return paths
+    return save_figure(fig, out_stem)

@@ -62,7 +62,8 @@ def _new_figure(figsize) -> Figure:
     return fig
 
 
-def _save(fig: Figure, out_stem) -> list[Path]:
+def save_figure(fig: Figure, out_stem) -> list[Path]:
+    """``fig`` as ``out_stem``.png and .pdf (the folder made); the paths written."""
     stem = Path(out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -123,7 +124,7 @@ def plot_chaos(summary, out_stem, barrier: str = "test", *, lr_changes=()) -> li
     fig.suptitle(f"Chaos Effect: {tc['model']} on {tc['data']}, eps={cfg['eps']} ({cfg['norm']}){seeds}; "
                  f"noise floor (control vs base, L2) = {floor:.3g}"
                  + (f"; lr changes at {list(lr_changes)}" if lr_changes else "; constant learning rate"))
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 # --------------------------------------------------------------------------- Fig. 4
@@ -174,7 +175,7 @@ def plot_kernel_distance(a: ConeAnalysis, out_stem, *, title: str | None = None,
     ax.set_title(f"{head}kernel distance between checkpoints\n"
                  f"transition at t = {a.transition_iteration}; max S after it = {post.max():.3g} "
                  f"(whole run {a.distance.max():.3g}); cone half-angle {_deg(a.cone_half_angle)}", fontsize=10)
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 # --------------------------------------------------------------------------- Fig. 5
@@ -312,7 +313,7 @@ def plot_cone(a: ConeAnalysis, out_stem, *, taus: Sequence[int] | None = None, l
     fig.suptitle(f"{head}Cone Effect over {len(a.iterations)} checkpoints: transition at t = "
                  f"{a.transition_iteration}, cone half-angle {_deg(a.cone_half_angle)} "
                  f"(whole trajectory {_deg(a.suffix_half_angle[0])})")
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 # --------------------------------------------------------------------------- Fig. 6
@@ -402,7 +403,7 @@ def plot_growth(summaries, out_stem, *, window: int, lr_changes=(), transitions=
     seeds = f"{len(sums)} seeds (mean, min-max band)" if len(sums) > 1 else "1 seed"
     fig.suptitle(f"Divergence of perturbed twins: {seeds}; "
                  + (f"lr changes at {list(lr_changes)}" if lr_changes else "constant learning rate"))
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 # --------------------------------------------------------------------------- Fig. 7
@@ -440,4 +441,4 @@ def plot_kernel_diagnostics(diags, out_stem, *, lr_changes=(), cone_transition=N
         ax.legend(fontsize=7)
     seeds = f"{len(diags)} seeds (mean, min-max band)" if len(diags) > 1 else "1 seed"
     fig.suptitle(f"Kernel trajectory diagnostics: {seeds}")
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)

@@ -7,29 +7,16 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pairs import PairSupport, conv_geometry, conv_operands
+from ..pairs import PairSupport, conv_geometry, conv_operands, conv_patches
 from . import LayerRule, register
 from .write import bmm_into, scaled, store
 
 
 def patches(m: nn.Module, a: Tensor, spatial: int) -> Tensor:
     """Unfolded input patches (n, C_in·∏kernel, L) for a 1-D or 2-D conv."""
-    if m.padding_mode != "zeros" or isinstance(m.padding, str):
-        # Mirror _conv_forward: explicit padding (non-zero modes, or 'same' which may
-        # be asymmetric), then a padding-free conv.
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * spatial
-    else:
-        padding = tuple(m.padding)
-    kernel, stride, dilation = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
-    if spatial == 1:
-        a = a.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    return conv_patches(m, a, spatial)
 
 
 def _supports(spatial: int) -> Callable[[nn.Module, Tensor, Tensor], bool]:
