@@ -224,7 +224,9 @@ def test_sigkill_mid_job_then_rerun_is_bit_identical(tmp_path, ds):
     kernel_job(ref, model=tiny_cnn(), dataset=ds, model_name="tiny_cnn", x1="test:16", kernel="full", tile_inputs=2,
                strategy="stored-jacobian", log=None, quiet=True)
     out = tmp_path / "killed.h5"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Each tile is followed by a pause, so the poll below sees the job mid-way on a machine of any
+    # speed (on a fast CI machine the whole job once finished between two successful reads).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENTK_DRIVER_TILE_PAUSE": "0.3"}
     proc = subprocess.Popen([sys.executable, str(DRIVER), str(out), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline, killed_at = time.time() + 180, None
