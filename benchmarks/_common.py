@@ -59,16 +59,8 @@ def cpu_name() -> str:
 
 
 def bf16_unit() -> str:
-    """This CPU's bfloat16 matrix unit, from /proc/cpuinfo's flags: "AMX", "AVX-512 BF16" or "none"
-    (without one, bfloat16 products are emulated and no faster than float32)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    if "amx_bf16" in flags:
-                        return "AMX"
-                    return "AVX-512 BF16" if "avx512_bf16" in flags else "none"
-    except OSError:
-        pass
-    return "none"
+    """This CPU's bfloat16 matrix unit: "AMX", "AVX-512 BF16" or "none" (without one, bfloat16
+    products are emulated and no faster than float32; see `entk ext status`)."""
+    from engine.ntk.contract import bf16_unit_name
+
+    return bf16_unit_name()

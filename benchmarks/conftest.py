@@ -65,4 +65,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 frac = f"  {b.extra_info['bytes'] / med / 1e9 / b.extra_info['ceiling_GBps']:6.1%} of copy"
             elif b.extra_info.get("ceiling_TFLOPs") and b.extra_info.get("flops"):
                 frac = f"  {b.extra_info['flops'] / med / 1e12 / b.extra_info['ceiling_TFLOPs']:6.1%} of mm"
-            tr.write_line(f"  {b.name:<52} median {med * 1e3:9.3f} ms  {ratio} {per_s}{frac}")
+            note = ""
+            if "bfloat16" in b.name and not torch.cuda.is_available() and bf16_unit() == "none":
+                # Emulated in float32: its time is this CPU's, not a bfloat16 result.
+                note = "  (no bf16 unit: emulated, not a bf16 speed)"
+            tr.write_line(f"  {b.name:<52} median {med * 1e3:9.3f} ms  {ratio} {per_s}{frac}{note}")

@@ -140,3 +140,21 @@ def test_ext_status_reports_each_backend():
     assert out.returncode == 0, out.stderr
     assert "ext (cpu):" in out.stdout and "triton (cpu):" in out.stdout
     assert "CUDA_HOME" not in out.stderr  # torch's CUDA-toolkit warning is irrelevant on the CPU
+    assert "bf16 matmul (cpu):" in out.stdout
+
+
+@pytest.mark.parametrize(("flags", "unit"), [({"avx2", "fma"}, "none"), ({"avx2", "avx512_bf16"}, "AVX-512 BF16"),
+                                             ({"avx512_bf16", "amx_bf16", "amx_tile"}, "AMX")])
+def test_ext_status_names_the_bf16_matrix_unit(monkeypatch, capsys, tmp_path, flags, unit):
+    """An AVX2-only CPU is said to emulate bfloat16 (no speed-up to expect), not left to look slow."""
+    from engine.ntk import contract
+
+    assert contract.bf16_unit_name(frozenset(flags)) == unit
+    monkeypatch.setattr(contract, "_cpu_flags", lambda: frozenset(flags))
+    js = tmp_path / "e.json"
+    assert main(["ext", "status", "--device", "cpu", "--json", str(js)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bf16 matmul (cpu):"))
+    assert line.startswith(f"bf16 matmul (cpu): {unit}")
+    assert ("emulated" in line and "no speed-up" in line) == (unit == "none")
+    assert json.loads(js.read_text())["devices"]["cpu"]["bf16_matmul"] == unit
+    assert contract.bf16_matrix_unit() == (unit != "none")

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..ntk.contract import bf16_unit_name
 from ..ops import BackendUnavailableError
 from ..ops import ext as ops_ext
 from ..ops.backend import triton_unavailable_reason
@@ -23,9 +24,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build", "status"], help="build: compile now; status: report only")
     add_device(p, "auto (CPU, and CUDA if available), cpu, cuda", choices=["auto", "cpu", "cuda"])
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
-    add_json(p, "also write a JSON summary: per device, the extension's state and Triton's availability")
+    add_json(p, "also write a JSON summary: per device, the extension's state, Triton's availability "
+                "and (CPU) the bfloat16 matrix unit")
     p.set_defaults(handler=run)
     return p
+
+
+def _bf16_line(unit: str) -> str:
+    if unit == "none":
+        # Said here so that a bfloat16 run's missing speed-up is read as the CPU's, not the engine's.
+        return ("none (no AVX-512 BF16 or AMX: AVX2-only): compute_dtype=bfloat16 is emulated in float32, "
+                "with bfloat16's error and no speed-up")
+    return f"{unit}: compute_dtype=bfloat16 multiplies in bfloat16 with float32 accumulation"
 
 
 def run(args) -> int:
@@ -59,6 +69,9 @@ def run(args) -> int:
             why = "CUDA is not available"  # the Triton package may be installed, but it has no device here
         rec["triton"] = "available" if why is None else why
         print(f"triton ({kind}): {rec['triton']}")
+        if dev.type == "cpu":
+            rec["bf16_matmul"] = unit = bf16_unit_name()
+            print(f"bf16 matmul (cpu): {_bf16_line(unit)}")
         report[kind] = rec
     if args.json:
         write_json(args.json, "ext", {"action": args.action, "devices": report})

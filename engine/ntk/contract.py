@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kinds import KernelKind
 
-__all__ = ["bf16_matrix_unit", "bf16_mode", "contract", "gram_into", "round_bf16", "symmetrize"]
+__all__ = ["bf16_matrix_unit", "bf16_mode", "bf16_unit_name", "contract", "gram_into", "round_bf16", "symmetrize"]
 
 # Row strips of a symmetric diagonal tile: each strip multiplies only the columns at
 # and right of its first row. Strips narrower than this lose more to BLAS efficiency
@@ -28,17 +28,29 @@ _INNER = 8192
 
 
 @cache
-def bf16_matrix_unit() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def bf16_unit_name(flags: frozenset[str] | set[str] | None = None) -> str:
+    """This CPU's bfloat16 matrix unit from its flags (default: /proc/cpuinfo's): "AMX",
+    "AVX-512 BF16" or "none" (AVX2-only: bfloat16 products are emulated, no faster than float32)."""
+    flags = _cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+
+
+def bf16_matrix_unit() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+    return bf16_unit_name() != "none"
 
 
 def bf16_mode(bf16: bool, device: torch.device) -> str | None:

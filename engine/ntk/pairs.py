@@ -86,19 +86,28 @@ def linear_geometry(m: nn.Module, a: Tensor, y: Tensor) -> Geometry:
 
 
 def conv_patches(m: nn.Module, a: Tensor, spatial: int) -> Tensor:
-    """Unfolded input patches (n, C_in·∏kernel, L) of a 1-D or 2-D conv ``m`` on its input ``a``."""
+    """Unfolded input patches (n, C_in·∏kernel, L) of a 1-D or 2-D conv ``m`` on its input ``a``.
+
+    The same values as ``F.unfold``, gathered by one copy of a strided view of the padded input:
+    ``F.unfold`` on the CPU copies element by element (15x slower on a 32×32 map with 16 channels).
+    """
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         # As the conv's own forward: explicit (possibly asymmetric) padding, then none.
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * spatial
-    else:
-        padding = tuple(m.padding)
-    kernel, stride, dilation = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
-    if spatial == 1:
-        a = a.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    elif any(m.padding):
+        a = F.pad(a, [q for q in reversed(m.padding) for _ in range(2)])
+    n, c = a.shape[:2]
+    size, kernel = a.shape[2:], tuple(m.kernel_size)
+    stride, dilation = tuple(m.stride), tuple(m.dilation)
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(size, kernel, stride, dilation, strict=True)]
+    if min(out) <= 0:
+        raise RuntimeError(f"conv patches: input {tuple(a.shape)} (padded) is smaller than the kernel of {m}")
+    st = a.stride()
+    view = a.as_strided((n, c, *kernel, *out), (st[0], st[1], *(st[2 + i] * dilation[i] for i in range(spatial)),
+                                                *(st[2 + i] * stride[i] for i in range(spatial))))
+    return view.reshape(n, c * math.prod(kernel), math.prod(out))
+
 
 def conv_operands(m: nn.Module, a: Tensor, g: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(p, g) of a Conv1d/Conv2d call: input a (n, C_in, *S), output gradients g (n, K, C_out, *S_out).
