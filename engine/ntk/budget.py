@@ -22,9 +22,10 @@ import torch
 
 from ..errors import ConfigError
 from .capture import Plan, Recorder
+from .kinds import KernelKind
 
 __all__ = ["DEFAULT_BUDGET", "JACOBIAN_BLOCK_BYTES", "Shares", "check_budget", "entk_shares",
-           "jacobian_block_bytes", "per_sample_bytes"]
+           "jacobian_block_bytes", "jacobian_element_bytes", "per_sample_bytes", "torch_func_blocks"]
 
 # 4 GiB holds the block data of 256 resnet20 samples (see per_sample_bytes) in one block, so entk
 # recomputes no inner block per tile at the sizes the benchmarks use.
@@ -90,3 +91,38 @@ def entk_shares(budget_bytes: int) -> Shares:
     :data:`COLUMN_CHUNK_BYTES`); the block data gets the rest."""
     chunk = min(budget_bytes // 4, COLUMN_CHUNK_BYTES)
     return Shares(chunk, budget_bytes - 2 * chunk)
+
+
+def jacobian_element_bytes(jdtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Bytes held per Jacobian element by a torch.func column source: vmap's output and its
+    concatenation (+ the bfloat16 copy)."""
+    return 2 * jdtype.itemsize + (2 if compute_dtype == torch.bfloat16 else 0)
+
+
+def torch_func_blocks(n1: int, n2: int | None, shape: KernelKind, rows: int, widest: tuple[str, int],
+                      elem_bytes: int, budget: int) -> tuple[int, int, int]:
+    """:func:`~engine.ntk.entk_fn`'s blocks: (row block of x1, row block of x2, column cap) so that the
+    Jacobian blocks in use fit ``budget`` (``elem_bytes``: :func:`jacobian_element_bytes`). Its working
+    set is those blocks, not :func:`per_sample_bytes`'s block data: a torch.func column source keeps
+    no activations between chunks, and each chunk costs a whole forward and backward per sample, so
+    its chunks are as wide as the budget allows rather than cache-sized."""
+    name, wcols = widest
+    per_col = rows * elem_bytes            # bytes per sample per column
+    one = wcols * per_col                  # one sample of the widest parameter
+    if shape is KernelKind.DIAGONAL:
+        operands, whole = 1, n1
+    elif n2 is None:
+        operands, whole = (1 if n1 == 1 else 2), n1
+    else:
+        operands, whole = 2, n1 + n2
+    if operands * one > budget:
+        each = ", for each of the two row blocks of a tile" if operands == 2 else ""
+        raise ConfigError(f"budget_bytes={budget} is too small: one sample of the widest parameter {name!r} "
+                          f"({wcols} columns × {rows} output rows × {elem_bytes} B held per element{each}) needs "
+                          f"{operands * one} bytes")
+    if whole * one <= budget:              # every row in one block (per side): one Jacobian pass per chunk
+        return n1, (n2 or n1), budget // (whole * per_col)
+    br = budget // (operands * one)
+    b1, b2 = min(n1, br), min(n2 or n1, br)
+    held = b1 if operands == 1 else b1 + b2
+    return b1, b2, budget // (held * per_col)
