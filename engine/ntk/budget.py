@@ -24,12 +24,24 @@ from ..errors import ConfigError
 from .capture import Plan, Recorder
 from .kinds import KernelKind
 
-__all__ = ["DEFAULT_BUDGET", "JACOBIAN_BLOCK_BYTES", "Shares", "check_budget", "entk_shares",
-           "jacobian_block_bytes", "jacobian_element_bytes", "per_sample_bytes", "torch_func_blocks"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "JACOBIAN_BLOCK_BYTES",
+    "GiB",
+    "Shares",
+    "check_budget",
+    "entk_shares",
+    "jacobian_block_bytes",
+    "jacobian_element_bytes",
+    "per_sample_bytes",
+    "torch_func_blocks",
+]
+
+GiB = 1 << 30  # budgets are given in GiB (--budget-gb) and printed in GiB
 
 # 4 GiB holds the block data of 256 resnet20 samples (see per_sample_bytes) in one block, so entk
 # recomputes no inner block per tile at the sizes the benchmarks use.
-DEFAULT_BUDGET = 4 << 30
+DEFAULT_BUDGET = 4 * GiB
 # One block of jacobian(): its output gradients, patches and graph. About the fastest block size on a
 # CPU (benchmarks/results/README.md, the jacobian-<model> groups); the kernel job sets this much aside
 # for each Jacobian call it makes.

@@ -138,9 +138,9 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
             ``torch.bfloat16``: the Jacobian chunks are rounded to bfloat16 and the Gram
             products accumulate in float32 (native on CUDA / CPUs with AMX or
             AVX512-BF16; elsewhere emulated in float32 at float32 speed, with a warning).
-        budget_bytes: bound on the working memory (block data and column chunks, not
-            the result; default 4 GiB); a budget below what one sample needs is refused up
-            front. Inputs whose block data exceed it are split into blocks, and the inner
+        budget_bytes: bound on the working memory (block data and column chunks, not the
+            result; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`); a budget below what one
+            sample needs is refused up front. Inputs whose block data exceed it are split into blocks, and the inner
             blocks are recomputed per tile (more time, bounded memory).
         implementation: ``"auto"`` (= ``"structured"``: layer rules, torch.func for the
             rest) or ``"reference"`` (torch.func for every column).

@@ -14,11 +14,10 @@ from torch import nn
 
 from ...data import Dataset
 from ...errors import ConfigError
-from ...ntk.budget import JACOBIAN_BLOCK_BYTES
+from ...ntk.budget import JACOBIAN_BLOCK_BYTES, GiB
 from ...ntk.kinds import KernelKind
 from ...store import KernelTiles, StoreError
 
-GiB = 2**30
 # A kernel job's budget_bytes is the memory of its whole process, unlike the working memory of
 # engine.ntk's front ends (engine.ntk.budget): the job sets aside memory_in_use() (the interpreter,
 # the model, the data) and the tiles get the rest, so that --budget-gb bounds what a scheduler sees.
