@@ -52,6 +52,10 @@ __all__ = ["onepass_kernel"]
 # Bound on one column-chunk buffer: a chunk is formed and then read by the Gram while still
 # in the last-level cache, and a small reused buffer is not faulted in afresh for every chunk.
 _CHUNK_BYTES = 32 << 20
+# A piece at least this wide fills a chunk alone: its Gram's inner dimension is long enough to
+# run at the GEMM rate, and a chunk holding one piece is contiguous, so the rule's per-sample
+# products land in it directly instead of through a copy.
+_SOLO_COLS = 2048
 
 
 # --------------------------------------------------------------------------- inputs
@@ -277,12 +281,13 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
             gb = gb if cb.scale is None else gb * cb.scale
             s.plan.rules[id(m)].closed_form(out_for(key), {attr for attr, _ in slots}, ca.a, ga, cb.a, gb, s.kind,
                                             s.bf16 is not None)
-        # Pack consecutive pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
+        # Pack consecutive narrow pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
         i = 0
         while i < len(pieces):
             group = [pieces[i]]
             width = pieces[i].width
             while (i + len(group) < len(pieces) and width + pieces[i + len(group)].width <= s.max_cols
+                   and max(width, pieces[i + len(group)].width) < _SOLO_COLS
                    and (not s.per_layer or pieces[i + len(group)].key == group[0].key)):
                 width += pieces[i + len(group)].width
                 group.append(pieces[i + len(group)])
