@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..ntk.budget import DEFAULT_BUDGET
 from ..store import TiledKernel, open_kernel
-
-DEFAULT_BUDGET = 2 << 30
 
 
 class _Source:

@@ -10,7 +10,9 @@ import time
 
 from ..errors import EngineError
 from ..jobs.distributed import Dist
-from .options import budget_bytes, check_outputs, positive_float, seed, write_json
+from ..jobs.kernel_job.plan import DEFAULT_PROCESS_BUDGET
+from ..ntk.budget import DEFAULT_BUDGET
+from .options import GiB, add_json, budget_bytes, check_outputs, positive_float, seed, write_json
 
 
 def add_parser(sub) -> None:
@@ -47,8 +49,9 @@ def add_parser(sub) -> None:
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float64"],
                    help="precision of the kernel products (stored as float32; float64 stores float64)")
     g = p.add_argument_group("resources")
-    g.add_argument("--budget-gb", type=positive_float, default=2.0,
-                   help="memory per process (torch, model, data, one tile pair); sets the tile size (default: 2)")
+    g.add_argument("--budget-gb", type=positive_float, default=DEFAULT_PROCESS_BUDGET / GiB,
+                   help="memory per process (torch, model, data, one tile pair); sets the tile size "
+                        f"(default: {DEFAULT_PROCESS_BUDGET / GiB:g})")
     g.add_argument("--disk-budget-gb", type=positive_float,
                    help="disk allowed for the Jacobian blocks beside --out (default: half the free space); "
                         "above it they are recomputed per tile pair")
@@ -63,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="KERNEL.h5", help="output file (layout in docs/FORMAT.md)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a different job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", metavar="FILE", help="also write a JSON summary (rank 0)")
+    add_json(p, "also write a JSON summary (rank 0)")
     p.set_defaults(handler=cmd_kernel)
 
     p = sub.add_parser(
@@ -79,8 +82,9 @@ def add_parser(sub) -> None:
     p.add_argument("--solver", default="auto", choices=["auto", "cholesky", "cg"],
                    help="cholesky: dense train kernel in memory; cg: conjugate gradients on tiles; "
                         "auto: by --budget-gb")
-    p.add_argument("--budget-gb", type=positive_float, default=2.0, help="memory for a dense solve (default: 2)")
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--budget-gb", type=positive_float, default=DEFAULT_BUDGET / GiB,
+                   help=f"working memory: a dense solve when the train kernel fits (default: {DEFAULT_BUDGET / GiB:g})")
+    add_json(p, "also write the result as JSON")
     p.set_defaults(handler=cmd_kernel_predict)
 
     p = sub.add_parser("kernel-info", help="shape, completeness, top eigenvalues, participation ratio, label alignment",
@@ -90,7 +94,7 @@ def add_parser(sub) -> None:
                                    "the kernel-target alignment with the labels, all streaming over tiles.")
     p.add_argument("kernel", metavar="KERNEL.h5", help="a file written by entk kernel")
     p.add_argument("--top-k", type=int, default=5, help="number of eigenvalues (default: 5; 0 skips the spectrum)")
-    p.add_argument("--json", metavar="FILE", help="also write the description as JSON")
+    add_json(p, "also write the description as JSON")
     p.set_defaults(handler=cmd_kernel_info)
 
 

@@ -11,9 +11,22 @@ from ..determinism import resolve_device
 from ..errors import EngineError
 from ..jobs import checkpoint_kernels
 from ..jobs.distributed import Dist
+from ..ntk.budget import DEFAULT_BUDGET
 from ..store import RunFile
 from ..train import parse_iterations
-from .options import add_data_root, add_device, add_json, add_overwrite, add_quiet, check_outputs, seed, write_json
+from .options import (
+    GiB,
+    add_data_root,
+    add_device,
+    add_json,
+    add_overwrite,
+    add_quiet,
+    budget_bytes,
+    check_outputs,
+    positive_float,
+    seed,
+    write_json,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -52,9 +65,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="each layer's kernel block from per-sample gradient columns (materialise), spatial pairs "
                         "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
     p.add_argument("--float64", action="store_true", help="accumulate the Gram in float64 (default: float32)")
-    p.add_argument("--budget-gb", type=float, default=2.0,
-                   help="memory for the eNTK's working set (per-layer Jacobian chunks, tiles); a budget too small "
-                        "for one sample is refused before any work (default: 2)")
+    p.add_argument("--budget-gb", type=positive_float, default=DEFAULT_BUDGET / GiB,
+                   help="working memory of each kernel and of the distances (block data, Jacobian chunks, tiles); "
+                        "a budget too small for one sample is refused before any work "
+                        f"(default: {DEFAULT_BUDGET / GiB:g})")
     add_device(p)
     add_data_root(p, "CIFAR-10 location if it moved since training")
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-CIFAR-10 cache directory")
@@ -68,8 +82,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     if args.probe < 1:
         raise EngineError(f"--probe must be >= 1, got {args.probe}")
-    if args.budget_gb <= 0:
-        raise EngineError(f"--budget-gb must be > 0, got {args.budget_gb}")
     its = None
     if args.checkpoints != "all":
         its = parse_iterations(args.checkpoints, RunFile(args.run).steps, include_final=False)
@@ -85,7 +97,8 @@ def run(args) -> int:
                              compute_dtype=torch.bfloat16 if args.compute_dtype == "bfloat16" else None,
                              ops_backend=args.ops_backend, contraction=args.contraction,
                              dtype=torch.float64 if args.float64 else torch.float32,
-                             device=resolve_device(args.device), budget_bytes=int(args.budget_gb * 2**30),
+                             device=resolve_device(args.device),
+                             budget_bytes=budget_bytes("--budget-gb", args.budget_gb),
                              data_root=args.data_root, cache_dir=args.cache_dir, overwrite=args.overwrite,
                              quiet=args.quiet)
     if not rank0:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, EngineError
+from ..ntk.budget import GiB
 
 NEED_ROOT = "--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)"
 
@@ -56,7 +57,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 SEED_LIMIT = 2**63  # seeds are int64 wherever they are stored or hashed
-GiB = 2**30
 
 
 def positive_float(s: str) -> float:

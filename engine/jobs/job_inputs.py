@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..ntk.budget import GiB
 from ..store import data_mismatch, data_record
-
-GiB = 2**30
 
 
 def load_state_file(state: str | Path, spec: str) -> Mapping[str, torch.Tensor]:

@@ -23,21 +23,22 @@ modified (the functions work on a private copy), and neither are the states.
 Everything runs on the device of the states (inputs are moved there batch by batch),
 under ``torch.no_grad``, in eval mode (BatchNorm uses running statistics). Every error
 on bad input is a one-line :class:`~engine.errors.ConfigError` raised before any work.
+
+By concern: this module (parameters and predictions), :mod:`.barrier` (the loss barrier and its
+reference) and :mod:`.states` (the checks of states and inputs every metric shares).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from ..errors import ConfigError
+from .barrier import BN_MODES, loss_barrier, loss_barrier_reference
+from .states import State, batches, check_batch_size, check_data, check_label_range, check_pair
 
 __all__ = [
     "BN_MODES",
@@ -46,228 +47,6 @@ __all__ = [
     "loss_barrier_reference",
     "param_dissimilarity",
 ]
-
-BN_MODES: tuple[str, ...] = ("interpolate", "recompute")
-
-State = Mapping[str, Tensor]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    dims = [str(int(d)) for d in shape]
-    return "(" + ",".join(dims) + ("," if len(dims) == 1 else "") + ")"
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """Two validated states in the model's key order, on one device."""
-
-    keys: tuple[str, ...]          # every state_dict key, model order
-    params: tuple[str, ...]        # the trainable-parameter keys among them
-    a: dict[str, Tensor]
-    b: dict[str, Tensor]
-    device: torch.device
-    dtype: torch.dtype             # floating dtype of the parameters (inputs are cast to it)
-
-
-def _check_pair(model: nn.Module, state_a: State, state_b: State) -> _Pair:
-    """Check both states against the model template and each other; name the first bad key."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module (the architecture template), got {type(model).__name__}")
-    template = model.state_dict(keep_vars=True)
-    params = tuple(n for n, _ in model.named_parameters())
-    if not params:
-        raise ConfigError(f"model {type(model).__name__} has no parameters to compare")
-    for label, state in (("state_a", state_a), ("state_b", state_b)):
-        if not isinstance(state, Mapping):
-            raise ConfigError(f"{label} must be a dict of tensors like model.state_dict(), got {type(state).__name__}")
-    for key, ref in template.items():
-        for label, state in (("state_a", state_a), ("state_b", state_b)):
-            if key not in state:
-                raise ConfigError(f"{label} lacks {key}")
-            t = state[key]
-            if not isinstance(t, Tensor):
-                raise ConfigError(f"{label}[{key!r}] is a {type(t).__name__}, not a tensor")
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ConfigError(
-                    f"{label} does not fit the model: shape {_fmt_shape(t.shape)} vs {_fmt_shape(ref.shape)} for {key}"
-                )
-        ta, tb = state_a[key], state_b[key]
-        if ta.dtype != tb.dtype:
-            raise ConfigError(f"dtype {ta.dtype} in state_a vs {tb.dtype} in state_b for {key}")
-        if key in params and not ta.is_floating_point():
-            raise ConfigError(f"parameter {key} has non-floating dtype {ta.dtype}")
-    for label, state in (("state_a", state_a), ("state_b", state_b)):
-        for key in state:
-            if key not in template:
-                raise ConfigError(f"{label} has {key}, which the model ({type(model).__name__}) does not")
-    device = state_a[params[0]].device
-    dtype = state_a[params[0]].dtype
-    keys = tuple(template)
-    a = {k: state_a[k].detach().to(device) for k in keys}
-    b = {k: state_b[k].detach().to(device) for k in keys}
-    for label, state in (("state_a", a), ("state_b", b)):
-        for key in keys:
-            t = state[key]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ConfigError(f"{label} has non-finite values in {key} (a diverged run?)")
-    return _Pair(keys=keys, params=params, a=a, b=b, device=device, dtype=dtype)
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
-def _check_inputs(name: str, x: Any) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise ConfigError(f"{name} must be a tensor of model inputs, got {type(x).__name__}")
-    if x.ndim == 0 or len(x) == 0:
-        raise ConfigError(f"{name} is empty; need at least one input")
-    if x.dtype == torch.uint8:
-        raise ConfigError(f"{name} is uint8 images; normalize them first (engine.data.stream.normalize)")
-    return x
-
-
-def _check_data(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-    x = _check_inputs("x", x)
-    if not isinstance(y, Tensor):
-        raise ConfigError(f"y must be a tensor of int64 class labels, got {type(y).__name__}")
-    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ConfigError(f"y must be a 1-D tensor of integer class labels, got {y.dtype} of shape {tuple(y.shape)}")
-    if len(x) != len(y):
-        raise ConfigError(f"x has {len(x)} inputs but y has {len(y)} labels")
-    if int(y.min()) < 0:
-        raise ConfigError(f"y has a negative label ({int(y.min())})")
-    return x, y
-
-
-def _check_alphas(alphas: Any) -> list[float]:
-    if isinstance(alphas, bool):
-        raise ConfigError(f"alphas must be a number of grid points (>= 2) or a sequence of values, got {alphas!r}")
-    if isinstance(alphas, int):
-        if alphas < 2:
-            raise ConfigError(f"alphas must be at least 2 grid points (both endpoints), got {alphas}")
-        return [i / (alphas - 1) for i in range(alphas)]  # correctly rounded, exact endpoints
-    try:
-        values = torch.as_tensor(alphas, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"alphas must be an int or a 1-D sequence of numbers in [0, 1], got {alphas!r}") from None
-    if values.ndim != 1 or values.numel() == 0:
-        raise ConfigError(f"alphas must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
-    bad = ~((values >= 0) & (values <= 1))  # also catches NaN
-    if bool(bad.any()):
-        raise ConfigError(f"alphas must lie in [0, 1]; got {values[bad][0].item()!r}")
-    return values.tolist()
-
-
-def _check_bn(bn: Any, bn_data: Any) -> Tensor | None:
-    if bn not in BN_MODES:
-        raise ConfigError(f"bn must be one of {', '.join(BN_MODES)}; got {bn!r}")
-    if bn == "recompute":
-        if bn_data is None:
-            raise ConfigError('bn="recompute" needs bn_data: inputs on which to re-estimate BatchNorm statistics')
-        bn_data = _check_inputs("bn_data", bn_data)
-        if not bn_data.is_floating_point():
-            raise ConfigError(f"bn_data must be float model inputs, got {bn_data.dtype}")
-        return bn_data
-    return None
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _batches(x: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterator[Tensor]:
-    """``x`` in consecutive slices, moved to ``device`` (floating inputs cast to ``dtype``)."""
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        yield xb.to(device, dtype if xb.is_floating_point() else None, non_blocking=True)
-
-
-def _bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """BatchNorm modules that keep running statistics, with their name prefixes."""
-    return [
-        (f"{name}." if name else "", m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
-def _lerp(ta: Tensor, tb: Tensor, alpha: float) -> Tensor:
-    """(1−α)·ta + α·tb in float64, rounded to the input dtype.
-
-    ``torch.lerp`` (ta + α·(tb − ta) below α = ½, tb − (tb − ta)·(1 − α) above) is exact at
-    α = 0 and α = 1 and gives ``ta``'s bits at every α when the two are equal.
-    """
-    if not ta.is_floating_point():
-        return ta.clone()  # num_batches_tracked: state_a's (a copy, callers may write it)
-    return torch.lerp(ta.double(), tb.double(), alpha).to(ta.dtype)
-
-
-def _interpolated_state(pair: _Pair, alpha: float) -> dict[str, Tensor]:
-    return {k: _lerp(pair.a[k], pair.b[k], alpha) for k in pair.keys}
-
-
-def _eval_alphas(alphas: list[float]) -> tuple[list[float], int, int]:
-    """The α values to evaluate: the grid plus any missing endpoint; indices of 0 and 1."""
-    values = list(alphas)
-    for end in (0.0, 1.0):
-        if end not in values:
-            values.append(end)
-    return values, values.index(0.0), values.index(1.0)
-
-
-def _ce_sums(logits: Tensor, yb: Tensor) -> Tensor:
-    """Per-model summed cross-entropy of ``logits`` (..., B, C) in float64 -> (...)."""
-    lead, (bsz, c) = logits.shape[:-2], logits.shape[-2:]
-    flat = logits.double().reshape(-1, c)
-    targets = yb.expand(*lead, bsz).reshape(-1)
-    return F.cross_entropy(flat, targets, reduction="none").view(*lead, bsz).sum(-1)
-
-
-def _err_sums(logits: Tensor, yb: Tensor) -> Tensor:
-    """Per-model count of misclassified inputs of ``logits`` (..., B, C) as float64 -> (...)."""
-    return (logits.argmax(-1) != yb).sum(-1).double()
-
-
-def _check_label_range(y_max: int, num_classes: int) -> None:
-    if y_max >= num_classes:
-        raise ConfigError(f"y has label {y_max} but the model has {num_classes} outputs")
-
-
-def _barrier_result(alphas: list[float], losses: list[float], i0: int, i1: int,
-                    errors: list[float] | None = None) -> dict[str, Any]:
-    out = _gap(alphas, losses, i0, i1)
-    if errors is not None:
-        e = _gap(alphas, errors, i0, i1)
-        out.update({"error_barrier": e["barrier"], "error_alpha_max": e["alpha_max"], "errors": e["losses"],
-                    "error_a": e["loss_a"], "error_b": e["loss_b"]})
-    return out
-
-
-def _gap(alphas: list[float], losses: list[float], i0: int, i1: int) -> dict[str, Any]:
-    la, lb = losses[i0], losses[i1]
-    n = len(alphas)
-    # torch.lerp's form of the chord: exactly la at α = 0, lb at α = 1, and la everywhere
-    # when la == lb, so identical endpoints give gaps of exactly 0.
-    chord = torch.lerp(torch.full((n,), la, dtype=torch.float64), torch.full((n,), lb, dtype=torch.float64),
-                       torch.tensor(alphas, dtype=torch.float64))
-    gaps = torch.tensor(losses[:n], dtype=torch.float64) - chord
-    i = int(torch.argmax(gaps))
-    return {
-        "barrier": float(gaps[i]),
-        "alpha_max": float(alphas[i]),
-        "alphas": [float(a) for a in alphas],
-        "losses": [float(v) for v in losses[:n]],
-        "loss_a": float(la),
-        "loss_b": float(lb),
-    }
-
-
-# --------------------------------------------------------------------------- 1. parameters
 
 
 def param_dissimilarity(model: nn.Module, state_a: State, state_b: State) -> dict[str, float]:
@@ -278,7 +57,7 @@ def param_dissimilarity(model: nn.Module, state_a: State, state_b: State) -> dic
     ``l2`` = ‖θ − θ'‖₂, ``rel_l2`` = ‖θ − θ'‖ / ‖θ‖. All three are exactly 0.0 for
     identical states.
     """
-    pair = _check_pair(model, state_a, state_b)
+    pair = check_pair(model, state_a, state_b)
     a = torch.cat([pair.a[k].double().reshape(-1) for k in pair.params])
     b = torch.cat([pair.b[k].double().reshape(-1) for k in pair.params])
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
@@ -289,155 +68,6 @@ def param_dissimilarity(model: nn.Module, state_a: State, state_b: State) -> dic
     # ½‖â − b̂‖² = 1 − cos for unit vectors, without cancellation when cos ≈ 1.
     dis = 0.5 * torch.linalg.vector_norm(a / na - b / nb) ** 2
     return {"dissimilarity": float(dis), "l2": float(l2), "rel_l2": float(l2 / na)}
-
-
-# --------------------------------------------------------------------------- 2. loss barrier
-
-
-def _prepare_barrier(model, state_a, state_b, x, y, alphas, bn, batch_size, bn_data):
-    pair = _check_pair(model, state_a, state_b)
-    x, y = _check_data(x, y)
-    alpha_list = _check_alphas(alphas)
-    bn_data = _check_bn(bn, bn_data)
-    batch_size = _check_batch_size(batch_size)
-    return pair, x, y, alpha_list, bn_data, batch_size
-
-
-def loss_barrier(
-    model: nn.Module,
-    state_a: State,
-    state_b: State,
-    x: Tensor,
-    y: Tensor,
-    *,
-    alphas: int | Sequence[float] = 11,
-    bn: str = "interpolate",
-    batch_size: int = 500,
-    bn_data: Tensor | None = None,
-) -> dict[str, Any]:
-    """Loss barrier on the straight line between two states.
-
-    For α on ``alphas`` (a number of uniform grid points in [0, 1], or explicit values),
-    θ_α = (1−α)θ + αθ' and L = mean cross-entropy on ``(x, y)`` in eval mode; returns
-    ``barrier`` = max_α [L(θ_α) − ((1−α)L(θ) + αL(θ'))], ``alpha_max`` (its α), ``alphas``,
-    ``losses`` (L per α), ``loss_a`` = L(θ), ``loss_b`` = L(θ'); the same for the test error
-    (fraction of misclassified inputs, argmax): ``error_barrier``, ``error_alpha_max``,
-    ``errors``, ``error_a``, ``error_b`` (Frankle et al.'s instability is the error barrier). With a grid containing an
-    endpoint the barrier is ≥ 0 (exactly 0 when the path is convex); the endpoints are
-    evaluated even when not on the grid. Identical states give a barrier of exactly 0.
-
-    BatchNorm: ``bn="interpolate"`` interpolates ``running_mean``/``running_var`` like the
-    parameters (``num_batches_tracked`` from ``state_a``); ``bn="recompute"`` re-estimates
-    every θ_α's running statistics on ``bn_data`` (train-mode forward passes in batches of
-    ``batch_size``, cumulative average as with ``momentum=None``), then evaluates. In that
-    mode ``loss_a``/``loss_b`` use re-estimated statistics too.
-
-    All α points are evaluated together: the A interpolated parameter/buffer sets are
-    stacked and the model runs under ``vmap(functional_call)``, so memory grows with
-    A × ``batch_size`` inputs; lower ``batch_size`` for large models.
-    """
-    pair, x, y, alpha_list, bn_data, batch_size = _prepare_barrier(
-        model, state_a, state_b, x, y, alphas, bn, batch_size, bn_data
-    )
-    evals, i0, i1 = _eval_alphas(alpha_list)
-    n_alpha = len(evals)
-    param_keys = set(pair.params)
-    stacked = {k: torch.stack([_lerp(pair.a[k], pair.b[k], a) for a in evals]) for k in pair.keys}
-    params = {k: v for k, v in stacked.items() if k in param_keys}
-    buffers = {k: v for k, v in stacked.items() if k not in param_keys}
-
-    net = copy.deepcopy(model)
-
-    def forward(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
-        return functional_call(net, (p, b), (xb,))
-
-    batched = vmap(forward, in_dims=(0, 0, None))
-    with torch.no_grad():
-        if bn_data is not None:
-            bns = _bn_modules(net)
-            for prefix, _ in bns:
-                buffers[prefix + "running_mean"].zero_()
-                buffers[prefix + "running_var"].fill_(1.0)
-                if prefix + "num_batches_tracked" in buffers:
-                    buffers[prefix + "num_batches_tracked"].zero_()
-            net.train()
-            for k, xb in enumerate(_batches(bn_data, batch_size, pair.device, pair.dtype), start=1):
-                # momentum=None's cumulative average: factor 1/k at the k-th batch. Set as a
-                # number because BatchNorm would read 1/num_batches_tracked with float(),
-                # which a vmapped (per-α) buffer does not allow; it is the same for every α.
-                for _, m in bns:
-                    m.momentum = 1.0 / k
-                batched(params, buffers, xb)
-        net.eval()
-        sums = torch.zeros(n_alpha, dtype=torch.float64, device=pair.device)
-        errs = torch.zeros(n_alpha, dtype=torch.float64, device=pair.device)
-        y_max = int(y.max())
-        start = 0
-        for xb in _batches(x, batch_size, pair.device, pair.dtype):
-            yb = y[start : start + len(xb)].to(pair.device, torch.int64, non_blocking=True)
-            start += len(xb)
-            logits = batched(params, buffers, xb)
-            if start == len(xb):
-                _check_label_range(y_max, logits.shape[-1])
-            sums += _ce_sums(logits, yb)
-            errs += _err_sums(logits, yb)
-    losses = (sums / len(x)).tolist()
-    return _barrier_result(alpha_list, losses, i0, i1, (errs / len(x)).tolist())
-
-
-def loss_barrier_reference(
-    model: nn.Module,
-    state_a: State,
-    state_b: State,
-    x: Tensor,
-    y: Tensor,
-    *,
-    alphas: int | Sequence[float] = 11,
-    bn: str = "interpolate",
-    batch_size: int = 500,
-    bn_data: Tensor | None = None,
-) -> dict[str, Any]:
-    """:func:`loss_barrier` as a plain loop over α (the test oracle; same arguments and result).
-
-    Each θ_α is loaded into one copy of the model with ``load_state_dict`` and evaluated
-    with an ordinary forward pass; ``bn="recompute"`` uses the modules' own
-    ``reset_running_stats`` and ``momentum=None``.
-    """
-    pair, x, y, alpha_list, bn_data, batch_size = _prepare_barrier(
-        model, state_a, state_b, x, y, alphas, bn, batch_size, bn_data
-    )
-    evals, i0, i1 = _eval_alphas(alpha_list)
-    net = copy.deepcopy(model)
-    losses, errors = [], []
-    y_max = int(y.max())
-    with torch.no_grad():
-        for alpha in evals:
-            # assign=True takes the state's tensors (device and dtype) as they are.
-            net.load_state_dict(_interpolated_state(pair, alpha), assign=True)
-            if bn_data is not None:
-                for _, m in _bn_modules(net):
-                    m.reset_running_stats()
-                    m.momentum = None
-                net.train()
-                for xb in _batches(bn_data, batch_size, pair.device, pair.dtype):
-                    net(xb)
-            net.eval()
-            total = torch.zeros((), dtype=torch.float64, device=pair.device)
-            wrong = torch.zeros((), dtype=torch.float64, device=pair.device)
-            start = 0
-            for xb in _batches(x, batch_size, pair.device, pair.dtype):
-                yb = y[start : start + len(xb)].to(pair.device, torch.int64)
-                start += len(xb)
-                logits = net(xb)
-                _check_label_range(y_max, logits.shape[-1])
-                total += _ce_sums(logits, yb)
-                wrong += _err_sums(logits, yb)
-            losses.append(float(total) / len(x))
-            errors.append(float(wrong) / len(x))
-    return _barrier_result(alpha_list, losses, i0, i1, errors)
-
-
-# --------------------------------------------------------------------------- 3. disagreement
 
 
 def disagreement(
@@ -455,9 +85,9 @@ def disagreement(
     ``acc_b`` = each model's accuracy. Two ordinary passes (``functional_call`` with each
     state), so the predictions are those of the model itself.
     """
-    pair = _check_pair(model, state_a, state_b)
-    x, y = _check_data(x, y)
-    batch_size = _check_batch_size(batch_size)
+    pair = check_pair(model, state_a, state_b)
+    x, y = check_data(x, y)
+    batch_size = check_batch_size(batch_size)
     net = copy.deepcopy(model).eval()
     differ = torch.zeros((), dtype=torch.int64, device=pair.device)
     correct_a = torch.zeros((), dtype=torch.int64, device=pair.device)
@@ -465,12 +95,12 @@ def disagreement(
     y_max = int(y.max())
     start = 0
     with torch.no_grad():
-        for xb in _batches(x, batch_size, pair.device, pair.dtype):
+        for xb in batches(x, batch_size, pair.device, pair.dtype):
             yb = y[start : start + len(xb)].to(pair.device, torch.int64, non_blocking=True)
             start += len(xb)
             logits_a = functional_call(net, pair.a, (xb,))
             logits_b = functional_call(net, pair.b, (xb,))
-            _check_label_range(y_max, logits_a.shape[-1])
+            check_label_range(y_max, logits_a.shape[-1])
             pa, pb = logits_a.argmax(-1), logits_b.argmax(-1)
             differ += (pa != pb).sum()
             correct_a += (pa == yb).sum()

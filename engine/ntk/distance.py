@@ -22,6 +22,7 @@ from ..ops import OpsBackend, kernel_pair_products
 from ..ops.backend import parse_backend
 from ..progress import progress as progress_bar
 from ..store.h5raw import from_numpy, torch_dtype_of
+from .budget import DEFAULT_BUDGET, check_budget
 from .gram import prefetched
 
 DistanceBackend = OpsBackend  # the one backend switch of engine.ops
@@ -101,8 +102,13 @@ def _check_shapes(kernels: Sequence) -> tuple[int, int]:
     return shape
 
 
+# One stacked tile of the T kernels: cache-sized on the CPU; on CUDA a launch must move far more than
+# 64 MB to amortise its start. Measurements: benchmarks/results/README.md.
+TILE_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
 def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | None = None,
-                budget_bytes: int | None = None, device: str | torch.device = "cpu",
+                budget_bytes: int = DEFAULT_BUDGET, device: str | torch.device = "cpu",
                 backend: str | OpsBackend = "auto", progress: bool | None = False) -> torch.Tensor:
     """G_ij = ⟨H_i, H_j⟩_F for T kernels of equal shape ``(M, M')``: float64 ``(T, T)``.
 
@@ -111,10 +117,11 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
         symmetric: the kernels are exactly symmetric (eNTKs from :func:`engine.ntk.gram` and
             every ``KernelStore`` are): read only upper triangles. Their lower triangles are
             then never read, so NaN/Inf there would go unseen: pass False for other matrices.
-        tile_rows: rows per tile (default: the T tiles fit in ``budget_bytes``).
-        budget_bytes: the working memory, which is one stacked tile of the T kernels. Default:
-            64 MB on the CPU (cache-sized tiles) and 1 GB on CUDA, where a launch must move far
-            more than 64 MB to amortise its start; measurements in benchmarks/results/README.md.
+        tile_rows: rows per tile (default: one stacked tile of the T kernels is at most
+            :data:`TILE_BYTES` of the device, 64 MB on the CPU and 1 GB on CUDA, and the two
+            tiles in flight, the one reduced and the next one read, fit ``budget_bytes``).
+        budget_bytes: the working memory (engine.ntk.budget's meaning; default
+            :data:`~engine.ntk.budget.DEFAULT_BUDGET`).
         device: where tiles are reduced (``cuda`` for the GPU kernels).
         backend: ``torch`` (float64 reference) | ``triton`` | ``ext`` | ``auto``.
 
@@ -127,12 +134,12 @@ def kernel_gram(kernels: Sequence, *, symmetric: bool = False, tile_rows: int | 
         raise ConfigError(f"symmetric=True needs square kernels, got {m}×{n}")
     t = len(kernels)
     device = torch.device(device)
-    if budget_bytes is None:
-        budget_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    budget_bytes = check_budget(budget_bytes)
     dtype = _tile_dtype(kernels)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if tile_rows is None:
-        tile_rows = max(1, min(m, budget_bytes // max(itemsize * t * n, 1)))
+        tile = min(TILE_BYTES["cuda" if device.type == "cuda" else "cpu"], budget_bytes // 2)
+        tile_rows = max(1, min(m, tile // max(itemsize * t * n, 1)))
     g = torch.zeros(t, t, dtype=torch.float64, device=device)
     tiles = [(r0, min(r0 + tile_rows, m)) for r0 in range(0, m, tile_rows)]
 

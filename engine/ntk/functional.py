@@ -10,6 +10,28 @@ Per row block of inputs and per chunk of parameters, ``vmap(jacrev(...))`` forms
 per-sample Jacobian block ``J_p,a`` (``vmap(grad(...))`` for pNTK: one VJP per sample) and
 contracts it at once into the kernel tile, ``tile += J_p,a J_p,bᵀ``; the whole Jacobian is
 never held. Only the parameters are differentiated; inputs may be integer token ids or tuples.
+
+What it shares with :func:`~engine.ntk.entk`: the column source (:func:`engine.ntk.fallback.per_sample_jacobian`,
+the torch.func fallback ``entk`` uses for parameters without a layer rule), the tile products and
+the symmetrisation (:mod:`engine.ntk.contract`), the budget check and the vocabulary
+(:class:`~engine.ntk.kinds.KernelKind`, ``param_names``, ``per_layer`` keys). What it does not, yet:
+
+* its schedule: row block outer, parameter chunk middle, column blocks inner, so a row block's
+  chunk is formed once and each column block's chunk once per row block; ``entk`` runs tile
+  pairs outer and chunks inner, keeping each block's forward data instead;
+* its memory model (:func:`engine.ntk.budget.torch_func_blocks`): ``budget_bytes`` bounds the
+  Jacobian blocks held, and chunks are as wide as the budget allows, because every torch.func
+  chunk costs a whole forward and backward per sample; ``entk`` bounds block data by
+  :func:`~engine.ntk.budget.per_sample_bytes` and keeps its chunks cache-sized
+  (:func:`~engine.ntk.budget.entk_shares`), right for layer-rule columns, ruinous for torch.func ones;
+* bfloat16: always bfloat16 products (on a CPU without a bfloat16 matrix unit too), where
+  ``entk`` rounds and multiplies in float32 there (:func:`~engine.ntk.contract.bf16_mode`);
+* inputs in any structure (a tensor, tuple, list or named tuple handed to ``apply_fn`` as given),
+  where ``entk`` calls ``model(*x)``.
+
+Making it the ``entk`` driver with a torch.func column source needs that driver to take a column
+source with its own chunk policy and an input slicer; the tests of this module pin the budget's
+meaning above (tests/ntk/test_entk_fn.py), so that change moves them too.
 """
 
 from __future__ import annotations
@@ -21,7 +43,7 @@ import torch
 
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
-from .budget import DEFAULT_BUDGET, check_budget
+from .budget import DEFAULT_BUDGET, check_budget, jacobian_element_bytes, torch_func_blocks
 from .contract import contract, symmetrize
 from .fallback import per_sample_jacobian
 from .kinds import KernelKind
@@ -199,31 +221,6 @@ def _chunks(names: list[str], params: dict[str, torch.Tensor], cap: int, per_lay
     return chunks
 
 
-def _plan(n1: int, n2: int | None, shape: KernelKind, rows: int, widest: tuple[str, int],
-          elem_bytes: int, budget: int) -> tuple[int, int, int]:
-    """(row block of x1, row block of x2, column cap) so the Jacobian blocks in use fit ``budget``."""
-    name, wcols = widest
-    per_col = rows * elem_bytes            # bytes per sample per column
-    one = wcols * per_col                  # one sample of the widest parameter
-    if shape is KernelKind.DIAGONAL:
-        operands, whole = 1, n1
-    elif n2 is None:
-        operands, whole = (1 if n1 == 1 else 2), n1
-    else:
-        operands, whole = 2, n1 + n2
-    if operands * one > budget:
-        each = ", for each of the two row blocks of a tile" if operands == 2 else ""
-        raise ConfigError(f"budget_bytes={budget} is too small: one sample of the widest parameter {name!r} "
-                          f"({wcols} columns × {rows} output rows × {elem_bytes} B held per element{each}) needs "
-                          f"{operands * one} bytes")
-    if whole * one <= budget:              # every row in one block (per side): one Jacobian pass per chunk
-        return n1, (n2 or n1), budget // (whole * per_col)
-    br = budget // (operands * one)
-    b1, b2 = min(n1, br), min(n2 or n1, br)
-    held = b1 if operands == 1 else b1 + b2
-    return b1, b2, budget // (held * per_col)
-
-
 # ---------------------------------------------------------------------------------------------
 # the front end (tile products: engine.ntk.contract)
 
@@ -284,10 +281,8 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     c = _num_outputs(apply_fn, params, x1, device)
     pntk = shape is KernelKind.PNTK
     rows = 1 if pntk else c
-    # Bytes per Jacobian element held: vmap's output and its concatenation (+ the bfloat16 copy).
-    elem_bytes = 2 * jdtype.itemsize + (2 if cdtype == torch.bfloat16 else 0)
     widest = max(((n, params[n].numel()) for n in names), key=lambda t: t[1])
-    b1, b2, cap = _plan(n1, n2, shape, rows, widest, elem_bytes, budget)
+    b1, b2, cap = torch_func_blocks(n1, n2, shape, rows, widest, jacobian_element_bytes(jdtype, cdtype), budget)
     chunks = _chunks(names, params, max(cap, widest[1]), per_layer)
     groups = list(dict.fromkeys(layer_of(n) for n in names)) if per_layer else [""]
 

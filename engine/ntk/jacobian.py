@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
+from .budget import DEFAULT_BUDGET, check_budget, jacobian_block_bytes, per_sample_bytes
 from .capture import Plan, Recorder, make_plan, output_grads
 from .fallback import fill_columns
 from .kinds import Implementation
@@ -55,13 +56,6 @@ from .params import (
 
 __all__ = ["jacobian", "parameter_layout", "structured_coverage"]
 
-# Reference chunk: keep one chunk's Jacobian under this many bytes.
-_REFERENCE_CHUNK_BYTES = 256 << 20
-# Structured chunk: keep one block's stored output gradients, unfolded patches and
-# autograd graph under this many bytes (estimated from a one-sample probe).
-_STRUCTURED_CHUNK_BYTES = 256 << 20
-
-
 # --------------------------------------------------------------------------- reference
 
 
@@ -71,13 +65,10 @@ def _reference_into(
     entries: Sequence[Entry],
     out3: Tensor,
     projection: Tensor | None,
-    chunk_size: int | None,
+    chunk_size: int,
 ) -> None:
     """Write the columns of ``entries`` of J (as ``out3``, (N, K, P)) with torch.func."""
-    n, k = x.shape[0], out3.shape[1]
-    if chunk_size is None:
-        width = sum(e.end - e.start for e in entries)
-        chunk_size = max(1, _REFERENCE_CHUNK_BYTES // max(1, k * width * x.element_size()))
+    n = x.shape[0]
     cols = [(e.start, e.end) for e in entries]
     for s in range(0, n, chunk_size):
         e_ = min(n, s + chunk_size)
@@ -85,22 +76,6 @@ def _reference_into(
 
 
 # --------------------------------------------------------------------------- structured
-
-
-def _per_sample_bytes(plan: Plan, model: nn.Module, x1: Tensor, k: int) -> int:
-    """Rough memory per input sample of one structured block, from a one-sample forward."""
-    rec = Recorder(plan, 1)
-    with rec, torch.no_grad():
-        model(x1)
-    calls = rec.resolve(set()) if rec.calls else []
-    total = 0
-    for call in rec.calls:
-        # The forward graph (~2 activations per hooked output) and the rule's workspace (patches).
-        rule = plan.rules[id(call.module)]
-        total += 2 * call.y.numel() + rule.workspace_elements(call.module, call.a, call.y)
-    # K stored output gradients per call that keeps its own.
-    total += k * sum(c.y.numel() for c in calls if c.base is None)
-    return max(1, total * x1.element_size())
 
 
 def _structured_block(
@@ -148,16 +123,13 @@ def _structured_block(
 
 def _structured_into(
     model: nn.Module,
+    plan: Plan,
     x: Tensor,
-    entries: list[Entry],
     out3: Tensor,
     projection: Tensor | None,
-    chunk_size: int | None,
+    chunk_size: int,
 ) -> None:
-    plan = make_plan(model, entries)
-    n, k = x.shape[0], out3.shape[1]
-    if chunk_size is None:
-        chunk_size = max(1, min(n, _STRUCTURED_CHUNK_BYTES // _per_sample_bytes(plan, model, x[:1], k)))
+    n = x.shape[0]
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         rows = out3[s:e]
@@ -205,6 +177,7 @@ def jacobian(
     out: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     backend: Implementation | str | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
 ) -> Tensor:
     """The per-sample parameter Jacobian of ``model`` at the inputs ``x``.
 
@@ -219,15 +192,20 @@ def jacobian(
             per-sample work for the layers that own them.
         projection: v of shape (C,): return the Jacobian of the single output
             v·f(x_n) instead, shape (N, P).
-        chunk_size: samples per block; default from a memory budget (~256 MB of
-            Jacobian per reference chunk, ~256 MB of working memory per structured
-            block, which is also about the fastest block size on a CPU).
+        chunk_size: samples per block; default: as many as keep one block's working set
+            (:func:`~engine.ntk.budget.per_sample_bytes`: the graph, the output gradients and
+            the rules' workspace, or torch.func's per-sample Jacobian for the reference
+            backend) within ``budget_bytes``, and within
+            :data:`~engine.ntk.budget.JACOBIAN_BLOCK_BYTES`, about the fastest block on a CPU.
         force_eval: switch every module to eval mode for the call and restore each
             module's previous mode afterwards (also on error).
         out: preallocated contiguous result to write into (shape, dtype, device
             checked); every element is written.
         dtype: dtype of the result. The computation runs in the model's dtype.
         backend: deprecated name of ``implementation``.
+        budget_bytes: the working memory beyond the result (default
+            :data:`~engine.ntk.budget.DEFAULT_BUDGET`); a budget below one sample's working
+            set is refused before any work.
 
     Returns:
         J of shape (N·C, P) with row ``n·C + c`` = ∂f_c(x_n)/∂θ, or (N, P) with a
@@ -240,6 +218,7 @@ def jacobian(
     kind = parse_enum(Implementation, implementation, "implementation")
     entries = selected_entries(model, param_names)
     chunk = check_chunk(chunk_size)
+    budget = check_budget(budget_bytes)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
     check_mode(model, force_eval)
@@ -253,8 +232,21 @@ def jacobian(
         result = check_out(out, (n * k, width) if v is None else (n, width), dtype, device)
         out3 = result.view(n, k, width)
         x = x.detach()
-        if kind is Implementation.REFERENCE:
+        plan = None if kind is Implementation.REFERENCE else make_plan(model, entries)
+        if chunk is None:
+            chunk = _block_inputs(model, plan, x, k, width, cdtype.itemsize, budget)
+        if plan is None:
             _reference_into(model, x, entries, out3, v, chunk)
         else:
-            _structured_into(model, x, entries, out3, v, chunk)
+            _structured_into(model, plan, x, out3, v, chunk)
     return result
+
+
+def _block_inputs(model: nn.Module, plan: Plan | None, x: Tensor, k: int, width: int, itemsize: int,
+                  budget: int) -> int:
+    """Samples per block: as many as fit the block's share of the budget (at least one)."""
+    one = per_sample_bytes(plan, lambda: model(x[:1]), k=k, width=width, itemsize=itemsize)
+    if one > budget:
+        raise ConfigError(f"budget_bytes={budget:,} is below what one sample of the Jacobian needs "
+                          f"({one:,} bytes); raise it")
+    return max(1, min(x.shape[0], jacobian_block_bytes(budget) // one))

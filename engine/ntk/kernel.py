@@ -138,9 +138,9 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
             ``torch.bfloat16``: the Jacobian chunks are rounded to bfloat16 and the Gram
             products accumulate in float32 (native on CUDA / CPUs with AMX or
             AVX512-BF16; elsewhere emulated in float32 at float32 speed, with a warning).
-        budget_bytes: bound on the working memory (block data and column chunks, not
-            the result; default 4 GiB); a budget below what one sample needs is refused up
-            front. Inputs whose block data exceed it are split into blocks, and the inner
+        budget_bytes: bound on the working memory (block data and column chunks, not the
+            result; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`); a budget below what one
+            sample needs is refused up front. Inputs whose block data exceed it are split into blocks, and the inner
             blocks are recomputed per tile (more time, bounded memory).
         implementation: ``"auto"`` (= ``"structured"``: layer rules, torch.func for the
             rest) or ``"reference"`` (torch.func for every column).
@@ -248,8 +248,9 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
     c = num_outputs(model, inputs)
     layout = parameter_layout(model)
     p = layout[-1][3] if layout else 0
+    budget_bytes = check_budget(budget_bytes)
     if block_inputs is None:
-        block_inputs = max(1, min(inputs.shape[0], check_budget(budget_bytes) // 2 // max(c * p * 4, 1)))
+        block_inputs = max(1, min(inputs.shape[0], budget_bytes // 2 // max(c * p * 4, 1)))
     spec = {"model": getattr(model, "arch", type(model).__name__), "mode": "eval",
             "probe_hash": probe_hash(inputs), "backend": str(implementation),
             "params": [[n, list(s)] for n, s, _, _ in layout], **(job or {})}
@@ -257,15 +258,16 @@ def jacobian_to_store(model: torch.nn.Module, inputs: torch.Tensor, path: str | 
                                      n_params=p, block_inputs=block_inputs, dtype=dtype,
                                      overwrite=overwrite)
     fill_jacobian_store(store, model, inputs, [u for u, done in enumerate(store.complete) if not done],
-                        implementation=implementation, force_eval=force_eval, progress=progress)
+                        implementation=implementation, force_eval=force_eval, progress=progress,
+                        budget_bytes=budget_bytes // 2)
     return store
 
 
 def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
                         inputs: torch.Tensor | Callable[[int, int], torch.Tensor], units: Iterable[int], *,
                         projection: torch.Tensor | None = None, implementation: str | Implementation = "auto",
-                        force_eval: bool = False,
-                        progress: bool | None = False, desc: str = "Jacobian blocks") -> None:
+                        force_eval: bool = False, progress: bool | None = False, desc: str = "Jacobian blocks",
+                        budget_bytes: int = DEFAULT_BUDGET) -> None:
     """Compute blocks ``units`` of ``store`` and write each, flagged complete once its bytes are written:
     the one writer of stored Jacobians (:func:`jacobian_to_store`, and the ``entk kernel`` job, whose ranks
     each fill their share of a store rank 0 created).
@@ -273,6 +275,7 @@ def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
     ``inputs`` are the store's inputs, or a function ``(start, end)`` → those inputs (on the model's
     device), for callers that hold them compactly. ``projection`` stores the Jacobian of ``v · f`` (one
     row per input). A block with a non-finite entry is refused, naming the input, output and parameter.
+    ``budget_bytes``: the working memory of each block's :func:`~engine.ntk.jacobian` call.
     """
     layout = parameter_layout(model)
     c = store.num_outputs
@@ -283,7 +286,8 @@ def fill_jacobian_store(store: JacobianStore, model: torch.nn.Module,
             x = inputs(s, e) if callable(inputs) else inputs[s:e]
             # float64 stores hold float64 Jacobians (of a float64 model); the others are cast from float32
             block = jacobian(model, x, implementation=implementation, force_eval=force_eval, projection=projection,
-                             dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                             dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                             budget_bytes=budget_bytes)
             bad = _first_bad_column(block)
             if bad is not None:
                 r, col = bad

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .budget import entk_shares, per_sample_bytes
 from .capture import Call, Plan, Recorder, make_plan, output_grads
 from .contract import bf16_mode, contract, symmetrize
 from .fallback import fill_columns
@@ -49,14 +50,10 @@ from .rules import LayerRule
 
 __all__ = ["onepass_kernel"]
 
-# Bound on one column-chunk buffer: a chunk is formed and then read by the Gram while still
-# in the last-level cache, and a small reused buffer is not faulted in afresh for every chunk.
-_CHUNK_BYTES = 32 << 20
 # A piece at least this wide fills a chunk alone: its Gram's inner dimension is long enough to
 # run at the GEMM rate, and a chunk holding one piece is contiguous, so the rule's per-sample
 # products land in it directly instead of through a copy.
 _SOLO_COLS = 2048
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -196,7 +193,7 @@ class _Setup:
     owner_name: dict[int, str]  # param id -> per-layer key
     always_fallback: set[int]
     contraction: Contraction = Contraction.AUTO
-    workspace: int = _CHUNK_BYTES  # bound on one pair product's intermediates
+    workspace: int = 0  # bound on one pair product's intermediates (the budget's chunk share)
     strategy: dict[int, str] = field(default_factory=dict)  # module id -> materialise | pairs
 
 
@@ -319,26 +316,6 @@ def _fill(s: _Setup, group: list[_Piece], blk: _Block, dest: Tensor) -> None:
         col += p.width
 
 
-def _per_sample_bytes(s: _Setup, x1: Inputs) -> int:
-    """Rough memory per input sample of one block's data (graph, patches, stored gradients)."""
-    if s.plan is None:
-        return max(1, 4 * s.k * s.entries[-1].end)  # torch.func's per-sample Jacobian
-    rec = Recorder(s.plan, 1)
-    with rec, torch.enable_grad():  # with a graph, so that resolve() sees who borrows a gradient
-        _call(s.model, x1)
-    own = {id(c) for c in rec.resolve(rec.fallback_ids() | s.always_fallback) if c.base is None}
-    # Held per block: the graph (~2 activations per hooked output) and the K output gradients
-    # of the calls that keep their own (a conv feeding only a BatchNorm borrows the BatchNorm's);
-    # transient, one layer at a time: the unfolded patches and the batched backward's K
-    # gradients of the widest activation (twice: input and output of an op).
-    held = sum((2 + (s.k if id(c) in own else 0)) * c.y.numel() for c in rec.calls)
-    patches = max((s.plan.rules[id(c.module)].workspace_elements(c.module, c.a, c.y) for c in rec.calls),
-                  default=0)
-    widest = max((c.y.numel() for c in rec.calls), default=0)
-    total = held + patches + 2 * s.k * widest
-    return max(1, total * 4)
-
-
 def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
                    kind: KernelKind, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
                    bf16: bool, dtype: torch.dtype, budget_bytes: int, progress: Callable | None = None,
@@ -358,18 +335,19 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
 
     n1 = _size(x1)
     n2 = 0 if x2 is None else _size(x2)
-    per_sample = _per_sample_bytes(s, _slice(x1, 0, 1))
     itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = per_sample_bytes(plan, lambda: _call(model, _slice(x1, 0, 1)), k=k, width=entries[-1].end,
+                                  itemsize=itemsize, fallback=shared)
     widest = _widest_unit(plan, entries)
     need = per_sample + k * widest * itemsize
     if budget_bytes < need:
         raise ConfigError(f"budget_bytes={budget_bytes:,} is below what one sample needs ({need:,} bytes: "
                           f"forward data plus the widest layer's {widest:,} columns × {k} outputs); raise it")
-    # The two column-chunk buffers take at most a quarter of the budget each (and no more
-    # than _CHUNK_BYTES); the block data gets the rest: all inputs in one block if they fit,
-    # else two blocks (a row block and a column block) of equal size.
-    chunk_bytes = s.workspace = min(budget_bytes // 4, _CHUNK_BYTES)  # a pair product's share too
-    data_bytes = budget_bytes - 2 * chunk_bytes
+    # The block data: all inputs in one block if they fit its share, else two blocks (a row block
+    # and a column block) of equal size.
+    shares = entk_shares(budget_bytes)
+    chunk_bytes = s.workspace = shares.chunk  # a pair product's share too
+    data_bytes = shares.data
     total = n1 + n2 if kind is not KernelKind.DIAGONAL else n1
     if total * per_sample <= data_bytes:
         b1, b2 = n1, max(n2, 1)

@@ -25,7 +25,7 @@ from ...data import balanced_indices
 from .inputs import load_model_fn, parse_inputs
 from .job import KernelJobResult, kernel_job
 from .plan import (
-    DEFAULT_BUDGET,
+    DEFAULT_PROCESS_BUDGET,
     PROCESS_ALLOWANCE,
     KernelKind,
     choose_tile_inputs,
@@ -35,6 +35,6 @@ from .plan import (
     tile_bytes,
 )
 
-__all__ = ["DEFAULT_BUDGET", "PROCESS_ALLOWANCE", "KernelJobResult", "KernelKind", "balanced_indices",
+__all__ = ["DEFAULT_PROCESS_BUDGET", "PROCESS_ALLOWANCE", "KernelJobResult", "KernelKind", "balanced_indices",
            "choose_tile_inputs", "kernel_job", "load_model_fn", "memory_in_use", "parse_compute_dtype", "parse_inputs",
            "resident_bytes", "tile_bytes"]

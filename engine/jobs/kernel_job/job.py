@@ -26,7 +26,7 @@ from ..job_inputs import check_logits, check_tile
 from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
-    DEFAULT_BUDGET,
+    DEFAULT_PROCESS_BUDGET,
     PROCESS_ALLOWANCE,
     GiB,
     KernelKind,
@@ -207,8 +207,8 @@ def _open_file(d: Dist, req: _Request, work: _Work, geom: dict, overwrite: bool)
 
 
 def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, stores: list[JacobianStore] | None,
-                 budget_bytes: int, quiet: bool) -> int:
-    """This rank's missing tiles into ``f``; returns how many."""
+                 working_bytes: int, quiet: bool) -> int:
+    """This rank's missing tiles into ``f``; returns how many. ``working_bytes``: each tile's working memory."""
     todo = [k for k, done in enumerate(f.complete[: f.n_tiles]) if not done and d.owns(k)]
     grid = f.grid()
     kind, sides, computed = req.kind, work.sides, 0
@@ -225,7 +225,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
         for n, k in enumerate(bar):
             i, j = grid[k]
             if kind is KernelKind.DIAGONAL:
-                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, budget_bytes,
+                h = tile(work.model, work.batch(sides[0], i * t, (i + 1) * t), None, kind, req.cdtype, working_bytes,
                          req.contraction)
             elif reader is not None:
                 ja, jb = reader.blocks(n)
@@ -234,7 +234,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
             else:
                 xa = work.batch(sides[0], i * t, (i + 1) * t)
                 xb = None if req.symmetric and i == j else work.batch(sides[-1], j * t, (j + 1) * t)
-                h = tile(work.model, xa, xb, kind, req.cdtype, budget_bytes, req.contraction)
+                h = tile(work.model, xa, xb, kind, req.cdtype, working_bytes, req.contraction)
             if not torch.isfinite(h).all():
                 raise ConfigError(f"tile ({i}, {j}) of the kernel has NaN/Inf values (diverged weights?); "
                                   f"completed tiles are kept in {req.out}")
@@ -251,7 +251,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
 def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: int | None = None,
                model: nn.Module | None = None, dataset: Dataset | None = None, model_name: str | None = None,
                x1: str = "test:100", x2: str | None = None, kernel: str = "full",
-               compute_dtype: str | torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,
+               compute_dtype: str | torch.dtype = torch.float32, budget_bytes: int = DEFAULT_PROCESS_BUDGET,
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
@@ -297,6 +297,10 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                 f"per tile pair), {d.world} rank(s)")
             say(f"J blocks: {reason}")
 
+        # The working memory of each tile's entk call: what the plan left beside memory_in_use (at
+        # least the tile's own estimate, when a --tile or a resumed file chose the tile size).
+        working = max(budget_bytes - work.in_use,
+                      tile_bytes(t, c=work.c, p=work.p, kind=req.kind, compute_dtype=req.cdtype))
         stores = None
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:
@@ -305,7 +309,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         t_tiles = time.perf_counter()
         computed = 0
         with d.together():
-            computed = _write_tiles(d, req, work, f, t, stores, budget_bytes, quiet)
+            computed = _write_tiles(d, req, work, f, t, stores, working, quiet)
         t_end = time.perf_counter()
         if d.main and stores is not None and f.complete.all():
             for s in stores:

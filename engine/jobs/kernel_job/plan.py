@@ -14,13 +14,17 @@ from torch import nn
 
 from ...data import Dataset
 from ...errors import ConfigError
+from ...ntk.budget import JACOBIAN_BLOCK_BYTES, GiB
+from ...ntk.kinds import KernelKind
 from ...store import KernelTiles, StoreError
 
-GiB = 2**30
-DEFAULT_BUDGET = 2 * GiB
-# Working memory of one Jacobian call beyond its output: engine.ntk.jacobian keeps a block's
-# output gradients, patches and graph under ~256 MiB; small blocks need proportionally less.
-JAC_WORKSPACE = 256 << 20
+# A kernel job's budget_bytes is the memory of its whole process, unlike the working memory of
+# engine.ntk's front ends (engine.ntk.budget): the job sets aside memory_in_use() (the interpreter,
+# the model, the data) and the tiles get the rest, so that --budget-gb bounds what a scheduler sees.
+DEFAULT_PROCESS_BUDGET = 2 * GiB
+# Working memory of one Jacobian call beyond its output (engine.ntk.jacobian keeps a block within
+# this with its default budget); small blocks need proportionally less.
+JAC_WORKSPACE = JACOBIAN_BLOCK_BYTES
 _BASE_OVERHEAD = 64 << 20  # transient copies (a batch, the padded tile write), allocator slack
 # The interpreter, torch, its libraries and allocator retention: ~1 GiB resident on a CPU build (measured,
 # benchmarks/results/README.md). A constant, not a
@@ -37,13 +41,6 @@ def resident_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class KernelKind(str, enum.Enum):  # noqa: UP042 - same str-mixin form as the other engine enums
-    FULL = "full"          # (N1·C, N2·C), row n·C + c
-    TRACED = "traced"      # (N1, N2), summed over the C outputs
-    DIAGONAL = "diagonal"  # (N, C, C): per-sample output blocks
-    PNTK = "pntk"          # (N1, N2): kernel of Σ_c f_c / √C
 
 
 class Strategy(str, enum.Enum):  # noqa: UP042

@@ -47,6 +47,7 @@ def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Kern
     """One tile of the kernel, straight from the model: ``(na·C, nb·C)``, ``(na, nb)`` or ``(na, C·C)``.
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
+    ``budget_bytes``: the working memory of the tile (engine.ntk.budget's meaning), not the process's.
 
     Every compute dtype goes through the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel for
     ``xb``), which computes in the parameters' dtype: for float64 ``model`` and the inputs are the
