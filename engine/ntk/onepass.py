@@ -155,11 +155,17 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
         g = blk.grads[id(c)]
         if g is None:
             continue
-        scale = c.scale
+        scale, a = c.scale, c.a
         if o is not None:
             g = g[:, :, o[0]:o[1]]
             scale = None if scale is None else scale[o[0]:o[1]]
-        rule.compute(m, c.a, g, dests, acc, scale)
+        if dest.dtype != g.dtype:
+            # bfloat16 columns: the rule's products run on bfloat16 operands at the bfloat16 matmul
+            # rate (float32 accumulation inside the GEMM), rounded once as they are written.
+            g = g.to(dest.dtype)
+            a = a.to(dest.dtype) if a.is_floating_point() else a
+            scale = None if scale is None else scale.to(dest.dtype)
+        rule.compute(m, a, g, dests, acc, scale)
         acc = True
     if not acc:  # never called, or its output does not reach f
         dest.zero_()
@@ -289,18 +295,20 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
                 width += pieces[i + len(group)].width
                 group.append(pieces[i + len(group)])
             i += len(group)
-            ja = _chunk_buffer(bufs, 0, a.n, s.k, width, s.dtype)
+            # Native bfloat16: the columns are formed in bfloat16 (the Gram rounds them to it anyway).
+            cdtype = torch.bfloat16 if s.bf16 == "native" else s.dtype
+            ja = _chunk_buffer(bufs, 0, a.n, s.k, width, cdtype)
             _fill(s, group, a, ja)
             jb = None
             if not sym:
-                jb = _chunk_buffer(bufs, 1, bb.n, s.k, width, s.dtype)
+                jb = _chunk_buffer(bufs, 1, bb.n, s.k, width, cdtype)
                 _fill(s, group, bb, jb)
             contract(out_for(group[0].key), ja, jb, s.kind, sym, s.bf16)
 
 
 def _chunk_buffer(bufs: list[Tensor], slot: int, n: int, k: int, width: int, dtype: torch.dtype) -> Tensor:
     need = n * k * width
-    if bufs[slot].numel() < need:
+    if bufs[slot].numel() < need or bufs[slot].dtype != dtype:
         bufs[slot] = torch.empty(need, dtype=dtype, device=bufs[slot].device)
     return bufs[slot][:need].view(n, k, width)
 
@@ -324,7 +332,8 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
     ``v``, the output projection); ``dtype``: computation and result dtype (float32 or
-    float64); ``bf16``: round the column chunks to bfloat16 (float32 accumulation).
+    float64); ``bf16``: bfloat16 column chunks (float32 accumulation): formed from bfloat16
+    operands where the device multiplies bfloat16 natively, else rounded from float32.
     Inputs are checked by the caller (eval mode, dtypes, devices).
     """
     device = entries[0].param.device
