@@ -34,6 +34,7 @@ import sys
 import time
 
 C = 10
+_clock = time.perf_counter  # --clock cpu: time.process_time
 
 
 def _rate(m: int, k: int, n: int, dtype) -> float:
@@ -43,9 +44,9 @@ def _rate(m: int, k: int, n: int, dtype) -> float:
     torch.mm(a, b)
     best = float("inf")
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0 = _clock()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _clock() - t0)
     return m * k * n / best
 
 
@@ -62,11 +63,11 @@ class _Timers:
             return
 
         def timed(*a, **kw):
-            t0 = time.perf_counter()
+            t0 = _clock()
             try:
                 return fn(*a, **kw)
             finally:
-                self.t[label] = self.t.get(label, 0.0) + time.perf_counter() - t0
+                self.t[label] = self.t.get(label, 0.0) + _clock() - t0
 
         setattr(mod, name, timed)
         self._undo.append((mod, name, fn))
@@ -121,8 +122,11 @@ def _child(a) -> dict:
     from engine.ntk import entk, onepass
     from engine.ntk.rules import conv, linear
 
+    global _clock
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.clock == "cpu":
+        _clock = time.process_time
     dtype = getattr(torch, a.dtype)
     cd = torch.bfloat16 if dtype == torch.bfloat16 else None
     torch.manual_seed(0)
@@ -146,11 +150,11 @@ def _child(a) -> dict:
                                  (conv, "bmm_into", "fill: bmm"),
                                  (linear, "bmm_into", "fill: bmm")]:
             timers.wrap(mod, name, label)
-        t0 = time.perf_counter()
+        t0 = _clock()
         try:
             call()
         finally:
-            total = time.perf_counter() - t0
+            total = _clock() - t0
             timers.restore()
         if total < best:
             best, stages = total, dict(timers.t)
@@ -165,7 +169,8 @@ def _child(a) -> dict:
             call()
         ops = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:a.profile]
         prof = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in ops]
-    return {"model": a.model, "n": a.n, "dtype": a.dtype, "contraction": a.contraction, "total_s": best,
+    return {"clock": a.clock, "model": a.model, "n": a.n, "dtype": a.dtype, "contraction": a.contraction,
+            "total_s": best,
             "stages_s": stages, "threads": torch.get_num_threads(), "trace": ref_trace, "ops": prof,
             "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], **fl,
             "share_of_floor": sum(fl["floor_s"].values()) / best}
@@ -175,7 +180,7 @@ def _print(res: dict, label: str = "") -> None:
     fl = res["floor_s"]
     floor = sum(fl.values())
     print(f"{label}{res['model']} N={res['n']} {res['dtype']} {res['contraction']}: {res['total_s']:.3f} s, "
-          f"{res['threads']} threads, floor {floor:.3f} s, share {res['share_of_floor']:.2f}; "
+          f"{res['threads']} threads, {res['clock']} clock, floor {floor:.3f} s, share {res['share_of_floor']:.2f}; "
           f"mm 1024³ {res['mm_macs_per_s'] / 1e9:.1f} GMAC/s; "
           f"load {res['load_avg_1min_before']:.2f} -> {res['load_avg_1min_after']:.2f}")
     print(f"  {'stage':<20} {'seconds':>8} {'share':>6} {'floor s':>8}")
@@ -197,6 +202,9 @@ def main() -> int:
     ap.add_argument("--trees", nargs="+", help="source trees to compare, each in its own subprocess")
     ap.add_argument("--rounds", type=int, default=1, help="with --trees: alternations of the trees")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: process CPU time for every timing and mm rate (with --threads 1, the time this "
+                         "process ran, robust to other processes on the cores)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -215,7 +223,7 @@ def main() -> int:
     else:
         args = ["--model", a.model, "--n", str(a.n), "--dtype", a.dtype, "--contraction", a.contraction,
                 "--reps", str(a.reps), "--profile", str(a.profile)]
-        args += ["--threads", str(a.threads)] if a.threads else []
+        args += (["--threads", str(a.threads)] if a.threads else []) + ["--clock", a.clock]
         for r in range(a.rounds):
             for tree in a.trees:
                 env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))

@@ -136,9 +136,10 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
             own name), in model order, as :func:`~engine.ntk.entk_fn` does; the values sum to
             the full kernel.
         compute_dtype: ``None`` (the parameters' dtype, float32 or float64) or
-            ``torch.bfloat16``: the Jacobian chunks are rounded to bfloat16 and the Gram
-            products accumulate in float32 (native on CUDA / CPUs with AMX or
-            AVX512-BF16; elsewhere emulated in float32 at float32 speed, with a warning).
+            ``torch.bfloat16``: the Jacobian chunks are bfloat16 and the Gram products
+            accumulate in float32 (native on CUDA / CPUs with AMX or AVX512-BF16, where the
+            rules also form the chunks from bfloat16 operands; elsewhere emulated in float32
+            at float32 speed, with a warning).
         budget_bytes: bound on the working memory (block data and column chunks, not the
             result; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`); a budget below what one
             sample needs is refused up front. Inputs whose block data exceed it are split into blocks, and the inner

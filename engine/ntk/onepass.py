@@ -53,6 +53,10 @@ from .rules import LayerRule
 
 __all__ = ["onepass_kernel"]
 
+# A piece at least this wide fills a chunk alone: its Gram's inner dimension is long enough to
+# run at the GEMM rate, and a chunk holding one piece is contiguous, so the rule's per-sample
+# products land in it directly instead of through a copy.
+_SOLO_COLS = 2048
 
 # --------------------------------------------------------------------------- inputs
 
@@ -154,11 +158,17 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
         g = blk.grads[id(c)]
         if g is None:
             continue
-        scale = c.scale
+        scale, a = c.scale, c.a
         if o is not None:
             g = g[:, :, o[0]:o[1]]
             scale = None if scale is None else scale[o[0]:o[1]]
-        rule.compute(m, c.a, g, dests, acc, scale)
+        if dest.dtype != g.dtype:
+            # bfloat16 columns: the rule's products run on bfloat16 operands at the bfloat16 matmul
+            # rate (float32 accumulation inside the GEMM), rounded once as they are written.
+            g = g.to(dest.dtype)
+            a = a.to(dest.dtype) if a.is_floating_point() else a
+            scale = None if scale is None else scale.to(dest.dtype)
+        rule.compute(m, a, g, dests, acc, scale)
         acc = True
     if not acc:  # never called, or its output does not reach f
         dest.zero_()
@@ -281,28 +291,31 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
             gb = gb if cb.scale is None else gb * cb.scale
             s.plan.rules[id(m)].closed_form(out_for(key), {attr for attr, _ in slots}, ca.a, ga, cb.a, gb, s.kind,
                                             s.bf16 is not None)
-        # Pack consecutive pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
+        # Pack consecutive narrow pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
         i = 0
         while i < len(pieces):
             group = [pieces[i]]
             width = pieces[i].width
             while (i + len(group) < len(pieces) and width + pieces[i + len(group)].width <= s.max_cols
+                   and max(width, pieces[i + len(group)].width) < _SOLO_COLS
                    and (not s.per_layer or pieces[i + len(group)].key == group[0].key)):
                 width += pieces[i + len(group)].width
                 group.append(pieces[i + len(group)])
             i += len(group)
-            ja = _chunk_buffer(bufs, 0, a.n, s.k, width, s.dtype)
+            # Native bfloat16: the columns are formed in bfloat16 (the Gram rounds them to it anyway).
+            cdtype = torch.bfloat16 if s.bf16 == "native" else s.dtype
+            ja = _chunk_buffer(bufs, 0, a.n, s.k, width, cdtype)
             _fill(s, group, a, ja)
             jb = None
             if not sym:
-                jb = _chunk_buffer(bufs, 1, bb.n, s.k, width, s.dtype)
+                jb = _chunk_buffer(bufs, 1, bb.n, s.k, width, cdtype)
                 _fill(s, group, bb, jb)
             contract(out_for(group[0].key), ja, jb, s.kind, sym, s.bf16)
 
 
 def _chunk_buffer(bufs: list[Tensor], slot: int, n: int, k: int, width: int, dtype: torch.dtype) -> Tensor:
     need = n * k * width
-    if bufs[slot].numel() < need:
+    if bufs[slot].numel() < need or bufs[slot].dtype != dtype:
         bufs[slot] = torch.empty(need, dtype=dtype, device=bufs[slot].device)
     return bufs[slot][:need].view(n, k, width)
 
@@ -327,7 +340,8 @@ def onepass_kernel(model: nn.Module | None, x1: Inputs, x2: Inputs | None, entri
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
     ``v``, the output projection); ``dtype``: computation and result dtype (float32 or
-    float64); ``bf16``: round the column chunks to bfloat16 (float32 accumulation).
+    float64); ``bf16``: bfloat16 column chunks (float32 accumulation): formed from bfloat16
+    operands where the device multiplies bfloat16 natively, else rounded from float32.
     Inputs are checked by the caller (eval mode, dtypes, devices).
 
     A torch.func column source (:func:`~engine.ntk.entk_fn`: ``model`` None, ``implementation``

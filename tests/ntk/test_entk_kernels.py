@@ -278,7 +278,8 @@ def test_bfloat16_against_rounded_torch():
             h = entk(model, x, kernel=kind, compute_dtype=torch.bfloat16)
             assert h.dtype == torch.float32
             e, e_t = rel_err(h, ref[kind]), rel_err(plain[kind], ref[kind])
-            # Both round J to bfloat16 (the engine per layer chunk, after forming it in float32).
+            # Both round J to bfloat16 (the engine per layer chunk; with a bfloat16 unit it forms the
+            # chunk from bfloat16-rounded operands, a second rounding of the same order).
             assert e <= FACTOR * max(e_t, torch.finfo(torch.bfloat16).eps), \
                 f"bf16 {kind}: error {e:.3g} vs torch's {e_t:.3g} (seed {seed})"
 

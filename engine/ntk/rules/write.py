@@ -29,18 +29,34 @@ def scaled(g: Tensor, scale: Tensor | None) -> Tensor:
 def bmm_into(dest: Tensor, lhs: Tensor, rhs: Tensor, accumulate: bool, scale: Tensor | None = None) -> None:
     """``dest[n] (K, M·Q) <- diag(scale) · lhs[n] (K·M, L) @ rhs[n] (L, Q)`` for every sample n.
 
-    dest is a strided column slice of the Jacobian, which bmm cannot write into
-    directly (its rows for different k are P apart, not M·Q), so sample blocks go
-    through a small buffer that stays in cache; the row scale (M,) rides along
-    with that copy for free.
+    When dest holds these columns alone (contiguous), the products land in it directly, a
+    block of samples at a time, with the row scale applied to the smaller of lhs and the
+    product. Otherwise dest is a strided column slice of the Jacobian, which bmm cannot write
+    into (its rows for different k are P apart, not M·Q), so sample blocks go through a small
+    buffer that stays in cache; the row scale (M,) rides along with that copy for free.
     """
-    n, km, _ = lhs.shape
+    n, km, inner = lhs.shape
     k = dest.shape[1]
     q = rhs.shape[2]
     per_sample = km * q * lhs.element_size()
     block = max(1, min(n, _BMM_BLOCK_BYTES // max(per_sample, 1)))
-    buf = torch.empty((block, km, q), dtype=lhs.dtype, device=lhs.device)
     s4 = None if scale is None else scale.view(1, 1, -1, 1)
+    direct = dest.is_contiguous() and not (accumulate and s4 is not None and inner > q)
+    if direct:
+        d3 = dest.view(n, km, q)
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            lb = lhs[s:e]
+            if s4 is not None and (accumulate or inner <= q):  # scale the smaller operand
+                lb = (lb.view(e - s, k, km // k, inner) * s4).view(e - s, km, inner)
+            if accumulate:
+                d3[s:e].baddbmm_(lb, rhs[s:e])
+                continue
+            torch.bmm(lb, rhs[s:e], out=d3[s:e])
+            if s4 is not None and inner > q:
+                d3[s:e].view(e - s, k, km // k, q).mul_(s4)  # still in cache
+        return
+    buf = torch.empty((block, km, q), dtype=lhs.dtype, device=lhs.device)
     for s in range(0, n, block):
         e = min(n, s + block)
         tmp = torch.bmm(lhs[s:e], rhs[s:e], out=buf[: e - s])
