@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError
 from .capture import Plan, Recorder
 from .kinds import KernelKind
+from .params import Entry
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -35,6 +36,7 @@ __all__ = [
     "jacobian_element_bytes",
     "per_sample_bytes",
     "torch_func_blocks",
+    "widest_unit",
 ]
 
 GiB = 1 << 30  # budgets are given in GiB (--budget-gb) and printed in GiB
@@ -83,6 +85,27 @@ def per_sample_bytes(plan: Plan | None, forward: Callable[[], object], *, k: int
                   default=0)
     widest = max((c.y.numel() for c in rec.calls), default=0)
     return max(1, (held + patches + 2 * k * widest) * itemsize)
+
+
+def widest_unit(plan: Plan | None, entries: list[Entry]) -> int:
+    """The most columns that must be formed together: one output channel of a chunkable layer
+    (its weight row and bias), a whole other module, a whole fallback parameter."""
+    widest = max(e.end - e.start for e in entries)
+    if plan is None:
+        return widest
+    chunked: set[int] = set()
+    units = []
+    for m in plan.modules:
+        out_ch = plan.rules[id(m)].channels(m)
+        width = sum(e.end - e.start for _, e in plan.slots[id(m)])
+        if out_ch is not None:
+            units.append(width // out_ch)
+            chunked.update(id(e.param) for _, e in plan.slots[id(m)])
+        else:
+            units.append(width)
+            chunked.update(id(e.param) for _, e in plan.slots[id(m)])
+    units += [e.end - e.start for e in entries if id(e.param) not in chunked]
+    return max(units) if units else widest
 
 
 def jacobian_block_bytes(budget_bytes: int) -> int:

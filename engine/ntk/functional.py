@@ -6,32 +6,19 @@ torch.func reference of every kernel shape.
     H = entk_fn(lambda p, x: torch.func.functional_call(model, p, (x,)),
                 dict(model.named_parameters()), x_train, x_test, kernel="traced")
 
-Per row block of inputs and per chunk of parameters, ``vmap(jacrev(...))`` forms the
-per-sample Jacobian block ``J_p,a`` (``vmap(grad(...))`` for pNTK: one VJP per sample) and
-contracts it at once into the kernel tile, ``tile += J_p,a J_p,bᵀ``; the whole Jacobian is
-never held. Only the parameters are differentiated; inputs may be integer token ids or tuples.
+``entk_fn`` is :func:`~engine.ntk.entk`'s driver (:func:`engine.ntk.onepass.onepass_kernel`: the
+tile schedule, the chunk packing, the contraction of :mod:`engine.ntk.contract`, the symmetrisation)
+with a torch.func column source: for a block of inputs and a chunk of parameters,
+``vmap(jacrev(...))`` forms the per-sample Jacobian columns (``vmap(grad(...))`` for pNTK: one VJP
+per sample, :func:`engine.ntk.fallback.per_sample_jacobian`, the fallback ``entk`` uses for
+parameters without a layer rule) and they are contracted at once into the kernel tile,
+``tile += J_a J_bᵀ``; the whole Jacobian is never held. Only the parameters are differentiated;
+inputs may be integer token ids or tuples, in any structure ``apply_fn`` takes.
 
-What it shares with :func:`~engine.ntk.entk`: the column source (:func:`engine.ntk.fallback.per_sample_jacobian`,
-the torch.func fallback ``entk`` uses for parameters without a layer rule), the tile products and
-the symmetrisation (:mod:`engine.ntk.contract`), the budget check and the vocabulary
-(:class:`~engine.ntk.kinds.KernelKind`, ``param_names``, ``per_layer`` keys). What it does not, yet:
-
-* its schedule: row block outer, parameter chunk middle, column blocks inner, so a row block's
-  chunk is formed once and each column block's chunk once per row block; ``entk`` runs tile
-  pairs outer and chunks inner, keeping each block's forward data instead;
-* its memory model (:func:`engine.ntk.budget.torch_func_blocks`): ``budget_bytes`` bounds the
-  Jacobian blocks held, and chunks are as wide as the budget allows, because every torch.func
-  chunk costs a whole forward and backward per sample; ``entk`` bounds block data by
-  :func:`~engine.ntk.budget.per_sample_bytes` and keeps its chunks cache-sized
-  (:func:`~engine.ntk.budget.entk_shares`), right for layer-rule columns, ruinous for torch.func ones;
-* bfloat16: always bfloat16 products (on a CPU without a bfloat16 matrix unit too), where
-  ``entk`` rounds and multiplies in float32 there (:func:`~engine.ntk.contract.bf16_mode`);
-* inputs in any structure (a tensor, tuple, list or named tuple handed to ``apply_fn`` as given),
-  where ``entk`` calls ``model(*x)``.
-
-Making it the ``entk`` driver with a torch.func column source needs that driver to take a column
-source with its own chunk policy and an input slicer; the tests of this module pin the budget's
-meaning above (tests/ntk/test_entk_fn.py), so that change moves them too.
+Its memory model is the source's own (:func:`engine.ntk.budget.torch_func_blocks`): ``budget_bytes``
+bounds the Jacobian blocks held, and chunks are as wide as the budget allows, because every
+torch.func chunk costs a whole forward and backward per sample (``entk``'s layer-rule columns
+are cheap to form, so its chunks are cache-sized instead).
 """
 
 from __future__ import annotations
@@ -44,10 +31,11 @@ import torch
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
 from .budget import DEFAULT_BUDGET, check_budget, jacobian_element_bytes, torch_func_blocks
-from .contract import contract, symmetrize
+from .contract import symmetrize
 from .fallback import per_sample_jacobian
-from .kinds import KernelKind
-from .params import as_names, layer_of
+from .kinds import Implementation, KernelKind
+from .onepass import onepass_kernel
+from .params import Entry, as_names
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -159,10 +147,10 @@ def _like(x: tuple | list, items: Iterable) -> tuple | list:
     return x._make(items) if hasattr(x, "_make") else type(x)(items)
 
 
-def _slice(x: Inputs, s: int, e: int, device: torch.device) -> Inputs:
+def _to(x: Inputs, device: torch.device) -> Inputs:
     if isinstance(x, torch.Tensor):
-        return x[s:e].to(device)
-    return _like(x, (t[s:e].to(device) for t in x))
+        return x.to(device)
+    return _like(x, (t.to(device) for t in x))
 
 
 def _one_batch(x: Inputs) -> Inputs:
@@ -185,40 +173,9 @@ def _check_output(out: object, c: int | None) -> int:
 
 
 def _num_outputs(apply_fn: Callable, params: dict[str, torch.Tensor], x: Inputs, device: torch.device) -> int:
+    first = x[:1] if isinstance(x, torch.Tensor) else _like(x, (t[:1] for t in x))
     with torch.no_grad():
-        return _check_output(apply_fn(params, _slice(x, 0, 1, device)), None)
-
-
-def _jacobian_block(apply_fn: Callable, fixed: dict[str, torch.Tensor], chunk: dict[str, torch.Tensor],
-                    xb: Inputs, c: int, pntk: bool) -> torch.Tensor:
-    """Per-sample Jacobian of the outputs w.r.t. ``chunk``: ``(b, C, cols)``, or ``(b, 1, cols)``
-    for pNTK (the gradient of Σ_c f_c / √C, one VJP per sample)."""
-    def f(p, x):
-        out = apply_fn({**fixed, **p}, _one_batch(x))
-        _check_output(out, c)
-        return out[0].sum() / math.sqrt(c) if pntk else out[0]
-
-    jac = per_sample_jacobian(f, chunk, xb, 1 if pntk else c, pntk)
-    parts = [jac[n] for n in chunk]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# planning
-
-
-def _chunks(names: list[str], params: dict[str, torch.Tensor], cap: int, per_layer: bool) -> list[list[str]]:
-    """Consecutive parameters whose columns fit ``cap``; never across groups when per layer."""
-    chunks: list[list[str]] = []
-    cols = 0
-    for n in names:
-        k = params[n].numel()
-        if not chunks or cols + k > cap or (per_layer and layer_of(n) != layer_of(chunks[-1][0])):
-            chunks.append([])
-            cols = 0
-        chunks[-1].append(n)
-        cols += k
-    return chunks
+        return _check_output(apply_fn(params, _to(first, device)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +204,14 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
             less its last component; a parameter of the top-level module keys by its own name,
             as in :func:`~engine.ntk.entk`); the kernels sum to the full one.
         compute_dtype: ``torch.float32`` (contract in the Jacobian's own precision: float64
-            params give a float64 kernel) or ``torch.bfloat16`` (bfloat16 copies of the
-            Jacobian blocks, float32 accumulation; float32 kernel. On the CPU, bfloat16
-            ``torch.mm`` accumulates in float32 but rounds each chunk's tile to bfloat16).
+            params give a float64 kernel) or ``torch.bfloat16`` (the Jacobian chunks rounded to
+            bfloat16, float32 accumulation, float32 kernel, as :func:`~engine.ntk.entk` does:
+            bfloat16 products on CUDA and CPUs with a bfloat16 matrix unit, where the CPU's
+            ``torch.mm`` rounds each chunk's tile to bfloat16; elsewhere multiplied in float32).
         budget_bytes: the working memory: bounds the Jacobian blocks held at once (not counting
             the activations inside ``vmap``; default :data:`~engine.ntk.budget.DEFAULT_BUDGET`);
             below one sample of the widest parameter it is refused up front.
-        progress: a progress bar over (row block, parameter chunk) steps.
+        progress: a progress bar over the tiles (block pairs).
 
     Returns:
         The kernel on the parameters' device, or a dict of kernels with ``per_layer``.
@@ -282,48 +240,37 @@ def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, 
     pntk = shape is KernelKind.PNTK
     rows = 1 if pntk else c
     widest = max(((n, params[n].numel()) for n in names), key=lambda t: t[1])
-    b1, b2, cap = torch_func_blocks(n1, n2, shape, rows, widest, jacobian_element_bytes(jdtype, cdtype), budget)
-    chunks = _chunks(names, params, max(cap, widest[1]), per_layer)
-    groups = list(dict.fromkeys(layer_of(n) for n in names)) if per_layer else [""]
+    blocks = torch_func_blocks(n1, n2, shape, rows, widest, jacobian_element_bytes(jdtype, cdtype), budget)
 
-    m1 = n1 * c if shape is KernelKind.FULL else n1
-    if shape is KernelKind.DIAGONAL:
-        out = {g: torch.zeros(n1, c, c, dtype=acc, device=device) for g in groups}
-    else:
-        m2 = m1 if n2 is None else (n2 * c if shape is KernelKind.FULL else n2)
-        out = {g: torch.zeros(m1, m2, dtype=acc, device=device) for g in groups}
-    unit = c if shape is KernelKind.FULL else 1  # kernel rows per sample
-    blocks1 = [(s, min(s + b1, n1)) for s in range(0, n1, b1)]
-    blocks2 = blocks1 if n2 is None else [(s, min(s + b2, n2)) for s in range(0, n2, b2)]
-    xs2 = x1 if n2 is None else x2
-
-    def operand(x: Inputs, s: int, e: int, chunk: list[str]) -> torch.Tensor:
+    def columns(entries: list[Entry], xb: Inputs, dest: torch.Tensor, cols: list[tuple[int, int]]) -> None:
+        """The column source: per-sample Jacobians of ``apply_fn`` w.r.t. these entries' parameters,
+        ``(b, C, cols)``, or ``(b, 1, cols)`` for pNTK (the gradient of Σ_c f_c / √C, one VJP per sample)."""
+        chunk = {e.name: params[e.name] for e in entries}
         fixed = {k: v for k, v in params.items() if k not in chunk}
-        j = _jacobian_block(apply_fn, fixed, {k: params[k] for k in chunk}, _slice(x, s, e, device), c, pntk)
-        return j.to(cdtype if cdtype == torch.bfloat16 else acc)
 
-    # bfloat16 operands multiply as bfloat16 with float32 accumulation (on the CPU torch.mm rounds
-    # each chunk's product to bfloat16 before it is added).
-    mode = "native" if cdtype == torch.bfloat16 else None
+        def f(p, x):
+            out = apply_fn({**fixed, **p}, _one_batch(x))
+            _check_output(out, c)
+            return out[0].sum() / math.sqrt(c) if pntk else out[0]
 
-    bar = progress_bar(total=len(blocks1) * len(chunks), desc="entk_fn", enabled=progress, unit="step")
-    with torch.no_grad():  # no autograd graph for the caller's tensors; the transforms run their own
-        for i, (a0, a1) in enumerate(blocks1):
-            for chunk in chunks:
-                dst = out[layer_of(chunk[0]) if per_layer else ""]
-                a = operand(x1, a0, a1, chunk)
-                if shape is KernelKind.DIAGONAL:
-                    contract(dst[a0:a1], a, None, shape, True, mode)
-                    bar.update()
-                    continue
-                for j in range(i if n2 is None else 0, len(blocks2)):
-                    s0, s1 = blocks2[j]
-                    sym = n2 is None and j == i  # a diagonal tile: its upper triangle, mirrored at the end
-                    b = None if sym else operand(xs2, s0, s1, chunk)
-                    contract(dst[a0 * unit:a1 * unit, s0 * unit:s1 * unit], a, b, shape, sym, mode)
-                bar.update()
-    bar.close()
-    for h in out.values():
-        if shape is KernelKind.DIAGONAL or n2 is None:
+        jac = per_sample_jacobian(f, chunk, xb, rows, pntk)
+        for e, (c0, c1) in zip(entries, cols, strict=True):
+            dest[:, :, c0:c1].copy_(jac[e.name])
+
+    entries, col = [], 0
+    for n in names:
+        entries.append(Entry(n, params[n], col, col + params[n].numel()))
+        col += params[n].numel()
+    bar = None
+    if progress:
+        def bar(it):
+            return progress_bar(it, desc="entk_fn", enabled=progress, unit="tile")
+    # The one driver of entk, with this column source and this memory model (module docstring).
+    out = onepass_kernel(None, _to(x1, device), None if x2 is None else _to(x2, device), entries, kind=shape,
+                         k=rows, v=None, per_layer=per_layer, implementation=Implementation.REFERENCE,
+                         bf16=cdtype == torch.bfloat16, dtype=acc, budget_bytes=budget, progress=bar,
+                         columns=columns, blocks=blocks)
+    if shape is KernelKind.DIAGONAL:  # each per-sample block exactly symmetric, as every symmetric kernel
+        for h in (out.values() if per_layer else [out]):
             symmetrize(h)
-    return out if per_layer else out[""]
+    return out

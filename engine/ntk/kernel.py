@@ -133,7 +133,8 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
         per_layer: return ``{key: kernel}``, key = the name of the module owning each
             parameter (its name in ``named_parameters`` less the last component; a parameter
             of the top-level module, such as a positional embedding ``self.pos``, keys by its
-            own name), as :func:`~engine.ntk.entk_fn` does; the values sum to the full kernel.
+            own name), in model order, as :func:`~engine.ntk.entk_fn` does; the values sum to
+            the full kernel.
         compute_dtype: ``None`` (the parameters' dtype, float32 or float64) or
             ``torch.bfloat16``: the Jacobian chunks are bfloat16 and the Gram products
             accumulate in float32 (native on CUDA / CPUs with AMX or AVX512-BF16, where the

@@ -14,7 +14,8 @@ side into one chunk so the Gram products stay large.
   model, ``"materialise"`` / ``"pairs"`` force one (materialise also skips closed forms).
 * Parameters without a rule (or used where a rule cannot see them: tied weights, a
   parameter read outside its module) get their columns from ``torch.func``
-  (vmap of jacrev), contracted the same way.
+  (vmap of jacrev), contracted the same way. ``entk_fn`` is this driver with a torch.func
+  column source of its own (a function of a parameter dict) and its own memory model.
 * Symmetric kernels compute only the upper-triangle tiles, and on the diagonal
   tiles only row strips of the upper triangle; the result is mirrored at the end.
 
@@ -33,12 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import ConfigError
-from .budget import entk_shares, per_sample_bytes
+from .budget import entk_shares, per_sample_bytes, widest_unit
 from .capture import Call, Plan, Recorder, make_plan, output_grads
 from .contract import bf16_mode, contract, symmetrize
 from .fallback import fill_columns
@@ -58,7 +61,7 @@ _SOLO_COLS = 2048
 # --------------------------------------------------------------------------- inputs
 
 
-Inputs = tuple[Tensor, ...]
+Inputs = Any  # entk: a tuple of tensors, the model called as model(*x); entk_fn: any pytree of tensors
 
 
 def _call(model: nn.Module, x: Inputs) -> Tensor:
@@ -66,11 +69,11 @@ def _call(model: nn.Module, x: Inputs) -> Tensor:
 
 
 def _slice(x: Inputs, s: int, e: int) -> Inputs:
-    return tuple(t[s:e] for t in x)
+    return tree_map(lambda t: t[s:e], x)
 
 
 def _size(x: Inputs) -> int:
-    return int(x[0].shape[0])
+    return int(tree_leaves(x)[0].shape[0])
 
 
 # --------------------------------------------------------------------------- block data
@@ -171,13 +174,16 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
         dest.zero_()
 
 
-def _fill_fallback(model: nn.Module, piece: _Piece, blk: _Block, dest: Tensor, v: Tensor | None) -> None:
+def _fill_fallback(s: _Setup, piece: _Piece, blk: _Block, dest: Tensor) -> None:
     """torch.func columns of the piece's parameters for the block's rows."""
     cols, col = [], 0
     for e in piece.entries:
         cols.append((col, col + e.end - e.start))
         col += e.end - e.start
-    fill_columns(model, piece.entries, blk.x, dest, v, cols)
+    if s.columns is not None:
+        s.columns(piece.entries, blk.x, dest, cols)
+    else:
+        fill_columns(s.model, piece.entries, blk.x, dest, s.v, cols)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -201,12 +207,13 @@ class _Setup:
     contraction: Contraction = Contraction.AUTO
     workspace: int = 0  # bound on one pair product's intermediates (the budget's chunk share)
     strategy: dict[int, str] = field(default_factory=dict)  # module id -> materialise | pairs
+    columns: Callable | None = None  # the torch.func column source: (entries, x, dest, cols); None: the model's
 
 
-def _owner_names(model: nn.Module, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
-    names = {id(m): n for n, m in model.named_modules()}
+def _owner_names(model: nn.Module | None, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
+    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
     holders: dict[int, list[str]] = {}
-    for mname, m in model.named_modules():
+    for mname, m in [] if model is None else model.named_modules():
         for p in m._parameters.values():
             if p is not None:
                 holders.setdefault(id(p), []).append(mname)
@@ -320,14 +327,15 @@ def _fill(s: _Setup, group: list[_Piece], blk: _Block, dest: Tensor) -> None:
         if p.module is not None:
             _fill_structured(p, s.plan.rules[id(p.module)], blk, d)
         else:
-            _fill_fallback(s.model, p, blk, d, s.v)
+            _fill_fallback(s, p, blk, d)
         col += p.width
 
 
-def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
+def onepass_kernel(model: nn.Module | None, x1: Inputs, x2: Inputs | None, entries: list[Entry], *,
                    kind: KernelKind, k: int, v: Tensor | None, per_layer: bool, implementation: Implementation,
                    bf16: bool, dtype: torch.dtype, budget_bytes: int, progress: Callable | None = None,
-                   contraction: Contraction = Contraction.AUTO) -> Tensor | dict[str, Tensor]:
+                   contraction: Contraction = Contraction.AUTO, columns: Callable | None = None,
+                   blocks: tuple[int, int, int] | None = None) -> Tensor | dict[str, Tensor]:
     """The kernel (or per-layer kernels) of ``model`` at ``x1`` (and ``x2``); see the module docstring.
 
     ``entries``: the selected parameters (columns); ``k``: rows per sample (C, or 1 with
@@ -335,19 +343,37 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
     float64); ``bf16``: bfloat16 column chunks (float32 accumulation): formed from bfloat16
     operands where the device multiplies bfloat16 natively, else rounded from float32.
     Inputs are checked by the caller (eval mode, dtypes, devices).
+
+    A torch.func column source (:func:`~engine.ntk.entk_fn`: ``model`` None, ``implementation``
+    reference) passes ``columns(entries, x, dest, cols)``, which writes those entries' columns at the
+    rows ``x`` into ``dest`` (n, k, width), entry i at ``cols[i]``, and its own ``blocks``: (row block
+    of x1, of x2, columns per chunk) from :func:`engine.ntk.budget.torch_func_blocks`.
     """
     device = entries[0].param.device
     plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
     names, owner, shared = _owner_names(model, entries)
     mode = bf16_mode(bf16, device)
-    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction)
+    s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction,
+               columns=columns)
 
     n1 = _size(x1)
     n2 = 0 if x2 is None else _size(x2)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if blocks is not None:
+        b1, b2, cap = blocks
+        s.max_cols = max(widest_unit(plan, entries), cap)
+        s.workspace = entk_shares(budget_bytes).chunk
+    else:
+        b1, b2 = _entk_blocks(s, x1, n1, n2, budget_bytes, itemsize)
+    return _run(s, x1, x2, n1, n2, b1, b2, progress)
+
+
+def _entk_blocks(s: _Setup, x1: Inputs, n1: int, n2: int, budget_bytes: int, itemsize: int) -> tuple[int, int]:
+    """Row blocks of x1 and x2 whose block data fit the budget's data share; sets ``s.max_cols``."""
+    plan, entries, k, kind, model = s.plan, s.entries, s.k, s.kind, s.model
     per_sample = per_sample_bytes(plan, lambda: _call(model, _slice(x1, 0, 1)), k=k, width=entries[-1].end,
-                                  itemsize=itemsize, fallback=shared)
-    widest = _widest_unit(plan, entries)
+                                  itemsize=itemsize, fallback=s.always_fallback)
+    widest = widest_unit(plan, entries)
     need = per_sample + k * widest * itemsize
     if budget_bytes < need:
         raise ConfigError(f"budget_bytes={budget_bytes:,} is below what one sample needs ({need:,} bytes: "
@@ -364,18 +390,27 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
         b1 = b2 = max(1, data_bytes // 2 // per_sample)
     rows = k * max(min(b1, n1), min(b2, n2) if n2 else 0)
     s.max_cols = max(widest, chunk_bytes // max(rows * itemsize, 1))
+    return b1, b2
+
+
+def _run(s: _Setup, x1: Inputs, x2: Inputs | None, n1: int, n2: int, b1: int, b2: int,
+         progress: Callable | None) -> Tensor | dict[str, Tensor]:
+    """Every tile of the kernel, block pair by block pair (see the module docstring)."""
+    kind, k, dtype, per_layer, owner = s.kind, s.k, s.dtype, s.per_layer, s.owner_name
+    device, entries = s.entries[0].param.device, s.entries
 
     m1 = n1 * (1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k)
     m2 = (n2 if x2 is not None else n1) * (1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k)
     shape = (n1, k, k) if kind is KernelKind.DIAGONAL else (m1, m2)
-    keys = sorted({owner[id(e.param)] for e in entries}) if per_layer else [""]
+    keys = list(dict.fromkeys(owner[id(e.param)] for e in entries)) if per_layer else [""]  # model order
     outs = {key: torch.zeros(shape, dtype=dtype, device=device) for key in keys}
     r = 1 if kind in (KernelKind.TRACED, KernelKind.PNTK) else k
     bufs = [torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)]
 
     def fb(x: Inputs) -> _Block:
         # Native bfloat16: the output gradients are kept in bfloat16 (every use rounds them to it).
-        return _forward_backward(model, plan, x, v, shared, torch.bfloat16 if mode == "native" else None)
+        return _forward_backward(s.model, s.plan, x, s.v, s.always_fallback,
+                                 torch.bfloat16 if s.bf16 == "native" else None)
 
     blocks1 = [(s0, min(n1, s0 + b1)) for s0 in range(0, n1, b1)]
     if kind is KernelKind.DIAGONAL:
@@ -419,24 +454,3 @@ def onepass_kernel(model: nn.Module, x1: Inputs, x2: Inputs | None, entries: lis
         for o in outs.values():
             symmetrize(o)
     return outs if per_layer else outs[""]
-
-
-def _widest_unit(plan: Plan | None, entries: list[Entry]) -> int:
-    """The most columns that must be formed together: one output channel of a chunkable layer
-    (its weight row and bias), a whole other module, a whole fallback parameter."""
-    widest = max(e.end - e.start for e in entries)
-    if plan is None:
-        return widest
-    chunked: set[int] = set()
-    units = []
-    for m in plan.modules:
-        out_ch = plan.rules[id(m)].channels(m)
-        width = sum(e.end - e.start for _, e in plan.slots[id(m)])
-        if out_ch is not None:
-            units.append(width // out_ch)
-            chunked.update(id(e.param) for _, e in plan.slots[id(m)])
-        else:
-            units.append(width)
-            chunked.update(id(e.param) for _, e in plan.slots[id(m)])
-    units += [e.end - e.start for e in entries if id(e.param) not in chunked]
-    return max(units) if units else widest
