@@ -236,17 +236,19 @@ class Recorder:
         return calls
 
 
-def output_grads(f: Tensor, ys: list[Tensor], projection: Tensor | None) -> list[Tensor | None]:
+def output_grads(f: Tensor, ys: list[Tensor], projection: Tensor | None,
+                 dtype: torch.dtype | None = None) -> list[Tensor | None]:
     """Per captured output y: the (n, K, *y.shape[1:]) gradients of the K scalar outputs.
 
     One backward per output c (samples are independent, so the gradient of Σ_n f_c(x_n)
     holds every sample's own gradient). A hook on each y copies its gradient into
     the stacked buffer while it is still in cache, instead of stacking afterwards.
-    None for a y that does not reach f.
+    None for a y that does not reach f. ``dtype``: store the gradients in it (default y's; the
+    hook's copy converts on the way, no extra pass).
     """
     n, c = f.shape
     k = 1 if projection is not None else c
-    bufs = [torch.empty((n, k, *y.shape[1:]), dtype=y.dtype, device=y.device) for y in ys]
+    bufs = [torch.empty((n, k, *y.shape[1:]), dtype=dtype or y.dtype, device=y.device) for y in ys]
     seen = [False] * len(ys)
     col = [0]
 

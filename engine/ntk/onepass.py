@@ -91,7 +91,7 @@ class _Block:
 
 
 def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor | None,
-                      always_fallback: set[int]) -> _Block:
+                      always_fallback: set[int], grad_dtype: torch.dtype | None = None) -> _Block:
     blk = _Block(x, _size(x))
     if plan is None:  # implementation="reference": every column from torch.func
         return blk
@@ -105,7 +105,7 @@ def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor 
         # One backward per output, each gradient copied into its (n, K, ...) slot by a hook:
         # measured faster than one is_grads_batched backward, whose vmap fallbacks (no
         # batching rule for convolution_backward) stack the K results and then transpose them.
-        gs = dict(zip(map(id, own), output_grads(f, [c.y for c in own], v), strict=True))
+        gs = dict(zip(map(id, own), output_grads(f, [c.y for c in own], v, grad_dtype), strict=True))
         for c in calls:
             blk.grads[id(c)] = gs[id(c.base or c)]
             blk.calls.setdefault(id(c.module), []).append(c)
@@ -162,7 +162,7 @@ def _fill_structured(piece: _Piece, rule: LayerRule, blk: _Block, dest: Tensor) 
         if o is not None:
             g = g[:, :, o[0]:o[1]]
             scale = None if scale is None else scale[o[0]:o[1]]
-        if dest.dtype != g.dtype:
+        if dest.dtype == torch.bfloat16:
             # bfloat16 columns: the rule's products run on bfloat16 operands at the bfloat16 matmul
             # rate (float32 accumulation inside the GEMM), rounded once as they are written.
             g = g.to(dest.dtype)
@@ -403,7 +403,9 @@ def _run(s: _Setup, x1: Inputs, x2: Inputs | None, n1: int, n2: int, b1: int, b2
     bufs = [torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)]
 
     def fb(x: Inputs) -> _Block:
-        return _forward_backward(s.model, s.plan, x, s.v, s.always_fallback)
+        # Native bfloat16: the output gradients are kept in bfloat16 (every use rounds them to it).
+        return _forward_backward(s.model, s.plan, x, s.v, s.always_fallback,
+                                 torch.bfloat16 if s.bf16 == "native" else None)
 
     blocks1 = [(s0, min(n1, s0 + b1)) for s0 in range(0, n1, b1)]
     if kind is KernelKind.DIAGONAL:
