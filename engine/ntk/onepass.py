@@ -344,20 +344,15 @@ def onepass_kernel(model: nn.Module | None, x1: Inputs, x2: Inputs | None, entri
     operands where the device multiplies bfloat16 natively, else rounded from float32.
     Inputs are checked by the caller (eval mode, dtypes, devices).
 
-    A torch.func column source (:func:`~engine.ntk.entk_fn`: ``model`` None, ``implementation``
-    reference) passes ``columns(entries, x, dest, cols)``, which writes those entries' columns at the
-    rows ``x`` into ``dest`` (n, k, width), entry i at ``cols[i]``, and its own ``blocks``: (row block
-    of x1, of x2, columns per chunk) from :func:`engine.ntk.budget.torch_func_blocks`.
+    ``entk_fn`` (``model`` None, reference) passes its torch.func column source ``columns(entries, x,
+    dest, cols)`` (as :func:`~engine.ntk.fallback.fill_columns`) and ``blocks`` (budget.torch_func_blocks).
     """
-    device = entries[0].param.device
     plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
     names, owner, shared = _owner_names(model, entries)
-    mode = bf16_mode(bf16, device)
+    mode = bf16_mode(bf16, entries[0].param.device)
     s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction,
                columns=columns)
-
-    n1 = _size(x1)
-    n2 = 0 if x2 is None else _size(x2)
+    n1, n2 = _size(x1), 0 if x2 is None else _size(x2)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if blocks is not None:
         b1, b2, cap = blocks
