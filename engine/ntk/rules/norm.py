@@ -27,7 +27,8 @@ def _norm_store(xhat: Tensor, g: Tensor, lead: int, width: int, dests: Mapping[s
     n, k = g.shape[:2]
     g5 = g.reshape(n, k, lead, width, -1)
     if "weight" in dests:
-        x4 = xhat.reshape(n, 1, lead, width, -1)
+        # In g's dtype: bfloat16 gradients meet bfloat16 x̂, not a float32 copy of the product.
+        x4 = xhat.reshape(n, 1, lead, width, -1).to(g5.dtype)
         store(dests["weight"], (g5 * x4).sum(dim=(2, 4)), accumulate)
     if "bias" in dests:
         store(dests["bias"], g5.sum(dim=(2, 4)), accumulate)
