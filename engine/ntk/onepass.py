@@ -47,7 +47,7 @@ from .contract import bf16_mode, contract, symmetrize
 from .fallback import fill_columns
 from .kinds import Implementation, KernelKind
 from .pairs import pair_gram
-from .params import Entry, layer_of
+from .params import Entry, owner_names
 from .planner import Contraction, strategy_for
 from .rules import LayerRule
 
@@ -210,22 +210,6 @@ class _Setup:
     columns: Callable | None = None  # the torch.func column source: (entries, x, dest, cols); None: the model's
 
 
-def _owner_names(model: nn.Module | None, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
-    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
-    holders: dict[int, list[str]] = {}
-    for mname, m in [] if model is None else model.named_modules():
-        for p in m._parameters.values():
-            if p is not None:
-                holders.setdefault(id(p), []).append(mname)
-    owner = {}
-    shared = set()
-    for e in entries:
-        owner[id(e.param)] = layer_of(e.name)
-        if len(set(holders.get(id(e.param), []))) > 1:
-            shared.add(id(e.param))  # tied: the columns sum over holders, which the fallback does
-    return names, owner, shared
-
-
 def _pieces(s: _Setup, a: _Block, b: _Block) -> tuple[list[_Piece], list[tuple]]:
     """Column pieces common to blocks a and b, and the closed-form and spatial-pair contributions."""
     fb = a.fallback | b.fallback
@@ -348,7 +332,7 @@ def onepass_kernel(model: nn.Module | None, x1: Inputs, x2: Inputs | None, entri
     dest, cols)`` (as :func:`~engine.ntk.fallback.fill_columns`) and ``blocks`` (budget.torch_func_blocks).
     """
     plan = None if implementation is Implementation.REFERENCE else make_plan(model, entries)
-    names, owner, shared = _owner_names(model, entries)
+    names, owner, shared = owner_names(model, entries)
     mode = bf16_mode(bf16, entries[0].param.device)
     s = _Setup(model, entries, plan, v, k, kind, per_layer, 0, mode, dtype, names, owner, shared, contraction,
                columns=columns)

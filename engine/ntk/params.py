@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, EngineError
 from .rules import is_batch_dependent
 
-__all__ = ["Entry", "as_names", "check_mode", "eval_mode", "layer_of", "parameter_layout", "selected_entries"]
+__all__ = ["Entry", "as_names", "check_mode", "eval_mode", "layer_of", "owner_names", "parameter_layout",
+           "selected_entries"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,25 @@ def layer_of(name: str) -> str:
     """The per-layer key of a parameter: its owning module's name ("layer1.0.conv1" for
     "layer1.0.conv1.weight"); a parameter of the top-level module keys by its own name ("scale")."""
     return name.rpartition(".")[0] or name
+
+
+def owner_names(model: nn.Module | None, entries: list[Entry]) -> tuple[dict[int, str], dict[int, str], set[int]]:
+    """Module id -> its name; param id -> its per-layer key (:func:`layer_of`); the ids of tied
+    parameters (held by several modules: their columns sum over holders, which the fallback does).
+    ``model`` None (a function of a parameter dict): no modules, nothing tied."""
+    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
+    holders: dict[int, list[str]] = {}
+    for mname, m in [] if model is None else model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(mname)
+    owner = {}
+    shared = set()
+    for e in entries:
+        owner[id(e.param)] = layer_of(e.name)
+        if len(set(holders.get(id(e.param), []))) > 1:
+            shared.add(id(e.param))
+    return names, owner, shared
 
 
 def as_names(param_names: str | Iterable[str] | None) -> list[str] | None:

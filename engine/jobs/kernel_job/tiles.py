@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ...ntk import entk
+from ...ntk.contract import bf16_mode, symmetrize
+from ...ntk.contract import contract as tile_products
 from .plan import KernelKind
 
 
@@ -25,21 +27,27 @@ def symmetrised(h: torch.Tensor) -> torch.Tensor:
 
 def contract(ja: torch.Tensor, jb: torch.Tensor | None, kind: KernelKind, c: int,
              compute_dtype: torch.dtype) -> torch.Tensor:
-    """The tile from two Jacobian blocks (``jb=None``: a diagonal tile, J_a J_aᵀ)."""
+    """The tile from two Jacobian blocks (``jb=None``: a diagonal tile, J_a J_aᵀ), by the tile products
+    every front end uses (:func:`engine.ntk.contract.contract`, bfloat16 as in ``entk``).
+
+    A block holds ``k`` rows per input (C, or 1 for the pNTK's projection), row ``n·k + c``.
+    """
     same = jb is None
     out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    a = ja.to(compute_dtype)
-    b = a if same else jb.to(compute_dtype)
+    k = 1 if kind is KernelKind.PNTK else c
+    a = ja.to(out_dtype).view(-1, k, ja.shape[1])
+    b = None if same else jb.to(out_dtype).view(-1, k, jb.shape[1])
+    na, nb = a.shape[0], a.shape[0] if same else b.shape[0]
     if kind is KernelKind.DIAGONAL:
-        a3 = a.view(-1, c, a.shape[1])
-        return torch.bmm(a3, a3.transpose(1, 2)).to(out_dtype).reshape(a3.shape[0], c * c)
-    if kind is KernelKind.TRACED:
-        a3 = a.view(-1, c, a.shape[1]).transpose(0, 1)
-        b3 = b.view(-1, c, b.shape[1]).transpose(0, 1)
-        h = torch.bmm(a3, b3.transpose(1, 2)).to(out_dtype).sum(0)
+        shape = (na, k, k)
     else:
-        h = torch.mm(a, b.T).to(out_dtype)
-    return symmetrised(h) if same else h
+        shape = (na, nb) if kind in (KernelKind.TRACED, KernelKind.PNTK) else (na * k, nb * k)
+    out = torch.zeros(shape, dtype=out_dtype, device=ja.device)
+    mode = bf16_mode(compute_dtype == torch.bfloat16, ja.device)
+    tile_products(out, a, b, kind, same and kind is not KernelKind.DIAGONAL, mode)
+    if kind is KernelKind.DIAGONAL:
+        return symmetrize(out).reshape(na, k * k)
+    return symmetrize(out) if same else out
 
 
 def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: KernelKind,
