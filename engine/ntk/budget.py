@@ -44,9 +44,10 @@ GiB = 1 << 30  # budgets are given in GiB (--budget-gb) and printed in GiB
 # 4 GiB holds the block data of 256 resnet20 samples (see per_sample_bytes) in one block, so entk
 # recomputes no inner block per tile at the sizes the benchmarks use.
 DEFAULT_BUDGET = 4 * GiB
-# One block of jacobian(): its output gradients, patches and graph. About the fastest block size on a
-# CPU (benchmarks/results/README.md, the jacobian-<model> groups); the kernel job sets this much aside
-# for each Jacobian call it makes.
+# One block of jacobian(): its output gradients, patches and graph, by per_sample_bytes (which gives
+# smaller blocks than jacobian's own estimate did before it: cnn 84 samples instead of 392, vgg11 18
+# instead of 51, resnet20 21 instead of 25); the jacobian-<model> groups of benchmarks/bench_ntk.py
+# time it. The kernel job sets this much aside for each Jacobian call it makes.
 JACOBIAN_BLOCK_BYTES = 256 << 20
 # One of entk's two column-chunk buffers: a chunk is formed and then read by the Gram while still in
 # the last-level cache, and a small reused buffer is not faulted in afresh for every chunk.
