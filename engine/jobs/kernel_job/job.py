@@ -297,10 +297,13 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                 f"per tile pair), {d.world} rank(s)")
             say(f"J blocks: {reason}")
 
-        # The working memory of each tile's entk call: what the plan left beside memory_in_use (at
-        # least the tile's own estimate, when a --tile or a resumed file chose the tile size).
-        working = max(budget_bytes - work.in_use,
-                      tile_bytes(t, c=work.c, p=work.p, kind=req.kind, compute_dtype=req.cdtype))
+        # Each tile's entk call is given the whole process budget as its working memory, not the
+        # budget less memory_in_use: tile_bytes() estimates the stored path (two J blocks), and entk's
+        # per-sample estimate of the recomputed path is conservative (the README's cnn kernel at 2 GiB
+        # peaks at 1.77 GiB this way), so the smaller share would split tiles into inner blocks that
+        # are recomputed (slower) without lowering the peak. A tile estimate of the recomputed path
+        # from engine.ntk.budget.per_sample_bytes would let the two agree.
+        working = budget_bytes
         stores = None
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:
