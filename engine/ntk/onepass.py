@@ -49,7 +49,7 @@ from .kinds import Implementation, KernelKind
 from .pairs import pair_gram
 from .params import Entry, owner_names
 from .planner import Contraction, strategy_for
-from .rules import LayerRule
+from .rules import LayerRule, reuse_workspace
 
 __all__ = ["onepass_kernel"]
 
@@ -109,6 +109,8 @@ def _forward_backward(model: nn.Module, plan: Plan | None, x: Inputs, v: Tensor 
         for c in calls:
             blk.grads[id(c)] = gs[id(c.base or c)]
             blk.calls.setdefault(id(c.module), []).append(c)
+            if grad_dtype is not None and c.a.is_floating_point():
+                c.a = c.a.to(grad_dtype)  # as the gradients: every use rounds the inputs to it too
     del f
     return blk
 
@@ -275,7 +277,14 @@ def _tile(s: _Setup, outs: dict[str, Tensor], view: Callable[[Tensor], Tensor], 
             gb = gb if cb.scale is None else gb * cb.scale
             s.plan.rules[id(m)].closed_form(out_for(key), {attr for attr, _ in slots}, ca.a, ga, cb.a, gb, s.kind,
                                             s.bf16 is not None)
-        # Pack consecutive narrow pieces (same key in per-layer mode) into one chunk of ≤ max_cols columns.
+        _pack_and_contract(s, pieces, a, bb, sym, out_for, bufs)
+
+
+def _pack_and_contract(s: _Setup, pieces: list[_Piece], a: _Block, bb: _Block, sym: bool,
+                       out_for: Callable[[str], Tensor], bufs: list[Tensor]) -> None:
+    # A layer formed a channel range at a time unfolds its input once per block, not per range.
+    with reuse_workspace():
+        # Pack consecutive narrow pieces (same key in per-layer mode) into chunks of ≤ max_cols columns.
         i = 0
         while i < len(pieces):
             group = [pieces[i]]

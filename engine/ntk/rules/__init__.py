@@ -21,14 +21,16 @@ Every parameter without a rule gets its columns from torch.func (:mod:`engine.nt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ..pairs import PairSupport
 
-__all__ = ["LayerRule", "is_batch_dependent", "register", "rule_for"]
+__all__ = ["LayerRule", "is_batch_dependent", "register", "reuse_workspace", "reused", "rule_for"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,38 @@ def rule_for(module: nn.Module) -> LayerRule | None:
         if rule is not None and cls.forward is base.forward:
             return rule
     return None
+
+
+# Inside reuse_workspace(): the latest derived inputs (a conv's unfolded patches), newest first.
+_REUSE: ContextVar[list | None] = ContextVar("rule_workspace_reuse", default=None)
+_KEEP = 2  # a tile's two row blocks
+
+
+@contextmanager
+def reuse_workspace() -> Iterator[None]:
+    """While open (a driver's tile), a rule's :func:`reused` workspace is kept for the last two
+    (module, input) pairs, so a layer formed a channel range at a time derives it once per row
+    block, not once per range. At most two layers' workspaces are held; the block memory estimate
+    counts one per block."""
+    token = _REUSE.set([])
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
+def reused(module: nn.Module, a: Tensor, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, or its kept result for this module and this very input tensor."""
+    kept = _REUSE.get()
+    if kept is None:
+        return make()
+    for km, ka, kw in kept:
+        if km is module and ka is a:
+            return kw
+    w = make()
+    kept.insert(0, (module, a, w))
+    del kept[_KEEP:]
+    return w
 
 
 # The families register themselves on import.

@@ -10,13 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from ..pairs import PairSupport, conv_geometry, conv_operands, conv_patches
-from . import LayerRule, register
+from . import LayerRule, register, reused
 from .write import bmm_into, scaled, store
 
 
 def patches(m: nn.Module, a: Tensor, spatial: int) -> Tensor:
-    """Unfolded input patches (n, C_in·∏kernel, L) for a 1-D or 2-D conv."""
-    return conv_patches(m, a, spatial)
+    """Unfolded input patches (n, C_in·∏kernel, L) for a 1-D or 2-D conv (once per input inside
+    :func:`~engine.ntk.rules.reuse_workspace`: a layer formed a channel range at a time)."""
+    return reused(m, a, lambda: conv_patches(m, a, spatial))
 
 
 def _supports(spatial: int) -> Callable[[nn.Module, Tensor, Tensor], bool]:
