@@ -1,16 +1,15 @@
-"""Data sources: real CIFAR-10, fabricated JPEG trees/archives/pickles, errors, synthetic.
+"""Data sources: real CIFAR-10, fabricated JPEG trees/archives/pickles, synthetic.
 
-The fabricated sources are a few tiny JPEGs per class written with PIL, so the
-layout handling, ordering, caching and error paths are checked in milliseconds;
-the real archive (decoded once per session by the ``cifar10`` fixture) checks
-counts and pixel statistics.
+The fabricated sources (tests/helpers/cifar_fabricate.py) are a few tiny JPEGs per class written
+with PIL, so the layout handling, ordering and caching are checked in milliseconds; the real
+archive (decoded once per session by the ``cifar10`` fixture) checks counts and pixel statistics.
+The refusals of bad sources are in tests/test_data_errors.py.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
 import tarfile
 import time
 from pathlib import Path
@@ -18,90 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from engine.data import load_cifar10, load_dataset
+from engine.data import load_cifar10
 from engine.data.cache import CACHE_VERSION, default_cache_dir, entry_dir
 from engine.data.dataset import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from engine.data.synthetic import channel_stats, load_synthetic
-from engine.errors import ConfigError, DataError, DataNotFoundError
-
-# Ten classes, deliberately not CIFAR's names: labels must follow the sorted folder names.
-CLASSES = ("cat", "dog", "eel", "fox", "gnu", "hen", "owl", "pig", "rat", "yak")
-
-
-# --------------------------------------------------------------------------- fabricators
-
-
-def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (32, 32)) -> None:
-    """A random ``size`` = (width, height) RGB JPEG at ``path``."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, quality=90)
-
-
-def make_tree(root: Path, classes=CLASSES, n_train: int = 3, n_test: int = 2) -> Path:
-    """``root/train/<class>/NNNN.jpg`` and ``root/test/...``, written out of name order."""
-    seed = 0
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in classes:
-            for i in reversed(range(n)):  # creation order != name order
-                write_jpeg(root / split / c / f"{i:04d}.jpg", seed)
-                seed += 1
-    return root
-
-
-def make_tar(src: Path, out: Path, prefix: str = "") -> Path:
-    """Archive ``src/train`` and ``src/test`` at ``out`` (compression from the suffix)."""
-    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
-    with tarfile.open(out, mode) as tf:
-        for split in ("train", "test"):
-            tf.add(src / split, arcname=f"{prefix}{split}")
-    return out
-
-
-def make_pickles(folder: Path, rows: int = 4) -> dict[str, np.ndarray]:
-    """The official ``cifar-10-batches-py`` files with ``rows`` rows each; returns the data."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, rows)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        written[name] = (data, labels)
-    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return written
-
-
-def pil_decode(path: Path) -> torch.Tensor:
-    """Reference decode: PIL RGB as ``(3, H, W)`` uint8."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy())
-
-
-def assert_same(a, b) -> None:
-    assert a.classes == b.classes
-    for k in ("x_train", "y_train", "x_test", "y_test"):
-        assert torch.equal(getattr(a, k), getattr(b, k)), k
-
-
-def load(path, **kw):
-    """load_cifar10 without touching the user's cache, unless a cache_dir is given."""
-    return load_cifar10(path, **{"cache_dir": False, "progress": False, **kw})
-
-
-def error_of(exc_type, path, fn, *args, **kwargs) -> str:
-    """Call fn and return its one-line error message, which must name ``path``."""
-    with pytest.raises(exc_type, match=re.escape(str(path))) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
+from engine.errors import DataError
+from tests.helpers.cifar_fabricate import (
+    CLASSES,
+    assert_same,
+    error_of,
+    load,
+    make_pickles,
+    make_tar,
+    make_tree,
+    pil_decode,
+    write_jpeg,
+)
 
 # --------------------------------------------------------------------------- real data
 
@@ -127,13 +59,18 @@ def test_real_cifar10_pixel_statistics(cifar10):
 
 
 @pytest.mark.real_data
-def test_real_cifar10_reload_from_cache_is_fast_and_identical(cifar10, cifar_archive,
-                                                              data_cache_dir):
-    t0 = time.perf_counter()
+def test_real_cifar10_reload_from_cache_decodes_nothing_and_is_identical(cifar10, cifar_archive, data_cache_dir,
+                                                                          monkeypatch):
+    # A hit must not decode a single JPEG (a timed bound here failed on shared cores; speed is
+    # measured in benchmarks/, not asserted): any call to the decoder fails the test.
+    import engine.data.cifar as cifar_mod
+
+    def no_decode(*a, **k):
+        raise AssertionError("the cache hit decoded the archive")
+
+    monkeypatch.setattr(cifar_mod, "_build", no_decode)
     again = load_cifar10(cifar_archive, cache_dir=data_cache_dir, progress=False)
-    elapsed = time.perf_counter() - t0
     assert again.meta["cache"] == "hit"
-    assert elapsed < 1.0, f"cache load took {elapsed:.2f} s"
     assert_same(again, cifar10)
     assert again.mean == cifar10.mean
 
@@ -296,143 +233,6 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "entk"
     assert CACHE_VERSION >= 1
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def test_missing_path(tmp_path):
-    missing = tmp_path / "nowhere"
-    msg = error_of(DataNotFoundError, missing, load, missing)
-    assert "train/<class>" in msg and "cifar-10-batches-py" in msg
-
-
-def test_wrong_layouts(tmp_path):
-    junk = tmp_path / "junk"
-    (junk / "a").mkdir(parents=True)
-    (junk / "b").mkdir()
-    assert "train/" in error_of(DataError, junk, load, junk)
-
-    only_train = tmp_path / "only_train"
-    write_jpeg(only_train / "train" / "cat" / "0.jpg", 0)
-    assert "test/" in error_of(DataError, only_train, load, only_train)
-
-    tree = make_tree(tmp_path / "tree")
-    assert "source='pickle'" in error_of(DataError, tree, load, tree, source="pickle")
-
-    odd = make_tree(tmp_path / "odd")
-    (odd / "test" / "dog").rename(odd / "test" / "bird")
-    msg = error_of(DataError, odd, load, odd)
-    assert "differ" in msg and "dog" in msg and "bird" in msg
-
-    not_archive = tmp_path / "data.zip"
-    not_archive.write_bytes(b"PK")
-    error_of(DataError, not_archive, load, not_archive)
-
-    flat = tmp_path / "flat.tar.gz"
-    with tarfile.open(flat, "w:gz") as tf:
-        tf.add(odd / "train" / "cat" / "0000.jpg", arcname="0000.jpg")
-    assert "0000.jpg" in error_of(DataError, flat, load, flat)
-
-
-def test_wrong_image_size(tmp_path):
-    root = make_tree(tmp_path / "tree")
-    bad = root / "train" / "dog" / "0001.jpg"
-    write_jpeg(bad, 5, size=(33, 32))
-    assert "33x32" in error_of(DataError, bad, load, root)
-    archive = make_tar(root, tmp_path / "data.tar.gz")
-    msg = error_of(DataError, archive, load, archive)
-    assert "train/dog/0001.jpg" in msg and "33x32" in msg
-
-
-def test_not_ten_classes_is_refused(tmp_path):
-    """A folder with 9 classes is not CIFAR-10: one line naming the classes found and the 10 expected."""
-    root = make_tree(tmp_path / "tree", classes=CLASSES[:9])
-    msg = error_of(DataError, root, load, root)
-    assert "9 class folders" in msg and ", ".join(CLASSES[:9]) in msg
-    assert ", ".join(CIFAR10_CLASSES) in msg
-    archive = make_tar(root, tmp_path / "data.tar.gz")
-    msg = error_of(DataError, archive, load, archive)
-    assert "9 class folders" in msg and ", ".join(CIFAR10_CLASSES) in msg
-    folder = tmp_path / "cifar-10-batches-py"
-    make_pickles(folder)
-    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES[:9]]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    assert "9 label names" in error_of(DataError, folder / "batches.meta", load, folder)
-
-
-def test_empty_class_folder(tmp_path):
-    root = make_tree(tmp_path / "tree")
-    empty = root / "test" / "dog"
-    for f in empty.iterdir():
-        f.unlink()
-    error_of(DataError, empty, load, root)
-    archive = make_tar(root, tmp_path / "data.tar.gz")
-    assert "test/dog" in error_of(DataError, archive, load, archive)
-
-
-@pytest.mark.parametrize("garbage", [b"not a jpeg at all" * 20, b"\xff\xd8\xff\xe0" + bytes(300)])
-def test_undecodable_jpeg(tmp_path, garbage):
-    root = make_tree(tmp_path / "tree")
-    bad = root / "test" / "cat" / "0000.jpg"
-    bad.write_bytes(garbage)
-    msg = error_of(DataError, bad, load, root)
-    assert "decode" in msg
-    assert "BytesIO" not in msg and " at 0x" not in msg  # the file is named, not PIL's buffer
-    archive = make_tar(root, tmp_path / "data.tar.gz")
-    msg = error_of(DataError, archive, load, archive)
-    assert "test/cat/0000.jpg" in msg and "BytesIO" not in msg and " at 0x" not in msg
-
-
-def test_truncated_or_fake_archives(tmp_path):
-    root = make_tree(tmp_path / "tree", n_train=6, n_test=6)
-    whole = make_tar(root, tmp_path / "data.tar.gz").read_bytes()
-    for cut in (len(whole) // 3, len(whole) - 40):
-        cut_gz = tmp_path / f"cut{cut}.tar.gz"
-        cut_gz.write_bytes(whole[:cut])
-        error_of(DataError, cut_gz, load, cut_gz)
-
-    # A plain tar cut exactly at a member boundary: tarfile alone would just stop there.
-    plain = make_tar(root, tmp_path / "data.tar")
-    with tarfile.open(plain) as tf:
-        offset = tf.getmembers()[10].offset
-    cut_tar = tmp_path / "cut.tar"
-    cut_tar.write_bytes(plain.read_bytes()[:offset])
-    error_of(DataError, cut_tar, load, cut_tar)
-
-    fake = tmp_path / "fake.tar.gz"
-    fake.write_bytes(os.urandom(5000))
-    error_of(DataError, fake, load, fake)
-
-
-def test_download_failure_is_explained(tmp_path, monkeypatch):
-    import torchvision.datasets
-
-    def offline(*args, **kwargs):
-        raise OSError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    target = tmp_path / "dl"
-    msg = error_of(DataError, target, load, target, download=True)
-    assert "download" in msg and "cifar-10-python.tar.gz" in msg
-
-
-def test_bad_arguments():
-    with pytest.raises(ConfigError, match="source"):
-        load_cifar10(".", source="png")
-    with pytest.raises(ConfigError, match="--data-root"):
-        load_dataset("cifar10")
-    with pytest.raises(ConfigError, match="cifar10, synthetic"):
-        load_dataset("imagenet")
-    with pytest.raises(ConfigError, match="n_classes"):
-        load_dataset("synthetic", n_classes=3)
-
-
-def test_load_dataset_dispatch(tmp_path):
-    root = make_tree(tmp_path / "tree")
-    assert_same(load_dataset("cifar10", root, cache_dir=False, progress=False), load(root))
-    syn = load_dataset("synthetic", n_train=20, n_test=10, seed=3)
-    assert_same(syn, load_synthetic(20, 10, seed=3))
 
 
 # --------------------------------------------------------------------------- synthetic
