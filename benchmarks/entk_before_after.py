@@ -1,4 +1,5 @@
-"""Side-by-side timing of ``engine.ntk.entk`` from two source trees, in one run.
+"""Side-by-side timing of ``engine.ntk.entk`` and ``engine.ntk.jacobian`` from two source trees, in
+one run.
 
 Each tree runs in its own subprocess (``PYTHONPATH=<tree>``), the trees alternate round by
 round, and each round of each case reports the best of ``--reps`` calls; the torch.mm float32
@@ -17,27 +18,31 @@ import os
 import subprocess
 import sys
 
-CASES = [("resnet20", 32), ("cnn", 64)]
+# (front end, model, N): entk's full kernel, and jacobian's J (bench_ntk.py's jacobian-<model> groups)
+CASES = [("entk", "resnet20", 32), ("entk", "cnn", 64), ("jacobian", "resnet20", 64), ("jacobian", "cnn", 64)]
 
 _CHILD = r"""
 import json, os, sys, time
 import torch
 from engine.models import build_model
-from engine.ntk import entk
+from engine.ntk import entk, jacobian
 reps = int(sys.argv[1]); out = {}
 a = torch.randn(1024, 1024); torch.mm(a, a); best = float("inf")
 for _ in range(3):
     t0 = time.perf_counter(); torch.mm(a, a); best = min(best, time.perf_counter() - t0)
 out["mm_gflops"] = 1024 ** 3 / best / 1e9
-for name, n in json.loads(sys.argv[2]):
+for fe, name, n in json.loads(sys.argv[2]):
     torch.manual_seed(0)
     model = build_model(name).eval()
     x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    h = entk(model, x)  # warm-up
+    fn = {"entk": entk, "jacobian": jacobian}[fe]
+    h = fn(model, x)  # warm-up
+    check = float(h.double().trace()) if fe == "entk" else float(h.double().square().sum())
+    del h
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter(); entk(model, x); ts.append(time.perf_counter() - t0)
-    out[f"{name}-N{n}"] = {"best_s": min(ts), "times_s": ts, "trace": float(h.double().trace())}
+        t0 = time.perf_counter(); fn(model, x); ts.append(time.perf_counter() - t0)
+    out[f"{fe}-{name}-N{n}"] = {"best_s": min(ts), "times_s": ts, "check": check}
 out["load_avg_1min"] = os.getloadavg()[0]
 print(json.dumps(out))
 """
@@ -66,11 +71,14 @@ def main() -> int:
             cases = "  ".join(f"{k} {v['best_s'] * 1e3:8.1f} ms" for k, v in res.items() if isinstance(v, dict))
             print(f"round {r} {label:<6} {cases}  mm {res['mm_gflops']:6.1f} GFLOP/s  load {res['load_avg_1min']:.2f}",
                   flush=True)
-    for name, n in CASES:
-        k = f"{name}-N{n}"
+    for fe, name, n in CASES:
+        k = f"{fe}-{name}-N{n}"
         b = min(x[k]["best_s"] for x in rounds if x["tree"] == "before")
         f = min(x[k]["best_s"] for x in rounds if x["tree"] == "after")
-        print(f"{k}: before {b * 1e3:.1f} ms, after {f * 1e3:.1f} ms, after/before {f / b:.3f}")
+        cb = next(x[k]["check"] for x in rounds if x["tree"] == "before")
+        cf = next(x[k]["check"] for x in rounds if x["tree"] == "after")
+        print(f"{k}: before {b * 1e3:.1f} ms, after {f * 1e3:.1f} ms, after/before {f / b:.3f}; "
+              f"check (trace of K, or |J|^2) relative difference {abs(cf - cb) / abs(cb):.2e}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"cpu": _cpu(), "torch_threads": os.cpu_count(), "rounds": rounds}, fh, indent=1)
