@@ -7,6 +7,7 @@ import copy
 import gc
 import os
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ..job_inputs import check_logits, check_tile
 from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
-    DEFAULT_PROCESS_BUDGET,
+    DEFAULT_PROCESS_MEMORY,
     PROCESS_ALLOWANCE,
     GiB,
     KernelKind,
@@ -34,6 +35,7 @@ from .plan import (
     choose_strategy,
     choose_tile_inputs,
     memory_in_use,
+    memory_words,
     parse_compute_dtype,
     previous_layout,
     tile_bytes,
@@ -102,7 +104,7 @@ class _Work:
         return [u8 for _, u8, _ in self.inputs]
 
 
-def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction) -> _Request:
+def _request(out, run, model, x1, x2, kernel, compute_dtype, memory_bytes, strategy, contraction) -> _Request:
     kind = parse_enum(KernelKind, kernel, "kernel")
     how = parse_enum(Contraction, contraction, "contraction").value
     cdtype = parse_compute_dtype(compute_dtype)
@@ -111,8 +113,8 @@ def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strat
     sx2 = None if x2 is None else parse_inputs(x2, "--x2")
     if kind is KernelKind.DIAGONAL and sx2 is not None:
         raise ConfigError("the diagonal kernel has no cross form: drop --x2")
-    if budget_bytes <= 0:
-        raise ConfigError(f"--budget-gb must be > 0, got {budget_bytes / GiB:.3g}")
+    if memory_bytes <= 0:
+        raise ConfigError(f"{memory_words(memory_bytes)} must be > 0")
     out = Path(out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory, expected a file path")
@@ -158,24 +160,24 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     return work
 
 
-def _plan(req: _Request, work: _Work, *, overwrite, budget_bytes, tile_inputs, disk_budget_bytes):
+def _plan(req: _Request, work: _Work, *, overwrite, memory_bytes, tile_inputs, disk_budget_bytes):
     """The tile size, strategy and the line saying why. Those of an existing file are kept (a resume with
-    another budget or disk is the same job); otherwise they come from the budgets."""
+    another memory or disk budget is the same job); otherwise they come from the memory and disk budget."""
     prev = previous_layout(req.out, work.job) if not overwrite else None
     plan_kw = {"c": work.c, "p": work.p, "kind": req.kind, "compute_dtype": req.cdtype}
     if prev is not None:
         t, strat = prev["tile_inputs"], Strategy(prev["strategy"])
         need = tile_bytes(t, **plan_kw)
-        if need > budget_bytes - work.in_use and tile_inputs is None:
+        if need > memory_bytes - work.in_use and tile_inputs is None:
             raise ConfigError(f"{req.out} was started with tiles of {t} inputs, which need {need / GiB:.3g} GiB "
-                              f"beside the {work.in_use / GiB:.2f} GiB in use, more than --budget-gb "
-                              f"{budget_bytes / GiB:.3g}; resume with a larger budget")
+                              f"beside the {work.in_use / GiB:.2f} GiB in use, more than "
+                              f"{memory_words(memory_bytes)}; resume with a larger --memory-gb")
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
-    t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
+    t = tile_inputs or choose_tile_inputs(memory_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
     if tile_inputs is not None:
         n_max = max(req.n1, req.n2)
-        check_tile(tile_inputs, budget_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
-                   largest=choose_tile_inputs(budget_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
+        check_tile(tile_inputs, memory_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
+                   largest=choose_tile_inputs(memory_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
     strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
                                     req.out, disk_budget_bytes, itemsize=work.dtype.itemsize)
     return t, strat, reason
@@ -251,20 +253,23 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
 def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: int | None = None,
                model: nn.Module | None = None, dataset: Dataset | None = None, model_name: str | None = None,
                x1: str = "test:100", x2: str | None = None, kernel: str = "full",
-               compute_dtype: str | torch.dtype = torch.float32, budget_bytes: int = DEFAULT_PROCESS_BUDGET,
+               compute_dtype: str | torch.dtype = torch.float32, memory_bytes: int | None = None,
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
                deterministic: bool = True, log: Callable[[str], None] | None = print,
-               contraction: str = "auto") -> KernelJobResult:
+               contraction: str = "auto", budget_bytes: int | None = None) -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the package docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
     with the run's own dataset and data subset; or from ``model`` (any ``nn.Module``, evaluated in eval
     mode) on ``dataset``. ``x1``/``x2`` are ``"SPLIT:N"``: N seeded (``seed``), class-balanced images
     of that split. ``kernel``: ``full`` (N1·C × N2·C), ``traced``, ``pntk`` (N1 × N2) or ``diagonal``
-    (N, C, C; no ``x2``). ``budget_bytes`` is the process's memory: :func:`memory_in_use` is set aside and
-    the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
+    (N, C, C; no ``x2``). ``memory_bytes`` (default :data:`DEFAULT_PROCESS_MEMORY`, 2 GiB) is the peak
+    memory of the whole process, what a scheduler sees (not the working memory that ``budget_bytes``
+    means in :mod:`engine.ntk`): :func:`memory_in_use` is set aside and the rest fixes the tile size by
+    :func:`tile_bytes` (``tile_inputs`` overrides it). ``budget_bytes`` is its deprecated name (one
+    release; it warns). ``strategy`` is
     ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
     beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
     is refused unless ``overwrite``. ``contraction``: each layer's strategy for the float32 and bfloat16
@@ -273,7 +278,16 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
     t_start = time.perf_counter()
-    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction)
+    if budget_bytes is not None:
+        if memory_bytes is not None:
+            raise ConfigError("budget_bytes is the deprecated name of memory_bytes; give one of them")
+        warnings.warn("kernel_job(budget_bytes=...) is deprecated; use memory_bytes=... (the same whole-process "
+                      "peak memory; budget_bytes= will be removed in the next release)", DeprecationWarning,
+                      stacklevel=2)
+        memory_bytes = budget_bytes
+    if memory_bytes is None:
+        memory_bytes = DEFAULT_PROCESS_MEMORY
+    req = _request(out, run, model, x1, x2, kernel, compute_dtype, memory_bytes, strategy, contraction)
     say = log if log is not None else (lambda s: None)
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run
@@ -281,7 +295,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     try:
         work = _load(req, rank_device(device, d), run=run, checkpoint=checkpoint, model=model, dataset=dataset,
                      model_name=model_name, seed=seed, data_root=data_root, cache_dir=cache_dir, quiet=quiet)
-        t, strat, reason = _plan(req, work, overwrite=overwrite, budget_bytes=budget_bytes, tile_inputs=tile_inputs,
+        t, strat, reason = _plan(req, work, overwrite=overwrite, memory_bytes=memory_bytes, tile_inputs=tile_inputs,
                                  disk_budget_bytes=disk_budget_bytes)
         work.job["tile_inputs"], work.job["strategy"] = int(t), strat.value
         geom = _geometry(req, work.c, t)
@@ -303,7 +317,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         # peaks at 1.77 GiB this way), so the smaller share would split tiles into inner blocks that
         # are recomputed (slower) without lowering the peak. A tile estimate of the recomputed path
         # from engine.ntk.budget.per_sample_bytes would let the two agree.
-        working = budget_bytes
+        working = memory_bytes
         stores = None
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:

@@ -1,4 +1,4 @@
-"""The plan of a kernel job: its kernel kind and compute dtype, the tile size its memory budget
+"""The plan of a kernel job: its kernel kind and compute dtype, the tile size its process memory
 allows, and whether the Jacobian blocks are stored or recomputed."""
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from ...ntk.budget import JACOBIAN_BLOCK_BYTES, GiB
 from ...ntk.kinds import KernelKind
 from ...store import KernelTiles, StoreError
 
-# A kernel job's budget_bytes is the memory of its whole process, unlike the working memory of
-# engine.ntk's front ends (engine.ntk.budget): the job sets aside memory_in_use() (the interpreter,
-# the model, the data) and the tiles get the rest, so that --budget-gb bounds what a scheduler sees.
-DEFAULT_PROCESS_BUDGET = 2 * GiB
+# A kernel job's memory_bytes (--memory-gb) is the peak memory of its whole process, not the
+# working memory that budget_bytes means in engine.ntk (engine.ntk.budget): the job sets aside
+# memory_in_use() (the interpreter, the model, the data) and the tiles get the rest, so that
+# --memory-gb bounds what a scheduler sees.
+DEFAULT_PROCESS_MEMORY = 2 * GiB
 # Working memory of one Jacobian call beyond its output (engine.ntk.jacobian keeps a block within
 # this with its default budget); small blocks need proportionally less.
 JAC_WORKSPACE = JACOBIAN_BLOCK_BYTES
@@ -80,15 +81,20 @@ def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch
     return jblocks + tile + min(JAC_WORKSPACE, jblocks) + _BASE_OVERHEAD
 
 
-def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
-    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``budget_bytes - in_use``."""
+def memory_words(memory_bytes: int) -> str:
+    """How errors name the process memory: by its flag and its parameter, as either may have set it."""
+    return f"--memory-gb {memory_bytes / GiB:.3g} (memory_bytes={memory_bytes:,})"
+
+
+def choose_tile_inputs(memory_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
+    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``memory_bytes - in_use``."""
     need = tile_bytes(1, **kw)
-    avail = budget_bytes - in_use
+    avail = memory_bytes - in_use
     if need > avail:
         used = f" beside the {in_use / GiB:.2f} GiB this process already holds (torch, model, data)" if in_use else ""
-        raise ConfigError(f"--budget-gb {budget_bytes / GiB:.3g} is too small: a tile of one input needs "
+        raise ConfigError(f"{memory_words(memory_bytes)} is too small: a tile of one input needs "
                           f"{need / GiB:.3g} GiB (two Jacobian rows of {kw['p']:,} parameters and the Jacobian "
-                          f"workspace){used}; raise the budget")
+                          f"workspace){used}; raise --memory-gb")
     lo, hi = 1, max(1, n_max)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -100,7 +106,7 @@ def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) 
 
 
 def memory_in_use(model: nn.Module, inputs: list[torch.Tensor], dataset: Dataset | None = None) -> int:
-    """What the budget holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
+    """What the process memory holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
     and their gradients' buffers), the selected images, and a caller's dataset. Deterministic."""
     sd = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     data = 0 if dataset is None else sum(t.numel() * t.element_size() for t in
