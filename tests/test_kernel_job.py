@@ -200,6 +200,58 @@ def test_memory_sets_the_tile_and_too_small_is_refused_before_work(tmp_path, ds)
         kernel_job(out, model=tiny_cnn(), dataset=ds, x1="val:3", log=None, quiet=True)
 
 
+@pytest.mark.parametrize("kind", ["traced", "diagonal"])
+def test_recomputed_tile_fits_the_memory_its_estimate_claims(tmp_path, ds, monkeypatch, kind):
+    """A recomputed tile holds no J block: its entk call holds the block data of the tile's inputs. The
+    plan sizes the tile by that (tile_bytes with sample_bytes), gives entk exactly the working memory
+    the estimate set aside (recompute_working), and entk, planning by its own accounting, then keeps
+    every input of the tile in one block (nothing recomputed within a tile)."""
+    from engine.jobs.kernel_job.plan import recompute_working
+    from engine.models import build_model
+    from engine.ntk import onepass
+    from engine.ntk.kernel import entk_sample_bytes
+
+    model = build_model("cnn").eval()  # its block data per input (~3 MB) outweighs its J rows (~1 MB)
+    x = normalize(ds.x_test[:1], ds.mean, ds.std)
+    k = KernelKind(kind)
+    sb = entk_sample_bytes(model, x, kernel=k)
+    est = {"c": 10, "p": 24_346, "kind": k, "compute_dtype": torch.float32}
+    first = kernel_job(tmp_path / "a.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                       log=None, quiet=True)
+    memory = first.memory_in_use + tile_bytes(10, **est, sample_bytes=sb)
+    if k is KernelKind.TRACED:  # the stored path's estimate (two J blocks) would have set aside too little
+        assert tile_bytes(10, **est) < tile_bytes(10, **est, sample_bytes=sb)
+
+    calls, blocks = [], []
+    tiles_mod = sys.modules["engine.jobs.kernel_job.tiles"]
+    real_entk, real_blocks = tiles_mod.entk, onepass._entk_blocks
+
+    def spy_entk(model, xa, xb=None, **kw):
+        calls.append((len(xa), 0 if xb is None else len(xb), kw["budget_bytes"]))
+        return real_entk(model, xa, xb, **kw)
+
+    def spy_blocks(s, x1, n1, n2, budget_bytes, itemsize):
+        blocks.append((n1, n2, *real_blocks(s, x1, n1, n2, budget_bytes, itemsize)))
+        return blocks[-1][2:]
+
+    monkeypatch.setattr(tiles_mod, "entk", spy_entk)
+    monkeypatch.setattr(onepass, "_entk_blocks", spy_blocks)
+    res = kernel_job(tmp_path / "k.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                     memory_bytes=memory, log=None, quiet=True)
+    t = res.kernel.attrs["tile_inputs"]
+    assert res.strategy == "recompute" and t == 10 and res.memory_in_use == first.memory_in_use
+    assert res.memory_in_use + tile_bytes(t, **est, sample_bytes=sb) <= memory
+    assert calls and all(b == recompute_working(t, kind=k, sample_bytes=sb) for _, _, b in calls)
+    assert len(blocks) == len(calls) and all(b1 >= n1 and (n2 == 0 or b2 >= n2) for n1, n2, b1, b2 in blocks)
+    # A file started with larger recomputed tiles than this memory now plans is still resumed, not refused
+    # (its tiles' entk calls get what is left beside the tile, and split a tile into inner blocks).
+    kernel_job(tmp_path / "b.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+               tile_inputs=30, log=None, quiet=True)
+    again = kernel_job(tmp_path / "b.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                       memory_bytes=memory, log=None, quiet=True)
+    assert again.kernel.attrs["tile_inputs"] == 30 and again.computed == 0 and "resuming" in again.reason
+
+
 def test_deprecated_budget_bytes_is_memory_bytes(tmp_path, ds):
     """kernel_job(budget_bytes=) is the old name of memory_bytes (whole-process memory): it warns, naming the
     new name, and plans and computes the same file; giving both is refused."""

@@ -20,6 +20,7 @@ from ...data import Dataset, normalize
 from ...determinism import set_deterministic
 from ...errors import ConfigError, parse_enum
 from ...ntk import Contraction, num_outputs
+from ...ntk.kernel import entk_sample_bytes
 from ...progress import progress as progress_bar
 from ...store import JacobianStore, KernelTiles, TiledKernel
 from ..distributed import Dist, rank_device
@@ -38,6 +39,7 @@ from .plan import (
     memory_words,
     parse_compute_dtype,
     previous_layout,
+    recompute_working,
     tile_bytes,
 )
 from .tiles import contract, tile
@@ -95,6 +97,7 @@ class _Work:
     p: int
     job: dict
     in_use: int
+    sample_bytes: int = 0  # what each input adds to a recomputed tile's entk call (entk_sample_bytes)
 
     def batch(self, u8: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return normalize(u8[s:e], self.mean, self.std).to(self.device, self.dtype)
@@ -146,6 +149,7 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
         check_logits(compute_model, work.batch(inputs[0][1], 0, 1), info["model"])
     work.c = num_outputs(compute_model, work.batch(inputs[0][1], 0, 1))
     work.p = sum(q.numel() for q in compute_model.parameters() if q.requires_grad)
+    work.sample_bytes = entk_sample_bytes(compute_model, work.batch(inputs[0][1], 0, 1), kernel=req.kind)
     sx2 = req.sx2
     work.job = {"format_job": "entk-kernel", **info, "kernel": req.kind.value, "mode": "eval", "num_outputs": work.c,
                 "n_params": work.p, "data": ds.name, "data_fingerprint": ds.fingerprint,
@@ -160,27 +164,67 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     return work
 
 
+def _estimate(req: _Request, work: _Work, strat: Strategy) -> dict:
+    """The :func:`tile_bytes` arguments of a plan with this strategy (the diagonal kernel is always recomputed)."""
+    recomputed = strat is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL
+    return {"c": work.c, "p": work.p, "kind": req.kind, "compute_dtype": req.cdtype,
+            "sample_bytes": work.sample_bytes if recomputed else None}
+
+
 def _plan(req: _Request, work: _Work, *, overwrite, memory_bytes, tile_inputs, disk_budget_bytes):
     """The tile size, strategy and the line saying why. Those of an existing file are kept (a resume with
-    another memory or disk budget is the same job); otherwise they come from the memory and disk budget."""
+    another memory or disk budget is the same job); otherwise they come from the memory and disk budget.
+
+    The tile size comes from the estimate of the strategy that computes it (:func:`tile_bytes`): stored
+    J blocks, or each tile recomputed from the model, which holds no J block but its inputs' block data."""
     prev = previous_layout(req.out, work.job) if not overwrite else None
-    plan_kw = {"c": work.c, "p": work.p, "kind": req.kind, "compute_dtype": req.cdtype}
+    n_max = max(req.n1, req.n2)
     if prev is not None:
         t, strat = prev["tile_inputs"], Strategy(prev["strategy"])
-        need = tile_bytes(t, **plan_kw)
-        if need > memory_bytes - work.in_use and tile_inputs is None:
+        if tile_inputs is None and _tile_budget(req, work, t, strat, memory_bytes) is None:
+            need = tile_bytes(t, **_estimate(req, work, strat))
             raise ConfigError(f"{req.out} was started with tiles of {t} inputs, which need {need / GiB:.3g} GiB "
                               f"beside the {work.in_use / GiB:.2f} GiB in use, more than "
                               f"{memory_words(memory_bytes)}; resume with a larger --memory-gb")
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
-    t = tile_inputs or choose_tile_inputs(memory_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
+
+    def largest(strat: Strategy) -> int:
+        return choose_tile_inputs(memory_bytes, n_max=n_max, in_use=work.in_use, **_estimate(req, work, strat))
+
+    def decide(t: int) -> tuple[Strategy, str]:
+        return choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p, req.out,
+                               disk_budget_bytes, itemsize=work.dtype.itemsize)
+
+    first = Strategy.RECOMPUTE if req.strategy is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL \
+        else Strategy.STORED
+    t = tile_inputs or largest(first)
+    strat, reason = decide(t)
+    if strat is Strategy.RECOMPUTE and first is Strategy.STORED and tile_inputs is None:
+        # auto recomputes on the stored plan's tile (one tile, or J larger than the disk budget): the
+        # recomputed tile has its own size, and auto decides again on it (stored when that tile is
+        # smaller than the inputs and J fits the disk; it is then within the stored plan's tile too).
+        t = largest(Strategy.RECOMPUTE)
+        strat, reason = decide(t)
     if tile_inputs is not None:
-        n_max = max(req.n1, req.n2)
-        check_tile(tile_inputs, memory_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
-                   largest=choose_tile_inputs(memory_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
-    strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
-                                    req.out, disk_budget_bytes, itemsize=work.dtype.itemsize)
+        need = tile_bytes(min(t, n_max), **_estimate(req, work, strat))
+        check_tile(tile_inputs, memory_bytes, work.in_use, need=need, largest=largest(strat))
     return t, strat, reason
+
+
+def _tile_budget(req: _Request, work: _Work, t: int, strat: Strategy, memory_bytes: int) -> int | None:
+    """The working memory of a recomputed tile's ``entk`` call: the block data of all its inputs
+    (:func:`recompute_working`); for a resumed file whose tiles are larger than this memory now plans,
+    what is left beside the tile (``entk`` then splits the tile into inner blocks). None when not even
+    that fits (a stored plan: whether its estimate fits; 0 when it does)."""
+    est = _estimate(req, work, strat)
+    avail = memory_bytes - work.in_use
+    need = tile_bytes(t, **est)
+    if est["sample_bytes"] is None:
+        return 0 if need <= avail else None
+    working = recompute_working(t, kind=req.kind, sample_bytes=work.sample_bytes)
+    left = avail - (need - working)
+    one = recompute_working(1, kind=KernelKind.DIAGONAL, sample_bytes=work.sample_bytes)  # one input's block
+    return min(working, left) if left >= one else None
 
 
 def _geometry(req: _Request, c: int, t: int) -> dict:
@@ -305,19 +349,20 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         if d.main:
             form = ("symmetric, upper tiles only" if req.symmetric else
                     "per-sample blocks" if req.kind is KernelKind.DIAGONAL else "cross")
-            est = tile_bytes(t, c=work.c, p=work.p, kind=req.kind, compute_dtype=req.cdtype)
+            est = tile_bytes(min(t, max(req.n1, req.n2)), **_estimate(req, work, strat))
             say(f"entk kernel: {req.kind.value} kernel {'x'.join(map(str, geom['kernel_shape']))} ({form}), "
                 f"{f.n_tiles} tiles of {t} inputs per side ({est / GiB:.2f} GiB est. peak "
                 f"per tile pair), {d.world} rank(s)")
             say(f"J blocks: {reason}")
 
-        # Each tile's entk call is given the whole process budget as its working memory, not the
-        # budget less memory_in_use: tile_bytes() estimates the stored path (two J blocks), and entk's
-        # per-sample estimate of the recomputed path is conservative (the README's cnn kernel at 2 GiB
-        # peaks at 1.77 GiB this way), so the smaller share would split tiles into inner blocks that
-        # are recomputed (slower) without lowering the peak. A tile estimate of the recomputed path
-        # from engine.ntk.budget.per_sample_bytes would let the two agree.
-        working = memory_bytes
+        # A recomputed tile's entk call gets the working memory its estimate set aside (the block data
+        # of all the tile's inputs in one block: no inner block recomputed), not the whole process
+        # memory, so that the process stays within memory_bytes. Stored tiles call no entk.
+        working = 0
+        if strat is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL:
+            t_in = min(t, max(req.n1, req.n2))
+            working = _tile_budget(req, work, t_in, strat, memory_bytes) or \
+                recompute_working(t_in, kind=req.kind, sample_bytes=work.sample_bytes)  # a --tile kept on resume
         stores = None
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:
