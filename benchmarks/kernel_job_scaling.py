@@ -1,9 +1,9 @@
 """``entk kernel`` end to end: the full eNTK of cnn on N real CIFAR-10 training images, 1 vs 2 processes.
 
-    nice -n 10 .venv/bin/python benchmarks/kernel_job_scaling.py --n 1000 --budget-gb 1 \\
+    nice -n 10 .venv/bin/python benchmarks/kernel_job_scaling.py --n 1000 --memory-gb 1 \\
         --json benchmarks/results/kernel-job-cpu-2core.json
 
-Default N = 5000 (the issue's 50,000 x 50,000 kernel, 10 GB on disk) with --budget-gb 2. Each
+Default N = 5000 (the issue's 50,000 x 50,000 kernel, 10 GB on disk) with --memory-gb 2. Each
 member runs the real CLI in a fresh process (``python -m engine kernel``; two processes through
 ``torchrun --nproc-per-node 2``, gloo), so the timings are the job's own (``--json`` seconds,
 excluding interpreter start-up) and peak RSS is the largest child's. In the same run: the
@@ -102,7 +102,8 @@ def run_member(name: str, cmd: list[str], env: dict, out: Path, summary: Path) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=5000, help="training images (default 5000: the issue's size)")
-    ap.add_argument("--budget-gb", type=float, default=2.0, help="per-process memory budget (default 2)")
+    ap.add_argument("--memory-gb", type=float, default=2.0,
+                    help="peak memory of each process, entk kernel --memory-gb (default 2)")
     ap.add_argument("--kernel", default="full", choices=["full", "traced", "pntk"])
     ap.add_argument("--data-root", default=str(ARCHIVE), help="real CIFAR-10 (the JPEG archive)")
     ap.add_argument("--workdir", help="where the kernel files go (default: a temporary folder)")
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-kernel-"))
     work.mkdir(parents=True, exist_ok=True)
     common = ["--model-fn", "benchmarks.kernel_job_scaling:make_cnn", "--data", "cifar10", "--data-root",
-              args.data_root, "--x1", f"train:{args.n}", "--kernel", args.kernel, "--budget-gb",
-              str(args.budget_gb), "--quiet", "--device", "cpu"]
+              args.data_root, "--x1", f"train:{args.n}", "--kernel", args.kernel, "--memory-gb",
+              str(args.memory_gb), "--quiet", "--device", "cpu"]
     base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cores = os.cpu_count() or 1
     members, ceilings = [], []
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         m["tile_phase_fraction_of_mm_ceiling"] = m["tile_phase_gflops_per_s_rank0"] * m["processes"] / best
     identical = filecmp.cmp(work / "K_1.h5", work / "K_2.h5", shallow=False)  # chunked, byte for byte
     res = {"benchmark": "entk kernel, cnn, real CIFAR-10 train images", "n": args.n, "kernel": args.kernel,
-           "shape": list(K.shape), "budget_gb": args.budget_gb, "n_params": p, "tile_rows": tr,
+           "shape": list(K.shape), "memory_gb": args.memory_gb, "n_params": p, "tile_rows": tr,
            "members": members, "mm_ceilings": ceilings, "files_bit_identical_1_vs_2_processes": identical,
            "hardware": {"cpu": cpu_name(), "cores": cores,
                         "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                    "right after each member; a member uses the higher of the one before it and the one after it; "
                    "2 processes: twice the half-core rate. Gram FLOPs only (Jacobian work excluded)."}
     print(f"\n{args.kernel} eNTK {K.shape[0]}x{K.shape[1]} of cnn (P={p:,}) on {args.n} CIFAR-10 train images, "
-          f"--budget-gb {args.budget_gb}, tiles of {members[0]['tile_inputs']} inputs ({members[0]['tiles']} tiles)")
+          f"--memory-gb {args.memory_gb}, tiles of {members[0]['tile_inputs']} inputs ({members[0]['tiles']} tiles)")
     print(f"{'member':<12} {'job s':>8} {'J s':>6} {'tiles s':>8} {'peak RSS GiB':>13} {'Gram GFLOP/s':>13} "
           f"{'mm ceiling':>11} {'ratio':>6} {'tiles only':>10}")
     for m in members:

@@ -9,7 +9,7 @@ Members, each in a fresh process per N on N real CIFAR-10 training images (seede
 - ``nngeometry``: ``GramMatrix`` (nngeometry 0.4), the peer;
 - ``entk``: this engine's in-memory ``engine.entk`` (H in RAM, Jacobian blocks within its budget);
 - the out-of-core ``entk kernel`` job needs no RAM for H: its size is bounded by disk, and its run at
-  N = 5000 within ``--budget-gb 2`` is ``benchmarks/kernel_job_scaling.py``.
+  N = 5000 within ``--memory-gb 2`` is ``benchmarks/kernel_job_scaling.py``.
 
 Each child runs under ``RLIMIT_AS`` = the limit, so a member that does not fit fails with an
 allocation error instead of waking the kernel's OOM killer. Peak RSS (``ru_maxrss``) is measured

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import signal
 import subprocess
@@ -171,7 +172,7 @@ def test_stored_and_recomputed_jacobian_blocks_agree(tmp_path, ds):
     assert d.strategy == "stored-jacobian" and "<= disk budget" in d.reason
 
 
-def test_budget_sets_the_tile_and_too_small_is_refused_before_work(tmp_path, ds):
+def test_memory_sets_the_tile_and_too_small_is_refused_before_work(tmp_path, ds):
     kw = {"c": 10, "p": 24_346, "kind": KernelKind.FULL, "compute_dtype": torch.float32}
     t_small, t_big = choose_tile_inputs(1 << 30, n_max=10**6, **kw), choose_tile_inputs(4 << 30, n_max=10**6, **kw)
     assert 1 <= t_small < t_big
@@ -183,20 +184,97 @@ def test_budget_sets_the_tile_and_too_small_is_refused_before_work(tmp_path, ds)
     first = kernel_job(tmp_path / "a.h5", model=model, dataset=ds, x1="test:30", kernel="traced", log=None,
                        quiet=True)
     assert first.kernel.attrs["tile_inputs"] == 30  # 2 GiB: one tile
-    # The budget holds the tiles beside a fixed allowance for the process, model and data (deterministic).
+    # The memory holds the tiles beside a fixed allowance for the process, model and data (deterministic).
     assert first.memory_in_use > PROCESS_ALLOWANCE
-    budget = first.memory_in_use + tile_bytes(10, **est)
+    memory = first.memory_in_use + tile_bytes(10, **est)
     res = kernel_job(tmp_path / "k.h5", model=model, dataset=ds, x1="test:30", kernel="traced",
-                     budget_bytes=budget, log=None, quiet=True)
+                     memory_bytes=memory, log=None, quiet=True)
     assert res.memory_in_use == first.memory_in_use and res.kernel.attrs["tile_inputs"] == 10
     out = tmp_path / "tiny.h5"
-    with pytest.raises(ConfigError, match="too small") as e:
-        kernel_job(out, model=tiny_cnn(), dataset=ds, x1="test:30", budget_bytes=10_000, log=None, quiet=True)
+    with pytest.raises(ConfigError, match=r"--memory-gb .*\(memory_bytes=10,000\) is too small") as e:
+        kernel_job(out, model=tiny_cnn(), dataset=ds, x1="test:30", memory_bytes=10_000, log=None, quiet=True)
     assert len(str(e.value).splitlines()) == 1 and not out.exists()
     with pytest.raises(ConfigError, match="more than the 80 test images"):
         kernel_job(out, model=tiny_cnn(), dataset=ds, x1="test:81", log=None, quiet=True)
     with pytest.raises(ConfigError, match="SPLIT:N"):
         kernel_job(out, model=tiny_cnn(), dataset=ds, x1="val:3", log=None, quiet=True)
+
+
+@pytest.mark.parametrize("kind", ["traced", "diagonal"])
+def test_recomputed_tile_fits_the_memory_its_estimate_claims(tmp_path, ds, monkeypatch, kind):
+    """A recomputed tile holds no J block: its entk call holds the block data of the tile's inputs. The
+    plan sizes the tile by that (tile_bytes with sample_bytes), gives entk exactly the working memory
+    the estimate set aside (recompute_working), and entk, planning by its own accounting, then keeps
+    every input of the tile in one block (nothing recomputed within a tile)."""
+    from engine.jobs.kernel_job.plan import recompute_working
+    from engine.models import build_model
+    from engine.ntk import onepass
+    from engine.ntk.kernel import entk_sample_bytes
+
+    model = build_model("cnn").eval()  # its block data per input (~3 MB) outweighs its J rows (~1 MB)
+    x = normalize(ds.x_test[:1], ds.mean, ds.std)
+    k = KernelKind(kind)
+    sb = entk_sample_bytes(model, x, kernel=k)
+    est = {"c": 10, "p": 24_346, "kind": k, "compute_dtype": torch.float32}
+    first = kernel_job(tmp_path / "a.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                       log=None, quiet=True)
+    memory = first.memory_in_use + tile_bytes(10, **est, sample_bytes=sb)
+    if k is KernelKind.TRACED:  # the stored path's estimate (two J blocks) would have set aside too little
+        assert tile_bytes(10, **est) < tile_bytes(10, **est, sample_bytes=sb)
+
+    calls, blocks = [], []
+    tiles_mod = sys.modules["engine.jobs.kernel_job.tiles"]
+    real_entk, real_blocks = tiles_mod.entk, onepass._entk_blocks
+
+    def spy_entk(model, xa, xb=None, **kw):
+        calls.append((len(xa), 0 if xb is None else len(xb), kw["budget_bytes"]))
+        return real_entk(model, xa, xb, **kw)
+
+    def spy_blocks(s, x1, n1, n2, budget_bytes, itemsize):
+        blocks.append((n1, n2, *real_blocks(s, x1, n1, n2, budget_bytes, itemsize)))
+        return blocks[-1][2:]
+
+    monkeypatch.setattr(tiles_mod, "entk", spy_entk)
+    monkeypatch.setattr(onepass, "_entk_blocks", spy_blocks)
+    res = kernel_job(tmp_path / "k.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                     memory_bytes=memory, log=None, quiet=True)
+    t = res.kernel.attrs["tile_inputs"]
+    assert res.strategy == "recompute" and t == 10 and res.memory_in_use == first.memory_in_use
+    assert res.memory_in_use + tile_bytes(t, **est, sample_bytes=sb) <= memory
+    assert calls and all(b == recompute_working(t, kind=k, sample_bytes=sb) for _, _, b in calls)
+    assert len(blocks) == len(calls) and all(b1 >= n1 and (n2 == 0 or b2 >= n2) for n1, n2, b1, b2 in blocks)
+    # A file started with larger recomputed tiles than this memory now plans is still resumed, not refused
+    # (its tiles' entk calls get what is left beside the tile, and split a tile into inner blocks).
+    kernel_job(tmp_path / "b.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+               tile_inputs=30, log=None, quiet=True)
+    again = kernel_job(tmp_path / "b.h5", model=model, dataset=ds, x1="test:30", kernel=kind, strategy="recompute",
+                       memory_bytes=memory, log=None, quiet=True)
+    assert again.kernel.attrs["tile_inputs"] == 30 and again.computed == 0 and "resuming" in again.reason
+
+
+def test_deprecated_budget_bytes_is_memory_bytes(tmp_path, ds):
+    """kernel_job(budget_bytes=) is the old name of memory_bytes (whole-process memory): it warns, naming the
+    new name, and plans and computes the same file; giving both is refused."""
+    kj = importlib.import_module("engine.jobs.kernel_job")  # the package (engine.jobs.kernel_job is the function)
+
+    model = tiny_cnn()
+    first = kernel_job(tmp_path / "first.h5", model=model, dataset=ds, x1="test:30", kernel="traced", log=None,
+                       quiet=True)
+    est = {"c": 10, "p": first.kernel.attrs["n_params"], "kind": KernelKind.TRACED, "compute_dtype": torch.float32}
+    memory = first.memory_in_use + tile_bytes(10, **est)  # tiles of 10 of the 30 inputs
+    new = kernel_job(tmp_path / "new.h5", model=model, dataset=ds, x1="test:30", kernel="traced",
+                     memory_bytes=memory, log=None, quiet=True)
+    with pytest.warns(DeprecationWarning, match=r"budget_bytes=.*deprecated; use memory_bytes="):
+        old = kernel_job(tmp_path / "old.h5", model=model, dataset=ds, x1="test:30", kernel="traced",
+                         budget_bytes=memory, log=None, quiet=True)
+    assert new.kernel.attrs["tile_inputs"] == 10
+    assert old.kernel.attrs["tile_inputs"] == new.kernel.attrs["tile_inputs"] and old.strategy == new.strategy
+    np.testing.assert_array_equal(old.kernel[:], new.kernel[:])
+    with pytest.raises(ConfigError, match="deprecated name of memory_bytes"):
+        kernel_job(tmp_path / "both.h5", model=model, dataset=ds, x1="test:30", memory_bytes=memory,
+                   budget_bytes=memory, log=None, quiet=True)
+    with pytest.warns(DeprecationWarning, match="DEFAULT_PROCESS_MEMORY"):
+        assert kj.DEFAULT_PROCESS_BUDGET == kj.DEFAULT_PROCESS_MEMORY == 2 << 30
 
 
 def test_rerun_resumes_the_same_job_and_refuses_another(tmp_path, ds):
@@ -268,11 +346,19 @@ def test_run_file_inputs_come_from_the_runs_own_subset(tmp_path, monkeypatch, ca
                          data=data_record(small.subset(60, 40, seed=3)))  # the run's own data, as train() records it
     with run.writer() as w:
         w.write_checkpoint(0, model.state_dict())
-    common = ["--run", str(tmp_path / "run.h5"), "--kernel", "traced", "--quiet", "--budget-gb", "4"]
+    common = ["--run", str(tmp_path / "run.h5"), "--kernel", "traced", "--quiet", "--memory-gb", "4"]
     assert main(["kernel", *common, "--x1", "train:20", "--out", str(tmp_path / "tr.h5")]) == 0
     assert main(["kernel", *common, "--x1", "test:10", "--x2", "train:20", "--out", str(tmp_path / "te.h5")]) == 0
     text = capsys.readouterr().out
     assert "J blocks: " in text and "traced kernel 20x20" in text
+    # --budget-gb: the deprecated alias of --memory-gb, one line on stderr, the same job
+    old = [a if a != "--memory-gb" else "--budget-gb" for a in common]
+    assert main(["kernel", *old, "--x1", "train:20", "--out", str(tmp_path / "tr_old.h5")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["entk kernel: warning: --budget-gb is deprecated; use --memory-gb (the same whole-process memory)"]
+    k_old, k_new = open_kernel(tmp_path / "tr_old.h5"), open_kernel(tmp_path / "tr.h5")
+    assert k_old.attrs["tile_inputs"] == k_new.attrs["tile_inputs"]
+    np.testing.assert_array_equal(k_old[:], k_new[:])
     K = open_kernel(tmp_path / "tr.h5")
     assert K.attrs["checkpoint"] == 0 and K.attrs["data_fingerprint"] == small.fingerprint
     run_subset = balanced_indices(small.y_train, 60, 3, 10).numpy()

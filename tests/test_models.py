@@ -10,7 +10,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.errors import ConfigError
-from engine.models import MODEL_NAMES, build_model, count_parameters
+from engine.models import MODEL_NAMES, build_model, count_parameters, running_stat_layers
+from engine.models.common import init_rule
 
 # --- Expected parameter counts, from the architecture formulas -------------------
 
@@ -326,6 +327,57 @@ def test_init_scheme():
     # Kaiming-normal, fan_out: std = sqrt(2 / (out_channels * 3 * 3)).
     w = model.layer3[1].conv2.weight
     assert abs(w.std().item() / (2 / (64 * 9)) ** 0.5 - 1) < 0.05
+
+
+def _isinstance_init(model: nn.Module) -> None:
+    """The initialisation as it was written before the init-rule table: the oracle of the table."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_init_rule_table_is_bit_identical_to_the_isinstance_chain(name, monkeypatch):
+    # Same seed, same RNG draws in the same module order: every parameter and buffer bit for bit.
+    # (A recorded checksum would tie the test to one CPU: torch's normal_ differs in the last bits
+    # between its AVX2 and AVX-512 kernels.)
+    ours = seeded(name).state_dict()
+    for mod in ("engine.models.small", "engine.models.resnet", "engine.models.vgg"):
+        monkeypatch.setattr(f"{mod}.init_weights", _isinstance_init)
+    theirs = seeded(name).state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_init_rule_of_a_subclass_is_its_nearest_base():
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert init_rule(MyConv(3, 4, 3)) is init_rule(nn.Conv2d(3, 4, 3)) is not None
+    assert init_rule(nn.Linear(2, 3)) is not init_rule(nn.Conv2d(3, 4, 3))
+    assert init_rule(nn.ReLU()) is None and init_rule(nn.LayerNorm(4)) is None
+
+
+def test_running_stat_layers():
+    # the zoo: exactly its BatchNorm layers (the mlp has none)
+    for name in MODEL_NAMES:
+        model = build_model(name)
+        assert [n for n, _ in running_stat_layers(model)] == \
+            [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)], name
+    assert len(running_stat_layers(build_model("resnet20"))) == 19 and running_stat_layers(build_model("mlp")) == []
+    # told by running statistics kept, not by type
+    net = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), nn.InstanceNorm2d(3, track_running_stats=True),
+                        nn.InstanceNorm2d(3), nn.LayerNorm(3), nn.BatchNorm1d(3))
+    assert [n for n, _ in running_stat_layers(net)] == ["1", "4"]
 
 
 @pytest.mark.cuda

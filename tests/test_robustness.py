@@ -207,12 +207,16 @@ CLI_CASES = [
     # kernel: models, states, data, budgets
     ("kernel-run-other-data", "kernel --run {d}/runA.h5 --data-root {d}/treeB --cache-dir {d}/cache --x1 train:4 "
      "--quiet --out {d}/kx.h5", [r"runA\.h5", r"other data"]),
-    ("kernel-tile-over-budget", "kernel --run {d}/run.h5 --x1 train:40 --tile 40 --budget-gb 1.08 --quiet "
-     "--out {d}/kx.h5", [r"--tile 40", r"--budget-gb", r"largest tile that fits is --tile \d+"]),
+    ("kernel-tile-over-memory", "kernel --run {d}/run.h5 --x1 train:40 --tile 40 --memory-gb 1.08 --quiet "
+     "--out {d}/kx.h5", [r"--tile 40", r"--memory-gb", r"largest tile that fits is --tile \d+"]),
+    ("kernel-memory-inf", "kernel --run {d}/run.h5 --x1 train:4 --memory-gb inf --out {d}/kx.h5",
+     [r"--memory-gb", r"finite"]),
+    ("kernel-memory-tiny", "kernel --run {d}/run.h5 --x1 train:4 --memory-gb 1e-12 --out {d}/kx.h5",
+     [r"--memory-gb", r"^(?!.*got 0\b)"]),
+    ("kernel-memory-and-budget", "kernel --run {d}/run.h5 --x1 train:4 --memory-gb 2 --budget-gb 2 "
+     "--out {d}/kx.h5", [r"--budget-gb", r"deprecated alias of --memory-gb"]),
     ("kernel-budget-inf", "kernel --run {d}/run.h5 --x1 train:4 --budget-gb inf --out {d}/kx.h5",
      [r"--budget-gb", r"finite"]),
-    ("kernel-budget-tiny", "kernel --run {d}/run.h5 --x1 train:4 --budget-gb 1e-12 --out {d}/kx.h5",
-     [r"--budget-gb", r"^(?!.*got 0\b)"]),
     ("kernel-disk-budget-inf", "kernel --run {d}/run.h5 --x1 train:4 --disk-budget-gb inf --out {d}/kx.h5",
      [r"--disk-budget-gb", r"finite"]),
     ("kernel-seed-big", f"kernel --run {{d}}/run.h5 --x1 train:4 --seed {2**63} --out {{d}}/kx.h5", [r"--seed"]),

@@ -6,11 +6,12 @@ function (``cmd_kernel``, ``cmd_kernel_predict``, ``cmd_kernel_info``).
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..errors import EngineError
 from ..jobs.distributed import Dist
-from ..jobs.kernel_job.plan import DEFAULT_PROCESS_BUDGET
+from ..jobs.kernel_job.plan import DEFAULT_PROCESS_MEMORY
 from ..ntk.budget import DEFAULT_BUDGET
 from .options import GiB, add_json, budget_bytes, check_outputs, positive_float, seed, write_json
 
@@ -20,8 +21,8 @@ def add_parser(sub) -> None:
         "kernel", help="one large eNTK (train x train, test x train, ...) tile by tile into HDF5, resumable",
         description="Compute one empirical NTK of a model state on seeded, class-balanced inputs, tile by tile "
                     "into an HDF5 file (symmetric kernels store only the upper-triangle tiles), never holding the "
-                    "kernel whole: peak memory is bounded by --budget-gb, which sets the tile size. Rerunning the "
-                    "same command resumes at the first missing tile (also after SIGKILL); the result is "
+                    "kernel whole: the process's peak memory is bounded by --memory-gb, which sets the tile size. "
+                    "Rerunning the same command resumes at the first missing tile (also after SIGKILL); the result is "
                     "bit-identical. Under torchrun --nproc-per-node K the tiles are shared over the K ranks "
                     "(cuda:LOCAL_RANK or the CPU with gloo). Read the result with engine.ntk.open_kernel(path).")
     g = p.add_argument_group("model state (either --run or --model-fn)")
@@ -49,9 +50,12 @@ def add_parser(sub) -> None:
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float64"],
                    help="precision of the kernel products (stored as float32; float64 stores float64)")
     g = p.add_argument_group("resources")
-    g.add_argument("--budget-gb", type=positive_float, default=DEFAULT_PROCESS_BUDGET / GiB,
-                   help="memory per process (torch, model, data, one tile pair); sets the tile size "
-                        f"(default: {DEFAULT_PROCESS_BUDGET / GiB:g})")
+    g.add_argument("--memory-gb", type=positive_float,
+                   help="peak memory of each process, what a scheduler sees (torch, model, data, one tile pair); "
+                        f"sets the tile size (default: {DEFAULT_PROCESS_MEMORY / GiB:g})")
+    g.add_argument("--budget-gb", type=positive_float,
+                   help="deprecated alias of --memory-gb (the same whole-process memory, not the working memory "
+                        "of entk ntk --budget-gb)")
     g.add_argument("--disk-budget-gb", type=positive_float,
                    help="disk allowed for the Jacobian blocks beside --out (default: half the free space); "
                         "above it they are recomputed per tile pair")
@@ -60,7 +64,7 @@ def add_parser(sub) -> None:
     g.add_argument("--contraction", default="auto", choices=["auto", "materialise", "pairs"],
                    help="each layer's kernel block from per-sample gradient columns (materialise), spatial pairs "
                         "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
-    g.add_argument("--tile", type=int, metavar="N", help="inputs per tile side (default: from --budget-gb)")
+    g.add_argument("--tile", type=int, metavar="N", help="inputs per tile side (default: from --memory-gb)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:N")
     p.add_argument("--out", required=True, metavar="KERNEL.h5", help="output file (layout in docs/FORMAT.md)")
@@ -83,7 +87,8 @@ def add_parser(sub) -> None:
                    help="cholesky: dense train kernel in memory; cg: conjugate gradients on tiles; "
                         "auto: by --budget-gb")
     p.add_argument("--budget-gb", type=positive_float, default=DEFAULT_BUDGET / GiB,
-                   help=f"working memory: a dense solve when the train kernel fits (default: {DEFAULT_BUDGET / GiB:g})")
+                   help="working memory of the solve (not the whole process's): a dense solve when the train "
+                        f"kernel fits (default: {DEFAULT_BUDGET / GiB:g})")
     add_json(p, "also write the result as JSON")
     p.set_defaults(handler=cmd_kernel_predict)
 
@@ -111,6 +116,14 @@ def cmd_kernel(args) -> int:
     if args.tile is not None and args.tile < 1:
         raise EngineError(f"--tile must be >= 1, got {args.tile}")
     rank0 = Dist.launched_rank() == 0  # under torchrun, rank 0 checks, prints and writes --json
+    memory_flag, memory_gb = "--memory-gb", args.memory_gb
+    if args.budget_gb is not None:
+        if args.memory_gb is not None:
+            raise EngineError("--budget-gb is a deprecated alias of --memory-gb; give one of them")
+        if rank0:
+            print("entk kernel: warning: --budget-gb is deprecated; use --memory-gb (the same whole-process memory)",
+                  file=sys.stderr)
+        memory_flag, memory_gb = "--budget-gb", args.budget_gb
     if rank0:
         check_outputs(files=[("--out", args.out), ("--json", args.json)], inputs=[("--run", args.run)])
     kw = {}
@@ -123,7 +136,7 @@ def cmd_kernel(args) -> int:
     else:
         kw = {"run": args.run, "checkpoint": args.checkpoint}
     res = kernel_job(args.out, x1=args.x1, x2=args.x2, kernel=args.kernel, compute_dtype=args.compute_dtype,
-                     budget_bytes=budget_bytes("--budget-gb", args.budget_gb),
+                     memory_bytes=None if memory_gb is None else budget_bytes(memory_flag, memory_gb),
                      disk_budget_bytes=None if args.disk_budget_gb is None
                      else budget_bytes("--disk-budget-gb", args.disk_budget_gb),
                      tile_inputs=args.tile, strategy=args.strategy, seed=args.seed, device=args.device,

@@ -66,7 +66,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(pairs), or the cheaper per layer (auto, default; see entk plan); same kernel")
     p.add_argument("--float64", action="store_true", help="accumulate the Gram in float64 (default: float32)")
     p.add_argument("--budget-gb", type=positive_float, default=DEFAULT_BUDGET / GiB,
-                   help="working memory of each kernel and of the distances (block data, Jacobian chunks, tiles); "
+                   help="working memory of each kernel and of the distances (block data, Jacobian chunks, tiles; not "
+                        "the whole process's memory, which entk kernel bounds with --memory-gb); "
                         "a budget too small for one sample is refused before any work "
                         f"(default: {DEFAULT_BUDGET / GiB:g})")
     add_device(p)

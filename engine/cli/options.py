@@ -84,7 +84,7 @@ def seed(s: str) -> int:
 
 
 def budget_bytes(flag: str, gb: float) -> int:
-    """``--budget-gb``-style GiB as whole bytes; a budget under one byte is refused with the value given."""
+    """``--budget-gb`` or ``--memory-gb`` GiB as whole bytes; under one byte is refused with the value given."""
     b = int(gb * GiB)
     if b < 1:
         raise ConfigError(f"{flag} {gb:g} is less than one byte; expected at least {1 / GiB:.3g} (GiB)")

@@ -2,7 +2,7 @@
 
 Each refuses with one line naming the flag or file and what was expected: a ``--state`` file
 that is not a state dict, a model the job cannot compute, a run read on data other than the
-data it was trained on, a ``--tile`` larger than ``--budget-gb`` allows.
+data it was trained on, a ``--tile`` larger than ``--memory-gb`` allows.
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def check_run_data(run_path, stored: Mapping | None, ds, cfg) -> None:
         raise DataError(bad)
 
 
-def check_tile(tile: int, budget_bytes: int, in_use: int, *, largest: int, need: int) -> None:
-    """A ``--tile`` whose estimated working set ``need`` exceeds the budget is refused, with the largest that fits."""
-    if need > budget_bytes - in_use:
+def check_tile(tile: int, memory_bytes: int, in_use: int, *, largest: int, need: int) -> None:
+    """A ``--tile`` whose estimated working set ``need`` does not fit the process memory beside ``in_use``
+    is refused, with the largest that fits."""
+    if need > memory_bytes - in_use:
         raise ConfigError(f"--tile {tile} needs about {need / GiB:.3g} GiB per tile pair beside the "
-                          f"{in_use / GiB:.2f} GiB in use, more than --budget-gb {budget_bytes / GiB:.3g}; "
-                          f"the largest tile that fits is --tile {largest} (or raise --budget-gb)")
+                          f"{in_use / GiB:.2f} GiB in use, more than --memory-gb {memory_bytes / GiB:.3g} "
+                          f"(memory_bytes={memory_bytes:,}); the largest tile that fits is --tile {largest} "
+                          f"(or raise --memory-gb)")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..analysis import (
     BASIN_FRAC,
@@ -35,7 +34,7 @@ from ..analysis import (
     window_values,
 )
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_model, running_stat_layers
 from ..train import TrainConfig, lr_table, train
 from .chaos import ChaosConfig, load_chaos, run_chaos, write_summary
 from .diagnostics import kernel_diagnostics
@@ -92,7 +91,7 @@ def _check_positive(name: str, v) -> None:
 
 
 def _has_batchnorm(model: str) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in build_model(model).modules())
+    return bool(running_stat_layers(build_model(model)))
 
 
 def basin_readout(summary: dict, t1s: list[int]) -> dict:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
+from ..models import running_stat_layers
 from .states import Pair, State, batches, check_batch_size, check_data, check_inputs, check_label_range, check_pair
 
 __all__ = ["BN_MODES", "loss_barrier", "loss_barrier_reference"]
@@ -54,13 +55,10 @@ def _check_bn(bn: Any, bn_data: Any) -> Tensor | None:
     return None
 
 
-def _bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """BatchNorm modules that keep running statistics, with their name prefixes."""
-    return [
-        (f"{name}." if name else "", m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+def _bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that keep running statistics (:func:`engine.models.running_stat_layers`), with their
+    name prefixes in the state dict."""
+    return [(f"{name}." if name else "", m) for name, m in running_stat_layers(model)]
 
 
 def _lerp(ta: Tensor, tb: Tensor, alpha: float) -> Tensor:

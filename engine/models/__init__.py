@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from engine.errors import ConfigError
+from engine.models.common import running_stat_layers
 from engine.models.resnet import resnet20, resnet32, resnet56
 from engine.models.small import cnn, mlp
 from engine.models.vgg import vgg11, vgg16
@@ -46,7 +47,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "running_stat_layers"]
 
 
 def _options(factory: Callable[..., nn.Module]) -> list[str]:

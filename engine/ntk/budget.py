@@ -31,6 +31,7 @@ __all__ = [
     "GiB",
     "Shares",
     "check_budget",
+    "entk_budget_for",
     "entk_shares",
     "jacobian_block_bytes",
     "jacobian_element_bytes",
@@ -127,6 +128,16 @@ def entk_shares(budget_bytes: int) -> Shares:
     :data:`COLUMN_CHUNK_BYTES`); the block data gets the rest."""
     chunk = min(budget_bytes // 4, COLUMN_CHUNK_BYTES)
     return Shares(chunk, budget_bytes - 2 * chunk)
+
+
+def entk_budget_for(data_bytes: int) -> int:
+    """A budget whose :func:`entk_shares` data share holds ``data_bytes`` (what an
+    :func:`~engine.ntk.entk` call needs to keep that much block data in one block), with the chunk
+    buffers no larger than that share gives them."""
+    data_bytes = max(1, int(data_bytes))
+    if data_bytes >= 2 * COLUMN_CHUNK_BYTES:   # the chunk buffers are at their cap
+        return data_bytes + 2 * COLUMN_CHUNK_BYTES
+    return 2 * data_bytes                      # each chunk buffer a quarter of the budget, at most
 
 
 def jacobian_element_bytes(jdtype: torch.dtype, compute_dtype: torch.dtype) -> int:

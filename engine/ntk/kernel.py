@@ -20,7 +20,8 @@ import torch
 from ..errors import ConfigError, parse_enum
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
-from .budget import DEFAULT_BUDGET, check_budget
+from .budget import DEFAULT_BUDGET, check_budget, per_sample_bytes, widest_unit
+from .capture import make_plan
 from .contract import bf16_matrix_unit
 from .jacobian import jacobian
 from .kinds import Implementation, KernelKind
@@ -29,6 +30,7 @@ from .params import (
     check_mode,
     check_projection,
     eval_mode,
+    owner_names,
     parameter_layout,
     params_dtype_device,
     selected_entries,
@@ -215,6 +217,24 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
     if out_dtype != pdtype:
         out = {key: h.to(out_dtype) for key, h in out.items()} if per_layer else out.to(out_dtype)
     return out
+
+
+def entk_sample_bytes(model: torch.nn.Module, x: torch.Tensor, *, kernel: str | KernelKind = "full") -> int:
+    """Bytes each input of an :func:`entk` call on ``model`` (all parameters, default implementation) adds
+    to its block data, by the estimate ``entk`` plans its blocks with (:func:`~.budget.per_sample_bytes`
+    on ``x[:1]``), plus one widest column unit of its outputs (``entk``'s floor for one sample): with
+    ``n`` such inputs in one block, ``entk`` needs a budget of ``budget.entk_budget_for(n * this)``."""
+    kind = parse_enum(KernelKind, kernel, "kernel")
+    entries = selected_entries(model, None)
+    pdtype, device = params_dtype_device(model, entries)
+    xs = _as_inputs(x, "x", pdtype, device)
+    with eval_mode(model):
+        k = 1 if kind is KernelKind.PNTK else _probe_outputs(model, xs, "x")
+        plan = make_plan(model, entries)
+        itemsize = torch.empty((), dtype=pdtype).element_size()
+        one = per_sample_bytes(plan, lambda: model(*(t[:1] for t in xs)), k=k, width=entries[-1].end,
+                               itemsize=itemsize, fallback=owner_names(model, entries)[2])
+    return one + k * widest_unit(plan, entries) * itemsize
 
 
 def _first_bad_column(block: torch.Tensor) -> tuple[int, int] | None:

@@ -5,8 +5,6 @@ subclass with its own forward), each checked against a float64 reference as in t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,13 +18,7 @@ from tests.ntk._jacobian_check import (
     check_against_float64,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int(os.environ.get("ENTK_TEST_SEED", "0")) or torch.seed()
-    torch.manual_seed(seed)
-    print(f"torch seed {seed} (replay with ENTK_TEST_SEED={seed})")
-    return seed
+pytestmark = pytest.mark.usefixtures("fresh_seed")  # a fresh, printed torch seed per test (tests/ntk/conftest.py)
 
 
 ODD_CASES = [(1, 7), (3, 1), (5, 3)]  # (N, C)

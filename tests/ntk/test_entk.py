@@ -81,6 +81,14 @@ def test_small_budget_gives_the_same_kernel():
     assert_close_to_torch(small, whole, ref, what="small budget")
 
 
+@pytest.mark.parametrize("data", [1, 7, 1000, 16 << 20, (64 << 20) - 1, 64 << 20, 3 << 30])
+def test_entk_budget_for_holds_the_data_in_entks_data_share(data):
+    from engine.ntk.budget import COLUMN_CHUNK_BYTES, entk_budget_for, entk_shares
+
+    b = entk_budget_for(data)
+    assert entk_shares(b).data >= data and b <= min(2 * data, data + 2 * COLUMN_CHUNK_BYTES)
+
+
 def test_train_mode_refused_unless_forced():
     model = _model(width=4).train()
     with pytest.raises(ConfigError, match="train mode"):

@@ -12,7 +12,6 @@ the float32 structured-vs-reference gap is additionally held under 1e-5.
 from __future__ import annotations
 
 import copy
-import os
 import re
 
 import pytest
@@ -33,13 +32,7 @@ from tests.ntk._jacobian_check import (
     snapshot,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int(os.environ.get("ENTK_TEST_SEED", "0")) or torch.seed()
-    torch.manual_seed(seed)
-    print(f"torch seed {seed} (replay with ENTK_TEST_SEED={seed})")
-    return seed
+pytestmark = pytest.mark.usefixtures("fresh_seed")  # a fresh, printed torch seed per test (tests/ntk/conftest.py)
 
 
 # --------------------------------------------------------------------------- model zoo

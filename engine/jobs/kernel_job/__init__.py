@@ -15,17 +15,19 @@ byte and no HDF5 metadata changes. The collectives are barriers and short status
 over gloo (also on GPUs). Every tile is a pure function of its inputs, so the file is
 bit-identical for any number of ranks, and a rerun after any rank died resumes.
 
-The package by concern: :mod:`.plan` (kernel kinds, the tile size from the memory budget, the
+The package by concern: :mod:`.plan` (kernel kinds, the tile size from the process memory, the
 stored-or-recomputed choice), :mod:`.inputs` (the model and the selected inputs), :mod:`.tiles`
 (one tile from the model or from two J blocks), :mod:`.blocks` (the stored J blocks: written,
 then read tile by tile) and :mod:`.job` (:func:`kernel_job`, which runs them in order).
 """
 
+import warnings
+
 from ...data import balanced_indices
 from .inputs import load_model_fn, parse_inputs
 from .job import KernelJobResult, kernel_job
 from .plan import (
-    DEFAULT_PROCESS_BUDGET,
+    DEFAULT_PROCESS_MEMORY,
     PROCESS_ALLOWANCE,
     KernelKind,
     choose_tile_inputs,
@@ -35,6 +37,15 @@ from .plan import (
     tile_bytes,
 )
 
-__all__ = ["DEFAULT_PROCESS_BUDGET", "PROCESS_ALLOWANCE", "KernelJobResult", "KernelKind", "balanced_indices",
+__all__ = ["DEFAULT_PROCESS_MEMORY", "PROCESS_ALLOWANCE", "KernelJobResult", "KernelKind", "balanced_indices",
            "choose_tile_inputs", "kernel_job", "load_model_fn", "memory_in_use", "parse_compute_dtype", "parse_inputs",
            "resident_bytes", "tile_bytes"]
+
+
+def __getattr__(name: str):
+    # The old name of DEFAULT_PROCESS_MEMORY, kept for one release.
+    if name == "DEFAULT_PROCESS_BUDGET":
+        warnings.warn("engine.jobs.kernel_job.DEFAULT_PROCESS_BUDGET is deprecated; use DEFAULT_PROCESS_MEMORY "
+                      "(the same whole-process peak memory)", DeprecationWarning, stacklevel=2)
+        return DEFAULT_PROCESS_MEMORY
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

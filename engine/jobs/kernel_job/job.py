@@ -7,6 +7,7 @@ import copy
 import gc
 import os
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ...data import Dataset, normalize
 from ...determinism import set_deterministic
 from ...errors import ConfigError, parse_enum
 from ...ntk import Contraction, num_outputs
+from ...ntk.kernel import entk_sample_bytes
 from ...progress import progress as progress_bar
 from ...store import JacobianStore, KernelTiles, TiledKernel
 from ..distributed import Dist, rank_device
@@ -26,7 +28,7 @@ from ..job_inputs import check_logits, check_tile
 from .blocks import BlockReader, jacobian_phase, prefetch_blocks
 from .inputs import from_run, parse_inputs, select, state_hash
 from .plan import (
-    DEFAULT_PROCESS_BUDGET,
+    DEFAULT_PROCESS_MEMORY,
     PROCESS_ALLOWANCE,
     GiB,
     KernelKind,
@@ -34,8 +36,10 @@ from .plan import (
     choose_strategy,
     choose_tile_inputs,
     memory_in_use,
+    memory_words,
     parse_compute_dtype,
     previous_layout,
+    recompute_working,
     tile_bytes,
 )
 from .tiles import contract, tile
@@ -93,6 +97,7 @@ class _Work:
     p: int
     job: dict
     in_use: int
+    sample_bytes: int = 0  # what each input adds to a recomputed tile's entk call (entk_sample_bytes)
 
     def batch(self, u8: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return normalize(u8[s:e], self.mean, self.std).to(self.device, self.dtype)
@@ -102,7 +107,7 @@ class _Work:
         return [u8 for _, u8, _ in self.inputs]
 
 
-def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction) -> _Request:
+def _request(out, run, model, x1, x2, kernel, compute_dtype, memory_bytes, strategy, contraction) -> _Request:
     kind = parse_enum(KernelKind, kernel, "kernel")
     how = parse_enum(Contraction, contraction, "contraction").value
     cdtype = parse_compute_dtype(compute_dtype)
@@ -111,8 +116,8 @@ def _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strat
     sx2 = None if x2 is None else parse_inputs(x2, "--x2")
     if kind is KernelKind.DIAGONAL and sx2 is not None:
         raise ConfigError("the diagonal kernel has no cross form: drop --x2")
-    if budget_bytes <= 0:
-        raise ConfigError(f"--budget-gb must be > 0, got {budget_bytes / GiB:.3g}")
+    if memory_bytes <= 0:
+        raise ConfigError(f"{memory_words(memory_bytes)} must be > 0")
     out = Path(out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory, expected a file path")
@@ -144,6 +149,7 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
         check_logits(compute_model, work.batch(inputs[0][1], 0, 1), info["model"])
     work.c = num_outputs(compute_model, work.batch(inputs[0][1], 0, 1))
     work.p = sum(q.numel() for q in compute_model.parameters() if q.requires_grad)
+    work.sample_bytes = entk_sample_bytes(compute_model, work.batch(inputs[0][1], 0, 1), kernel=req.kind)
     sx2 = req.sx2
     work.job = {"format_job": "entk-kernel", **info, "kernel": req.kind.value, "mode": "eval", "num_outputs": work.c,
                 "n_params": work.p, "data": ds.name, "data_fingerprint": ds.fingerprint,
@@ -158,27 +164,67 @@ def _load(req: _Request, dev: torch.device, *, run, checkpoint, model, dataset, 
     return work
 
 
-def _plan(req: _Request, work: _Work, *, overwrite, budget_bytes, tile_inputs, disk_budget_bytes):
+def _estimate(req: _Request, work: _Work, strat: Strategy) -> dict:
+    """The :func:`tile_bytes` arguments of a plan with this strategy (the diagonal kernel is always recomputed)."""
+    recomputed = strat is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL
+    return {"c": work.c, "p": work.p, "kind": req.kind, "compute_dtype": req.cdtype,
+            "sample_bytes": work.sample_bytes if recomputed else None}
+
+
+def _plan(req: _Request, work: _Work, *, overwrite, memory_bytes, tile_inputs, disk_budget_bytes):
     """The tile size, strategy and the line saying why. Those of an existing file are kept (a resume with
-    another budget or disk is the same job); otherwise they come from the budgets."""
+    another memory or disk budget is the same job); otherwise they come from the memory and disk budget.
+
+    The tile size comes from the estimate of the strategy that computes it (:func:`tile_bytes`): stored
+    J blocks, or each tile recomputed from the model, which holds no J block but its inputs' block data."""
     prev = previous_layout(req.out, work.job) if not overwrite else None
-    plan_kw = {"c": work.c, "p": work.p, "kind": req.kind, "compute_dtype": req.cdtype}
+    n_max = max(req.n1, req.n2)
     if prev is not None:
         t, strat = prev["tile_inputs"], Strategy(prev["strategy"])
-        need = tile_bytes(t, **plan_kw)
-        if need > budget_bytes - work.in_use and tile_inputs is None:
+        if tile_inputs is None and _tile_budget(req, work, t, strat, memory_bytes) is None:
+            need = tile_bytes(t, **_estimate(req, work, strat))
             raise ConfigError(f"{req.out} was started with tiles of {t} inputs, which need {need / GiB:.3g} GiB "
-                              f"beside the {work.in_use / GiB:.2f} GiB in use, more than --budget-gb "
-                              f"{budget_bytes / GiB:.3g}; resume with a larger budget")
+                              f"beside the {work.in_use / GiB:.2f} GiB in use, more than "
+                              f"{memory_words(memory_bytes)}; resume with a larger --memory-gb")
         return t, strat, f"resuming {req.out.name}: {prev['strategy']} with tiles of {t} inputs, as it was started"
-    t = tile_inputs or choose_tile_inputs(budget_bytes, n_max=max(req.n1, req.n2), in_use=work.in_use, **plan_kw)
+
+    def largest(strat: Strategy) -> int:
+        return choose_tile_inputs(memory_bytes, n_max=n_max, in_use=work.in_use, **_estimate(req, work, strat))
+
+    def decide(t: int) -> tuple[Strategy, str]:
+        return choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p, req.out,
+                               disk_budget_bytes, itemsize=work.dtype.itemsize)
+
+    first = Strategy.RECOMPUTE if req.strategy is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL \
+        else Strategy.STORED
+    t = tile_inputs or largest(first)
+    strat, reason = decide(t)
+    if strat is Strategy.RECOMPUTE and first is Strategy.STORED and tile_inputs is None:
+        # auto recomputes on the stored plan's tile (one tile, or J larger than the disk budget): the
+        # recomputed tile has its own size, and auto decides again on it (stored when that tile is
+        # smaller than the inputs and J fits the disk; it is then within the stored plan's tile too).
+        t = largest(Strategy.RECOMPUTE)
+        strat, reason = decide(t)
     if tile_inputs is not None:
-        n_max = max(req.n1, req.n2)
-        check_tile(tile_inputs, budget_bytes, work.in_use, need=tile_bytes(min(tile_inputs, n_max), **plan_kw),
-                   largest=choose_tile_inputs(budget_bytes, n_max=n_max, in_use=work.in_use, **plan_kw))
-    strat, reason = choose_strategy(req.strategy, req.kind, t, req.n1, req.n2, req.symmetric, work.c, work.p,
-                                    req.out, disk_budget_bytes, itemsize=work.dtype.itemsize)
+        need = tile_bytes(min(t, n_max), **_estimate(req, work, strat))
+        check_tile(tile_inputs, memory_bytes, work.in_use, need=need, largest=largest(strat))
     return t, strat, reason
+
+
+def _tile_budget(req: _Request, work: _Work, t: int, strat: Strategy, memory_bytes: int) -> int | None:
+    """The working memory of a recomputed tile's ``entk`` call: the block data of all its inputs
+    (:func:`recompute_working`); for a resumed file whose tiles are larger than this memory now plans,
+    what is left beside the tile (``entk`` then splits the tile into inner blocks). None when not even
+    that fits (a stored plan: whether its estimate fits; 0 when it does)."""
+    est = _estimate(req, work, strat)
+    avail = memory_bytes - work.in_use
+    need = tile_bytes(t, **est)
+    if est["sample_bytes"] is None:
+        return 0 if need <= avail else None
+    working = recompute_working(t, kind=req.kind, sample_bytes=work.sample_bytes)
+    left = avail - (need - working)
+    one = recompute_working(1, kind=KernelKind.DIAGONAL, sample_bytes=work.sample_bytes)  # one input's block
+    return min(working, left) if left >= one else None
 
 
 def _geometry(req: _Request, c: int, t: int) -> dict:
@@ -251,20 +297,23 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
 def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: int | None = None,
                model: nn.Module | None = None, dataset: Dataset | None = None, model_name: str | None = None,
                x1: str = "test:100", x2: str | None = None, kernel: str = "full",
-               compute_dtype: str | torch.dtype = torch.float32, budget_bytes: int = DEFAULT_PROCESS_BUDGET,
+               compute_dtype: str | torch.dtype = torch.float32, memory_bytes: int | None = None,
                disk_budget_bytes: int | None = None, tile_inputs: int | None = None,
                strategy: str = "auto", seed: int = 0, device: str | torch.device | None = "cpu",
                data_root: str | None = None, cache_dir=None, overwrite: bool = False, quiet: bool = False,
                deterministic: bool = True, log: Callable[[str], None] | None = print,
-               contraction: str = "auto") -> KernelJobResult:
+               contraction: str = "auto", budget_bytes: int | None = None) -> KernelJobResult:
     """Compute one eNTK into a tiled HDF5 file at ``out`` (see the package docstring and docs/FORMAT.md).
 
     The model state comes from ``run`` (a run file) at ``checkpoint`` (default: its last completed one),
     with the run's own dataset and data subset; or from ``model`` (any ``nn.Module``, evaluated in eval
     mode) on ``dataset``. ``x1``/``x2`` are ``"SPLIT:N"``: N seeded (``seed``), class-balanced images
     of that split. ``kernel``: ``full`` (N1·C × N2·C), ``traced``, ``pntk`` (N1 × N2) or ``diagonal``
-    (N, C, C; no ``x2``). ``budget_bytes`` is the process's memory: :func:`memory_in_use` is set aside and
-    the rest fixes the tile size by :func:`tile_bytes` (``tile_inputs`` overrides it). ``strategy`` is
+    (N, C, C; no ``x2``). ``memory_bytes`` (default :data:`DEFAULT_PROCESS_MEMORY`, 2 GiB) is the peak
+    memory of the whole process, what a scheduler sees (not the working memory that ``budget_bytes``
+    means in :mod:`engine.ntk`): :func:`memory_in_use` is set aside and the rest fixes the tile size by
+    :func:`tile_bytes` (``tile_inputs`` overrides it). ``budget_bytes`` is its deprecated name (one
+    release; it warns). ``strategy`` is
     ``auto`` (store the Jacobian blocks when they fit ``disk_budget_bytes``, default half the free space
     beside ``out``), ``stored-jacobian`` or ``recompute``. A rerun resumes; a file holding another job
     is refused unless ``overwrite``. ``contraction``: each layer's strategy for the float32 and bfloat16
@@ -273,7 +322,16 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     tiles computed in different runs or ranks share the bits of an uninterrupted run.
     """
     t_start = time.perf_counter()
-    req = _request(out, run, model, x1, x2, kernel, compute_dtype, budget_bytes, strategy, contraction)
+    if budget_bytes is not None:
+        if memory_bytes is not None:
+            raise ConfigError("budget_bytes is the deprecated name of memory_bytes; give one of them")
+        warnings.warn("kernel_job(budget_bytes=...) is deprecated; use memory_bytes=... (the same whole-process "
+                      "peak memory; budget_bytes= will be removed in the next release)", DeprecationWarning,
+                      stacklevel=2)
+        memory_bytes = budget_bytes
+    if memory_bytes is None:
+        memory_bytes = DEFAULT_PROCESS_MEMORY
+    req = _request(out, run, model, x1, x2, kernel, compute_dtype, memory_bytes, strategy, contraction)
     say = log if log is not None else (lambda s: None)
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run
@@ -281,7 +339,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     try:
         work = _load(req, rank_device(device, d), run=run, checkpoint=checkpoint, model=model, dataset=dataset,
                      model_name=model_name, seed=seed, data_root=data_root, cache_dir=cache_dir, quiet=quiet)
-        t, strat, reason = _plan(req, work, overwrite=overwrite, budget_bytes=budget_bytes, tile_inputs=tile_inputs,
+        t, strat, reason = _plan(req, work, overwrite=overwrite, memory_bytes=memory_bytes, tile_inputs=tile_inputs,
                                  disk_budget_bytes=disk_budget_bytes)
         work.job["tile_inputs"], work.job["strategy"] = int(t), strat.value
         geom = _geometry(req, work.c, t)
@@ -291,19 +349,20 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
         if d.main:
             form = ("symmetric, upper tiles only" if req.symmetric else
                     "per-sample blocks" if req.kind is KernelKind.DIAGONAL else "cross")
-            est = tile_bytes(t, c=work.c, p=work.p, kind=req.kind, compute_dtype=req.cdtype)
+            est = tile_bytes(min(t, max(req.n1, req.n2)), **_estimate(req, work, strat))
             say(f"entk kernel: {req.kind.value} kernel {'x'.join(map(str, geom['kernel_shape']))} ({form}), "
                 f"{f.n_tiles} tiles of {t} inputs per side ({est / GiB:.2f} GiB est. peak "
                 f"per tile pair), {d.world} rank(s)")
             say(f"J blocks: {reason}")
 
-        # Each tile's entk call is given the whole process budget as its working memory, not the
-        # budget less memory_in_use: tile_bytes() estimates the stored path (two J blocks), and entk's
-        # per-sample estimate of the recomputed path is conservative (the README's cnn kernel at 2 GiB
-        # peaks at 1.77 GiB this way), so the smaller share would split tiles into inner blocks that
-        # are recomputed (slower) without lowering the peak. A tile estimate of the recomputed path
-        # from engine.ntk.budget.per_sample_bytes would let the two agree.
-        working = budget_bytes
+        # A recomputed tile's entk call gets the working memory its estimate set aside (the block data
+        # of all the tile's inputs in one block: no inner block recomputed), not the whole process
+        # memory, so that the process stays within memory_bytes. Stored tiles call no entk.
+        working = 0
+        if strat is Strategy.RECOMPUTE or req.kind is KernelKind.DIAGONAL:
+            t_in = min(t, max(req.n1, req.n2))
+            working = _tile_budget(req, work, t_in, strat, memory_bytes) or \
+                recompute_working(t_in, kind=req.kind, sample_bytes=work.sample_bytes)  # a --tile kept on resume
         stores = None
         t_jac = time.perf_counter()
         if strat is Strategy.STORED and req.kind is not KernelKind.DIAGONAL:

@@ -1,4 +1,4 @@
-"""The plan of a kernel job: its kernel kind and compute dtype, the tile size its memory budget
+"""The plan of a kernel job: its kernel kind and compute dtype, the tile size its process memory
 allows, and whether the Jacobian blocks are stored or recomputed."""
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from torch import nn
 
 from ...data import Dataset
 from ...errors import ConfigError
-from ...ntk.budget import JACOBIAN_BLOCK_BYTES, GiB
+from ...ntk.budget import JACOBIAN_BLOCK_BYTES, GiB, entk_budget_for
 from ...ntk.kinds import KernelKind
 from ...store import KernelTiles, StoreError
 
-# A kernel job's budget_bytes is the memory of its whole process, unlike the working memory of
-# engine.ntk's front ends (engine.ntk.budget): the job sets aside memory_in_use() (the interpreter,
-# the model, the data) and the tiles get the rest, so that --budget-gb bounds what a scheduler sees.
-DEFAULT_PROCESS_BUDGET = 2 * GiB
+# A kernel job's memory_bytes (--memory-gb) is the peak memory of its whole process, not the
+# working memory that budget_bytes means in engine.ntk (engine.ntk.budget): the job sets aside
+# memory_in_use() (the interpreter, the model, the data) and the tiles get the rest, so that
+# --memory-gb bounds what a scheduler sees.
+DEFAULT_PROCESS_MEMORY = 2 * GiB
 # Working memory of one Jacobian call beyond its output (engine.ntk.jacobian keeps a block within
 # this with its default budget); small blocks need proportionally less.
 JAC_WORKSPACE = JACOBIAN_BLOCK_BYTES
@@ -63,32 +64,58 @@ def parse_compute_dtype(value: str | torch.dtype) -> torch.dtype:
     return _COMPUTE[key]
 
 
-def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch.dtype) -> int:
-    """Estimated peak bytes of one tile pair of ``t`` inputs per side (two J blocks, casts, the tile)."""
+def tile_bytes(t: int, *, c: int, p: int, kind: KernelKind, compute_dtype: torch.dtype,
+               sample_bytes: int | None = None) -> int:
+    """Estimated peak bytes of one tile pair of ``t`` inputs per side, beside :func:`memory_in_use`.
+
+    Stored J blocks (``sample_bytes`` None): the two J blocks read from disk, their casts, the tile and
+    a Jacobian call's workspace. Recomputed (``sample_bytes``: :func:`engine.ntk.kernel.entk_sample_bytes`
+    of the model): no J block is held; the tile's ``entk`` call holds the block data of its inputs (2t,
+    t for the diagonal kernel) in one block, :func:`recompute_working`, and the tile.
+    """
+    out = 8 if compute_dtype == torch.float64 else 4
+    tile = _tile_out_bytes(t, c, kind, out)
+    if sample_bytes is not None:
+        return recompute_working(t, kind=kind, sample_bytes=sample_bytes) + tile + _BASE_OVERHEAD
     rows = t if kind is KernelKind.PNTK else t * c
     cast = {torch.float32: 0, torch.bfloat16: 2, torch.float64: 8}[compute_dtype]
     jblocks = 2 * rows * p * (4 + cast)
-    out = 8 if compute_dtype == torch.float64 else 4
-    if kind is KernelKind.FULL:
-        tile = rows * rows * out * 4                 # product, symmetrised copy, the last tile and its padded copy
-    elif kind is KernelKind.TRACED:
-        tile = c * t * t * out + 4 * t * t * out     # the C per-output products, then their sum
-    elif kind is KernelKind.DIAGONAL:
-        tile = 4 * t * c * c * out
-    else:
-        tile = 4 * t * t * out
     return jblocks + tile + min(JAC_WORKSPACE, jblocks) + _BASE_OVERHEAD
 
 
-def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
-    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``budget_bytes - in_use``."""
+def recompute_working(t: int, *, kind: KernelKind, sample_bytes: int) -> int:
+    """The working memory a recomputed tile of ``t`` inputs per side gives its ``entk`` call: enough
+    for the block data of all its inputs in one block, so no inner block is recomputed."""
+    inputs = t if kind is KernelKind.DIAGONAL else 2 * t
+    return entk_budget_for(inputs * sample_bytes)
+
+
+def _tile_out_bytes(t: int, c: int, kind: KernelKind, out: int) -> int:
+    """The tile's own bytes while it is formed and written."""
+    if kind is KernelKind.FULL:
+        return (t * c) ** 2 * out * 4            # product, symmetrised copy, the last tile and its padded copy
+    if kind is KernelKind.TRACED:
+        return c * t * t * out + 4 * t * t * out  # the C per-output products, then their sum
+    if kind is KernelKind.DIAGONAL:
+        return 4 * t * c * c * out
+    return 4 * t * t * out
+
+
+def memory_words(memory_bytes: int) -> str:
+    """How errors name the process memory: by its flag and its parameter, as either may have set it."""
+    return f"--memory-gb {memory_bytes / GiB:.3g} (memory_bytes={memory_bytes:,})"
+
+
+def choose_tile_inputs(memory_bytes: int, *, n_max: int, in_use: int = 0, **kw) -> int:
+    """The largest tile (inputs per side, at most ``n_max``) whose estimate fits ``memory_bytes - in_use``."""
     need = tile_bytes(1, **kw)
-    avail = budget_bytes - in_use
+    avail = memory_bytes - in_use
     if need > avail:
         used = f" beside the {in_use / GiB:.2f} GiB this process already holds (torch, model, data)" if in_use else ""
-        raise ConfigError(f"--budget-gb {budget_bytes / GiB:.3g} is too small: a tile of one input needs "
-                          f"{need / GiB:.3g} GiB (two Jacobian rows of {kw['p']:,} parameters and the Jacobian "
-                          f"workspace){used}; raise the budget")
+        what = (f"two Jacobian rows of {kw['p']:,} parameters and the Jacobian workspace"
+                if kw.get("sample_bytes") is None else "the forward data of its inputs and the tile")
+        raise ConfigError(f"{memory_words(memory_bytes)} is too small: a tile of one input needs "
+                          f"{need / GiB:.3g} GiB ({what}){used}; raise --memory-gb")
     lo, hi = 1, max(1, n_max)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -100,7 +127,7 @@ def choose_tile_inputs(budget_bytes: int, *, n_max: int, in_use: int = 0, **kw) 
 
 
 def memory_in_use(model: nn.Module, inputs: list[torch.Tensor], dataset: Dataset | None = None) -> int:
-    """What the budget holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
+    """What the process memory holds besides the tiles: :data:`PROCESS_ALLOWANCE`, the model (twice: parameters
     and their gradients' buffers), the selected images, and a caller's dataset. Deterministic."""
     sd = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     data = 0 if dataset is None else sum(t.numel() * t.element_size() for t in

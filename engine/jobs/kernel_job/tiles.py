@@ -55,8 +55,8 @@ def tile(model: nn.Module, xa: torch.Tensor, xb: torch.Tensor | None, kind: Kern
     """One tile of the kernel, straight from the model: ``(na·C, nb·C)``, ``(na, nb)`` or ``(na, C·C)``.
 
     ``xb=None`` is a diagonal tile of a symmetric kernel (and the only form of the diagonal kernel).
-    ``budget_bytes``: entk's working memory for the tile (the job passes its process budget; see
-    ``_write_tiles``'s caller in :mod:`.job` for why).
+    ``budget_bytes``: entk's working memory for the tile (the job passes what its estimate set aside,
+    :func:`.plan.recompute_working`).
 
     Every compute dtype goes through the one-pass engine (:func:`engine.ntk.entk`, a cross-kernel for
     ``xb``), which computes in the parameters' dtype: for float64 ``model`` and the inputs are the
