@@ -64,3 +64,35 @@ def bf16_unit() -> str:
     from engine.ntk.contract import bf16_unit_name
 
     return bf16_unit_name()
+
+
+def bench_calls(benchmark, fn, device: torch.device, role: str, unit: str, items, *, rounds: int, **info) -> None:
+    """Time ``fn`` (one call = one round, after one warm-up round) and record what the ratio table
+    at the end needs: the member's ``role`` ("reference", "engine" or "peer"), the ``unit`` and how
+    many of it one call makes (``items``). The caller has already run ``fn`` once to check it."""
+
+    def call():
+        fn()
+        sync(device)
+
+    benchmark.extra_info.update(role=role, unit=unit, items_per_call=items, device=str(device), **info)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+def fresh_model(name: str, device: torch.device, num_classes: int = 10) -> torch.nn.Module:
+    """``build_model(name)`` freshly initialised from seed 0, in eval mode (BatchNorm on its initial
+    running statistics), so that every member of a group sees the same network."""
+    from engine.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(name, num_classes=num_classes).to(device).eval()
+
+
+def nngeometry_version() -> str:
+    """The installed nngeometry's version, for skip messages when the peer tool fails."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("nngeometry")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"

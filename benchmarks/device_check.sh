@@ -9,7 +9,8 @@
 #   ext      build the CUDA extension (entk ext build --device cuda; timed)
 #   tests    every CUDA-marked test (pytest -m cuda tests/)
 #   ops      benchmarks/bench_ops.py: fused ops with measured ceilings (copy, torch.mm)
-#   ntk      benchmarks/bench_ntk.py: Jacobians, Gram, pairwise distances (eNTK); and
+#   ntk      benchmarks/bench_ntk.py: Jacobians, Gram, pairwise distances (eNTK);
+#            benchmarks/bench_ntk_entk.py: the full, cross and pNTK kernels against the recipe; and
 #            benchmarks/bench_ntk_contraction.py: per-layer contraction (pairs vs materialise)
 #   train    benchmarks/bench_train.py: training steps and sampling
 #   twins    benchmarks/bench_twins.py: fleet vs sequential, CUDA graph vs eager
@@ -101,7 +102,7 @@ cmd_ext() { CMD=("$PY" -m engine ext build --device cuda); }
 cmd_tests() { CMD=("$PY" -m pytest "${TEST_ARGS[@]}"); }
 bench() { CMD=("$PY" -m pytest "benchmarks/bench_$1.py" "${BENCH_ARGS[@]}" "--benchmark-json=$WORK/$1-$SLUG.json"); }
 cmd_ops() { bench ops; }
-cmd_ntk() { bench ntk; CMD+=(benchmarks/bench_ntk_contraction.py); }
+cmd_ntk() { bench ntk; CMD+=(benchmarks/bench_ntk_entk.py benchmarks/bench_ntk_contraction.py); }
 cmd_train() { bench train; }
 cmd_twins() { bench twins; }
 cmd_study() { CMD=("$PY" -m engine reproduce "${STUDY_FLAGS[@]}" --out "$WORK/study"); }
@@ -135,7 +136,7 @@ pack() {  # what comes back from the device tool: one archive (no HDF5 files) an
 
 if [ "$DRY" = 1 ]; then  # one collection of the tests and one of every benchmark file (each costs an import)
   "$PY" -m pytest --collect-only "${TEST_ARGS[@]}" >"$WORK/collect-tests.txt" 2>&1; TESTS_RC=$?
-  "$PY" -m pytest --collect-only -q -p no:cacheprovider benchmarks/bench_{ops,ntk,ntk_contraction,train,twins}.py \
+  "$PY" -m pytest --collect-only -q -p no:cacheprovider benchmarks/bench_{ops,ntk,ntk_entk,ntk_contraction,train,twins}.py \
     >"$WORK/collect-benchmarks.txt" 2>&1; BENCH_RC=$?
 fi
 T0=$(date +%s)

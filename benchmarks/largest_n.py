@@ -4,7 +4,7 @@
 
 Members, each in a fresh process per N on N real CIFAR-10 training images (seeded, class-balanced):
 
-- ``recipe``: the PyTorch tutorial's ``empirical_ntk_jacobian_contraction`` (benchmarks/bench_ntk.py),
+- ``recipe``: the PyTorch tutorial's ``empirical_ntk_jacobian_contraction`` (benchmarks/bench_ntk_entk.py),
   which holds both Jacobians and every parameter's (N, N, C, C) contraction at once;
 - ``nngeometry``: ``GramMatrix`` (nngeometry 0.4), the peer;
 - ``entk``: this engine's in-memory ``engine.entk`` (H in RAM, Jacobian blocks within its budget);
@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark files import their helpers as _common
 
 from benchmarks._common import cpu_name  # noqa: E402
 
@@ -52,7 +53,7 @@ LADDERS = {"recipe": (128, 256, 512), "nngeometry": (32, 64, 128), "entk": (256,
 def _child(member: str, n: int, data_root: str) -> dict:
     import torch
 
-    from benchmarks.bench_ntk import _as_rows, _recipe
+    from benchmarks.bench_ntk_entk import _as_rows, _recipe
     from engine import build_model, entk, load_dataset
     from engine.data import normalize
 
