@@ -81,3 +81,12 @@ def cifar10(cifar_archive, data_cache_dir):
     from engine.data import load_cifar10
 
     return load_cifar10(cifar_archive, cache_dir=data_cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def bad_input_files(tmp_path_factory) -> Path:
+    """The files the bad-input tables name (tests/helpers/refusal_files.py), made once for the CLI's
+    table and the API's: a run and its kernels take most of a minute to make on 2 cores."""
+    from tests.helpers.refusal_files import make_files
+
+    return make_files(tmp_path_factory.mktemp("robust"))

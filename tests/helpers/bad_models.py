@@ -1,4 +1,5 @@
-"""Model factories that are wrong on purpose, for ``entk kernel --model-fn`` in the robustness table."""
+"""Model factories that are wrong on purpose, for the bad-input tables: ``entk kernel --model-fn`` in
+tests/test_cli_refusals.py, ``entk``/``jacobian_to_store`` in tests/test_api_refusals.py."""
 
 from __future__ import annotations
 

@@ -1,35 +1,31 @@
-"""Bad input gets a clear refusal before any work (issue 22): a table of bad calls replayed
-through the command line and the API.
+"""Bad input on the command line gets a clear refusal before any work (issue 22): a table of bad
+calls replayed through ``entk``'s ``main``.
 
-Every CLI case must exit 2 with its error as one line (``entk CMD: error: ...``, or argparse's
-usage error) that names the flag or file and what was expected, print no traceback, leave no
-new file behind and change no existing file. Every API case must raise ``ConfigError`` or
-``DataError`` (or a store error, which is a ``ValueError`` of the engine) with such a message.
+Every case must exit 2 with its error as one line (``entk CMD: error: ...``, or argparse's usage
+error) that names the flag or file and what was expected, print no traceback, leave no new file
+behind and change no existing file (the files are tests/helpers/refusal_files.py's). ``verify``'s
+exit codes and an interrupt's (SIGINT: 130, one line) are here too; the API's table is in
+tests/test_api_refusals.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from engine.cli import build_parser, main
-from engine.errors import EngineError
+from tests.helpers.refusal_files import SMALL, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "cnn", "--n-train", "200", "--n-test", "100", "--batch-size", "20", "--eval-train", "100",
-         "--quiet"]
 MODELS = "tests.helpers.bad_models"
 
 
@@ -55,84 +51,6 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     return rc, out.getvalue(), err.getvalue()
-
-
-def _snapshot(d: Path) -> dict[str, str]:
-    """Every file under ``d`` with the hash of its bytes (directories by name), but the data cache's
-    (a decoded source is cached when it is first read: a cache, not an output of the command)."""
-    snap = {}
-    for p in sorted(d.rglob("*")):
-        key = str(p.relative_to(d))
-        if key.split(os.sep)[0] == "cache":
-            continue
-        snap[key] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return snap
-
-
-def _write_tile(path: Path, k: int, fill) -> None:
-    """Replace tile ``k`` of a stored kernel as a job would write it (a valid store holding a bad value)."""
-    from engine.store import KernelTiles
-
-    f = KernelTiles(path)
-    tr, tc = f.tile_shape
-    block = torch.from_numpy(np.array(f.memmap("tiles")[k]))
-    fill(block)
-    with f.writer() as w:
-        w.write("tiles", k, block.reshape(1, tr, tc))
-        w.mark_complete(k)
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        b = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([b[0] ^ 0xFF]))
-
-
-def _jpeg_tree(root: Path, seed: int) -> Path:
-    """A tiny CIFAR-shaped JPEG tree (10 classes, 4 train and 2 test images each)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in range(10):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    """A small run, kernels made from it (some of them wrong on purpose), and two CIFAR-shaped trees."""
-    d = tmp_path_factory.mktemp("robust")
-    run = str(d / "run.h5")
-    assert main(["train", *SMALL, "--steps", "4", "--checkpoints", "0", "--out", run]) == 0
-    common = ["--run", run, "--tile", "6", "--quiet"]
-    assert main(["kernel", *common, "--x1", "train:12", "--out", str(d / "ktr.h5")]) == 0
-    assert main(["kernel", *common, "--x1", "test:6", "--x2", "train:12", "--out", str(d / "kte.h5")]) == 0
-    assert main(["kernel", *common, "--x1", "train:6", "--kernel", "diagonal", "--out", str(d / "kdiag.h5")]) == 0
-    for name, fill in (("knan.h5", lambda b: b[1, 2].fill_(float("nan"))),
-                       ("kasym.h5", lambda b: b[1, 2].add_(1.0))):
-        shutil.copy(d / "ktr.h5", d / name)
-        _write_tile(d / name, 0, fill)
-    from engine.store import KernelTiles
-
-    for name, src, off in (("kdamaged.h5", "ktr.h5", KernelTiles(d / "ktr.h5").datasets["tiles"].offset + 10),
-                           ("rundamaged.h5", "run.h5", 1057)):  # a tile; the run's HDF5 metadata
-        shutil.copy(d / src, d / name)
-        _flip(d / name, off)
-    (d / "garbage.pt").write_bytes(b"this is not a pickle\n" * 10)
-    (d / "statedir").mkdir()
-    _jpeg_tree(d / "treeA", 1)
-    _jpeg_tree(d / "treeB", 2)
-    cache = d / "cache"
-    assert main(["train", "--model", "cnn", "--data", "cifar10", "--data-root", str(d / "treeA"), "--cache-dir",
-                 str(cache), "--batch-size", "10", "--eval-train", "10", "--steps", "2", "--quiet",
-                 "--out", str(d / "runA.h5")]) == 0
-    return d
 
 
 # (id, argv with {d} for the fixture folder, regexes the error line must match)
@@ -243,10 +161,10 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_refuses_bad_input(files, case):
+def test_cli_refuses_bad_input(bad_input_files, case):
     _, template, patterns = case
-    argv = [a if a != "''" else "" for a in template.format(d=files).split()]
-    before = _snapshot(files)
+    argv = [a if a != "''" else "" for a in template.format(d=bad_input_files).split()]
+    before = snapshot(bad_input_files)
     rc, out, err = _cli(argv)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2, f"exit {rc}; stderr: {err[-600:]!r}; stdout: {out[-300:]!r}"
@@ -258,19 +176,19 @@ def test_cli_refuses_bad_input(files, case):
     assert re.match(r"entk [\w-]+: error: ", msg), msg
     for pat in patterns:
         assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
-    assert _snapshot(files) == before, "a file was created or changed"
+    assert snapshot(bad_input_files) == before, "a file was created or changed"
 
 
-def test_verify_exit_codes(files):
+def test_verify_exit_codes(bad_input_files):
     """0 for an intact file, 1 for a damaged one (the part named), 2 for a file that is not ours."""
     for name in ("run.h5", "ktr.h5", "kte.h5", "kdiag.h5", "runA.h5"):
-        rc, out, err = _cli(["verify", str(files / name)])
+        rc, out, err = _cli(["verify", str(bad_input_files / name)])
         assert rc == 0 and "ok" in out, (name, out, err)
-    rc, out, _ = _cli(["verify", str(files / "kdamaged.h5")])
+    rc, out, _ = _cli(["verify", str(bad_input_files / "kdamaged.h5")])
     assert rc == 1 and "kdamaged.h5 is damaged: row 0 of tiles fails its checksum" in out, out
-    rc, out, _ = _cli(["verify", str(files / "rundamaged.h5")])
+    rc, out, _ = _cli(["verify", str(bad_input_files / "rundamaged.h5")])
     assert rc == 1 and "metadata" in out, out
-    rc, _, err = _cli(["verify", str(files / "garbage.pt")])
+    rc, _, err = _cli(["verify", str(bad_input_files / "garbage.pt")])
     assert rc == 2 and "not an entk file" in err
 
 
@@ -283,15 +201,16 @@ def test_negative_numbers_are_values_not_options():
     assert args.eps == -1e-7
 
 
-def test_chaos_negative_eps_is_refused_before_any_file(files):
-    before = _snapshot(files)
-    rc, _, err = _cli(["chaos", *SMALL, "--t0", "0", "--t1", "4", "--eps", "-1e-7", "--out", str(files / "c.h5")])
+def test_chaos_negative_eps_is_refused_before_any_file(bad_input_files):
+    before = snapshot(bad_input_files)
+    rc, _, err = _cli(["chaos", *SMALL, "--t0", "0", "--t1", "4", "--eps", "-1e-7",
+                       "--out", str(bad_input_files / "c.h5")])
     assert rc == 2 and "eps" in err and "Traceback" not in err
-    assert _snapshot(files) == before
+    assert snapshot(bad_input_files) == before
 
 
-def test_kernel_info_of_the_diagonal_kernel_names_no_x2(files):
-    rc, out, err = _cli(["kernel-info", str(files / "kdiag.h5")])
+def test_kernel_info_of_the_diagonal_kernel_names_no_x2(bad_input_files):
+    rc, out, err = _cli(["kernel-info", str(bad_input_files / "kdiag.h5")])
     assert rc == 0, err
     assert "None" not in out and "x2" not in out
 
@@ -305,7 +224,7 @@ def test_ext_status_claims_no_cuda_without_cuda():
     assert lines and "not available" in lines[0], out
 
 
-def test_json_into_a_read_only_directory_is_refused_up_front(files, tmp_path):
+def test_json_into_a_read_only_directory_is_refused_up_front(bad_input_files, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only directories")
     ro = tmp_path / "ro"
@@ -313,109 +232,13 @@ def test_json_into_a_read_only_directory_is_refused_up_front(files, tmp_path):
     (ro / "s.json").write_text("{}")
     ro.chmod(0o555)
     try:
-        rc, _, err = _cli(["kernel-info", str(files / "ktr.h5"), "--json", str(ro / "s.json")])
+        rc, _, err = _cli(["kernel-info", str(bad_input_files / "ktr.h5"), "--json", str(ro / "s.json")])
     finally:
         ro.chmod(0o755)
     assert rc == 2 and "--json" in err and (ro / "s.json").read_text() == "{}"
 
 
-# -- the API ---------------------------------------------------------------------------------
-
-
-def _api_cases(d: Path):
-    from engine import TrainConfig
-    from engine.analysis.kernel_tools import kernel_predict, top_eigenpairs
-    from engine.ntk import entk, gram, jacobian_to_store
-    from engine.store import JacobianStore, RunFile, open_kernel
-    from tests.helpers.bad_models import float64_model, tuple_model
-
-    x = torch.randn(3, 3, 32, 32)
-
-    def incomplete_store():
-        s = JacobianStore.create_for(d / "api-J.h5", job={"model": "x"}, n_inputs=4, num_outputs=2, n_params=5,
-                                     block_inputs=2, overwrite=True)
-        with s.writer() as w:
-            w.write("jacobian", 0, torch.ones(4, 5))
-            w.mark_complete(0)
-        try:
-            return gram(JacobianStore(d / "api-J.h5"))
-        finally:
-            (d / "api-J.h5").unlink()
-
-    def load_into_wrong_model():
-        from engine.models import build_model
-
-        return RunFile(d / "run.h5").load_into(build_model("resnet20", num_classes=10), 0)
-
-    nan = np.eye(6)
-    nan[1, 2] = np.nan
-    labels = np.arange(6) % 2
-    not_psd = -np.eye(6)
-    return [
-        ("predict-nan-file", lambda: kernel_predict(open_kernel(d / "knan.h5"), open_kernel(d / "kte.h5")),
-         [r"knan\.h5", r"tile \(0, 0\)", r"not finite"]),
-        ("predict-nan-array", lambda: kernel_predict(nan, np.eye(6), y_train=labels, num_classes=2),
-         [r"not finite"]),
-        ("predict-asym-array", lambda: kernel_predict(np.triu(np.ones((6, 6))), np.eye(6), y_train=labels,
-                                                      num_classes=2), [r"not symmetric"]),
-        ("predict-not-psd-cg", lambda: kernel_predict(not_psd, np.eye(6), y_train=labels, num_classes=2,
-                                                      solver="cg"), [r"positive"]),
-        ("predict-ridge-inf", lambda: kernel_predict(np.eye(6), np.eye(6), y_train=labels, num_classes=2,
-                                                     ridge=float("inf")), [r"ridge", r"finite"]),
-        ("predict-budget-zero", lambda: kernel_predict(np.eye(6), np.eye(6), y_train=labels, num_classes=2,
-                                                       budget_bytes=0), [r"budget"]),
-        ("eig-iterations-1", lambda: top_eigenpairs(np.diag(np.arange(1.0, 9.0)), 4, iterations=1),
-         [r"iterations"]),
-        ("eig-nan", lambda: top_eigenpairs(open_kernel(d / "knan.h5"), 2), [r"tile \(0, 0\)", r"not finite"]),
-        ("gram-budget-zero", lambda: gram(torch.ones(4, 3), budget_bytes=0), [r"budget_bytes"]),
-        ("gram-budget-inf", lambda: gram(torch.ones(4, 3), budget_bytes=float("inf")), [r"budget_bytes"]),
-        ("gram-incomplete-store", incomplete_store, [r"api-J\.h5", r"unit|block", r"1"]),
-        ("entk-float64-model", lambda: entk(float64_model().eval(), x), [r"float64"]),
-        ("entk-tuple-model", lambda: entk(tuple_model().eval(), x), [r"tuple"]),
-        ("jacobian-store-float64", lambda: jacobian_to_store(float64_model().eval(), x, d / "api-J64.h5"),
-         [r"float64"]),
-        ("config-steps-frac", lambda: TrainConfig(steps=2.5).validate(), [r"steps", r"int"]),
-        ("config-lr-str", lambda: TrainConfig(lr="0.1").validate(), [r"lr", r"number"]),
-        ("config-lr-inf", lambda: TrainConfig(lr=float("inf")).validate(), [r"lr", r"finite"]),
-        ("config-seed-big", lambda: TrainConfig(seed=2**63).validate(), [r"seed", r"2\*\*63"]),
-        ("config-batch-bool", lambda: TrainConfig(batch_size=True).validate(), [r"batch_size"]),
-        ("config-milestones-mixed", lambda: TrainConfig(milestones=(0.5, 3)).validate(), [r"milestones", r"mix"]),
-        ("load-into-wrong-model", load_into_wrong_model, [r"run\.h5", r"does not fit", r"\d+ (missing|unexpected)"]),
-    ]
-
-
-API_IDS = ["predict-nan-file", "predict-nan-array", "predict-asym-array", "predict-not-psd-cg", "predict-ridge-inf",
-           "predict-budget-zero", "eig-iterations-1", "eig-nan", "gram-budget-zero", "gram-budget-inf",
-           "gram-incomplete-store", "entk-float64-model", "entk-tuple-model", "jacobian-store-float64",
-           "config-steps-frac", "config-lr-str", "config-lr-inf", "config-seed-big", "config-batch-bool",
-           "config-milestones-mixed", "load-into-wrong-model"]
-
-
-@pytest.mark.parametrize("name", API_IDS)
-def test_api_refuses_bad_input(files, name):
-    cases = {c[0]: c for c in _api_cases(files)}
-    assert set(cases) == set(API_IDS)
-    _, call, patterns = cases[name]
-    before = _snapshot(files)
-    with pytest.raises(EngineError) as info:
-        call()
-    assert isinstance(info.value, ValueError), type(info.value)
-    msg = str(info.value)
-    assert "\n" not in msg.strip(), msg
-    for pat in patterns:
-        assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
-    assert _snapshot(files) == before, "a file was created or changed"
-
-
-def test_top_eigenpairs_returns_the_pairs_asked_for():
-    from engine.analysis.kernel_tools import top_eigenpairs
-
-    k = np.diag(np.arange(1.0, 9.0))
-    eig = top_eigenpairs(k, 4, iterations=4)
-    assert len(eig.values) == 4 and eig.vectors.shape == (8, 4)
-
-
-def test_sigint_exits_130_without_traceback(files):
+def test_sigint_exits_130_without_traceback(bad_input_files):
     """SIGINT while the work runs exits 130; SIGINT once it has ended (reporting, teardown) keeps exit 0.
 
     Neither prints a traceback. The signal is sent once the process is past its imports: the work
@@ -424,7 +247,7 @@ def test_sigint_exits_130_without_traceback(files):
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    out = files / "sigint.h5"
+    out = bad_input_files / "sigint.h5"
     for when, steps, want in (("working", 2000, 130), ("ending", 2, 0)):
         out.unlink(missing_ok=True)
         p = subprocess.Popen([sys.executable, "-m", "engine", "train", *SMALL, "--steps", str(steps), "--checkpoints",
