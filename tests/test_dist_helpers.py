@@ -89,3 +89,6 @@ def test_two_ranks(tmp_path):
                                                        "message": "rank 1 failed (ValueError: member 2 diverged)"}
     assert r0["together_gather_ok"] == {"returned": ["unit of 0", "unit of 1"]}
     assert r1["together_gather_ok"] == {"returned": None}
+    # A clean close is a barrier: rank 1 waits for rank 0, which arrives a second late, before it
+    # tears its connections down (a rank leaving early aborted a torchrun job once).
+    assert r1["close_s"] >= 0.9, r1["close_s"]

@@ -30,6 +30,13 @@ def _torchrun(*args, timeout=300):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _said(proc: subprocess.CompletedProcess) -> str:
+    """What a launch printed, for a failure message: the start (the ranks' own errors come first)
+    and the end (torchrun's summary)."""
+    err = proc.stderr
+    return err if len(err) <= 8000 else f"{err[:4000]}\n[...]\n{err[-4000:]}"
+
+
 def _one_process(*args):
     n = torch.get_num_threads()
     try:
@@ -45,11 +52,11 @@ def test_ntk_two_ranks_a_rank_dies_rerun_resumes_bit_identical_to_one_process(tm
     out = tmp_path / "two.h5"
     # Checkpoint k on rank k % 2: rank 1 SIGKILLs itself after its first kernel (checkpoint 1 of 0..3).
     dead = _torchrun("ntk", run, out, 1, 1)
-    assert dead.returncode != 0, dead.stderr[-3000:]
+    assert dead.returncode != 0, _said(dead)
     done = KernelStore(out).complete.tolist()
     assert done[1] and not done[3] and not done[4], f"units done after the crash: {done}"
     again = _torchrun("ntk", run, out)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, _said(again)
     ks = KernelStore(out)
     assert ks.complete.all() and ks.completed_iterations() == [0, 2, 5, 8]
     # The rerun computes only the missing checkpoints, each on its rank; the distances (unit 4) once, on
@@ -74,11 +81,11 @@ def test_chaos_two_ranks_a_rank_dies_rerun_resumes_bit_identical_to_one_process(
     # Rank 1 (the twin spawned at t0 = 0) SIGKILLs itself after its 2nd measurement, during the t1 = 6 unit:
     # torchrun tears the job down; the t1 = 2 unit stays complete.
     dead = _torchrun("chaos", out, summary, 1, 2)
-    assert dead.returncode != 0, dead.stderr[-3000:]
+    assert dead.returncode != 0, _said(dead)
     assert ChaosStore(out).complete.tolist() == [True, False, False]
     assert not summary.exists()
     again = _torchrun("chaos", out, summary)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, _said(again)
     # Every unit was computed by 2 ranks (t1 = 2 before the crash, 6 and 12 after it): the bits of one process.
     assert ChaosStore(out).complete.all()
     assert out.read_bytes() == chaos_one[0].read_bytes()

@@ -202,12 +202,9 @@ def run_chaos(cfg: ChaosConfig, out: str | Path, *, dataset: Dataset | None = No
     base (module docstring); every rank returns the whole result.
     """
     cfg.validate()
-    d = Dist()
-    try:
+    with Dist() as d:
         return _run_chaos(d, cfg, out, dataset=dataset, device=device, overwrite=overwrite, quiet=quiet,
                           cache_dir=cache_dir)
-    finally:
-        d.close()
 
 
 def _reference_strategy(strategy: str, specs: list[MemberSpec], dev: torch.device, quiet: bool) -> str:

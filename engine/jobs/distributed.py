@@ -36,8 +36,9 @@ class Dist:
     """Rank, world and the collectives of a job (gloo; every method is a no-op for one process).
 
     The process group is created here when the launcher has not made one, and destroyed again
-    by :meth:`close`. ``failed`` becomes True once a collective raised: after that no rank may
-    call another collective (the peers are gone or are raising too).
+    by :meth:`close` (or on leaving a ``with Dist() as d:`` block). ``failed`` becomes True once a
+    collective raised: after that no rank may call another collective (the peers are gone or are
+    raising too).
     """
 
     def __init__(self):
@@ -182,12 +183,26 @@ class Dist:
         else:
             self.agree(err)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group this object made. After a clean run (``clean`` and no failed
+        collective) every rank first meets the others in a barrier, so that no rank tears its
+        connections down, or exits, while a peer may still be using them. After an error no barrier:
+        the peers may be waiting in another collective, which a barrier would not match."""
         if self._owned:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
-            self._owned = False
+            try:
+                if clean and not self.failed:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
+                self._owned = False
+
+    def __enter__(self) -> Dist:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(clean=exc_type is None)
 
 
 def rank_device(device: str | torch.device | None, d: Dist) -> torch.device:

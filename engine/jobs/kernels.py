@@ -100,8 +100,7 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
     returns the whole result, ``seconds`` included.
     """
     kernel = parse_enum(KernelKind, kernel, "kernel").value
-    d = Dist()
-    try:
+    with Dist() as d:
         if d.world > 1:
             device = rank_device(device, d)
         return _checkpoint_kernels(d, run_path, out, iterations=iterations, probe=probe, probe_seed=probe_seed,
@@ -110,8 +109,6 @@ def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Seq
                                    device=device, budget_bytes=budget_bytes, data_root=data_root,
                                    cache_dir=cache_dir, overwrite=overwrite, quiet=quiet, ops_backend=ops_backend,
                                    dataset=dataset, contraction=contraction)
-    finally:
-        d.close()
 
 
 def _checkpoint_kernels(d: Dist, run_path, out, *, iterations, probe, probe_seed, probe_split, kernel, backend,

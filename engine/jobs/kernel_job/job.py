@@ -335,8 +335,7 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
     say = log if log is not None else (lambda s: None)
     if deterministic:
         set_deterministic(True)  # resumed and sharded tiles must have the bits of an uninterrupted run
-    d = Dist()
-    try:
+    with Dist() as d:
         work = _load(req, rank_device(device, d), run=run, checkpoint=checkpoint, model=model, dataset=dataset,
                      model_name=model_name, seed=seed, data_root=data_root, cache_dir=cache_dir, quiet=quiet)
         t, strat, reason = _plan(req, work, overwrite=overwrite, memory_bytes=memory_bytes, tile_inputs=tile_inputs,
@@ -382,5 +381,3 @@ def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: in
                                rank=d.rank, world=d.world, memory_in_use=work.in_use,
                                phase_seconds={"setup": t_jac - t_start, "jacobian": t_tiles - t_jac,
                                               "tiles": t_end - t_tiles})
-    finally:
-        d.close()
