@@ -1,5 +1,5 @@
 """Shared fixtures: the real CIFAR-10 archive, a session cache, CUDA skipping, the seed of
-random inputs (tests/_random.py) reported with every failure that drew them."""
+random inputs (tests/seeding.py) reported with every failure that drew them."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tests import their helpers as tests._random, tests._tolerance
+if str(ROOT) not in sys.path:  # tests import their helpers as tests.seeding, tests._tolerance
     sys.path.insert(0, str(ROOT))
 
-from tests import _random  # noqa: E402
+from tests import seeding  # noqa: E402
 
 # Real CIFAR-10 lives outside the project (never committed); ENTK_CIFAR10 overrides.
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_test_seed():
     """Every test starts its seeded() draws from a new base seed ($ENTK_TEST_SEED pins it)."""
-    _random.begin_test()
+    seeding.begin_test()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,7 +49,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     if rep.failed and rep.when == "call":
-        how = _random.report()
+        how = seeding.report()
         if how:
             rep.sections.append(("random inputs", how))
 

@@ -21,7 +21,7 @@ from engine.analysis import (
     window_values,
 )
 from engine.errors import ConfigError
-from tests._random import seeded
+from tests.seeding import seeded
 
 
 def _trace(t0, rate, t_end, every, d0=1e-7, noise=None):

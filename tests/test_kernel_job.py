@@ -394,7 +394,7 @@ def test_block_reader_serves_every_tiles_blocks(tmp_path, symmetric, prefetch, r
 
     from engine.jobs.kernel_job.blocks import BlockReader, read_block
     from engine.store import JacobianStore
-    from tests._random import seeded
+    from tests.seeding import seeded
 
     g, _ = seeded()
     k, p, block, sides = 3, 7, 4, (1 if symmetric else 2)

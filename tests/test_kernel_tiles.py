@@ -11,7 +11,7 @@ import torch
 
 from engine.ntk import open_kernel
 from engine.store import KernelTiles, StoreError
-from tests._random import seeded
+from tests.seeding import seeded
 
 
 def _write(path, h: torch.Tensor, *, tile: int, symmetric: bool, job=None, kernel_shape=None, skip=()):

@@ -16,7 +16,7 @@ from engine.analysis.kernel_tools import (
 )
 from engine.errors import ConfigError
 from engine.store import KernelTiles, open_kernel
-from tests._random import seeded
+from tests.seeding import seeded
 
 
 def _store(path, h, *, tile, symmetric, kind="traced", labels=None, index=None, col_index=None, col_labels=None,

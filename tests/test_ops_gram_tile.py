@@ -14,8 +14,8 @@ from engine.errors import ConfigError
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.gram_tile import gram_tile
 from engine.ops.tf32x3 import tf32x3
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 POISON = -0x0021_5253  # int32 bits 0xFFDEADAD: a quiet NaN whose payload differs from torch's NaN
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

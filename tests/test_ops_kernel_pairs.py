@@ -20,7 +20,7 @@ from engine.errors import ConfigError
 from engine.ops import BackendUnavailableError, kernel_pair_products, kernel_pairs_reference
 from engine.ops import ext as ops_ext
 from engine.ops.kernel_pairs import weights
-from tests._random import seeded
+from tests.seeding import seeded
 
 SIZES = [(1, 1, 1), (2, 7, 7), (3, 123, 123), (17, 33, 125), (1, 1000, 1000), (2, 1025, 1025)]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.ops.tf32x3 import PRODUCT_REL_BOUND, split, tf32_round, tf32_truncate, tf32x3
-from tests._random import seeded
+from tests.seeding import seeded
 
 
 def _rna11(v: float) -> float:

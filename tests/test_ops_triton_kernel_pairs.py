@@ -12,8 +12,8 @@ import engine.ops.triton.kernel_pairs as kp
 from engine.ops.backend import triton_unavailable_reason
 from engine.ops.kernel_pairs import kernel_pair_products, kernel_pairs_reference, weights
 from engine.ops.tf32x3 import tf32x3
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 # Every test here runs Triton (the interpreter on a CPU machine): its own CI step.
 pytestmark = pytest.mark.triton_interp

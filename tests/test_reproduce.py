@@ -168,3 +168,47 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
     # control + 41 twins + independent + 3 spawns besides the base, each from its t0 to the end of training.
     assert rec["plan"]["members"] == 46 and rec["plan"]["seeds"] == 3
     assert rec["plan"]["chaos_member_steps"] == 62_400 * 47 - sum(range(0, 10_001, 250)) - (500 + 2000)
+
+
+TINY = ["reproduce", "--preset", "cpu-small", "--data", "synthetic", "--n-train", "600", "--steps", "30",
+        "--checkpoints", "0,10,20,30", "--probe", "4", "--t0", "0,5", "--t1", "15,30", "--eval-n", "50",
+        "--device", "cpu", "--quiet", "--seeds", "0,1", "--window", "10", "--trace-every", "5",
+        "--no-independent", "--spawn-t0", "none"]
+
+
+@pytest.mark.slow  # two studies, one of them in two worker processes
+def test_jobs_run_seeds_side_by_side_with_the_bits_of_one_process(tmp_path):
+    """--jobs 2: each seed in its own process at half the threads; the stage files and estimates are
+    those of the seeds run one after another at that thread count, and a rerun resumes everything."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the workers' share of this test's threads
+        assert main([*TINY, "--out", str(tmp_path / "serial")]) == 0
+        torch.set_num_threads(2)  # --jobs 2 gives each worker one
+        assert main([*TINY, "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+        rec = json.loads((tmp_path / "jobs" / "study.json").read_text())
+        assert main([*TINY, "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0  # resumes: nothing recomputed
+    finally:
+        torch.set_num_threads(n)
+    serial = json.loads((tmp_path / "serial" / "study.json").read_text())
+    assert rec["estimates"] == serial["estimates"] and rec["transitions"] == serial["transitions"]
+    for s in ("0", "1"):
+        for key in ("train_acc", "test_acc"):
+            assert rec["train_result"][s][key] == serial["train_result"][s][key], (s, key)
+    for s in (0, 1):
+        for name in ("chaos.json",):
+            assert (tmp_path / "jobs" / f"seed{s}" / name).read_text() == \
+                (tmp_path / "serial" / f"seed{s}" / name).read_text(), (s, name)
+    again = json.loads((tmp_path / "jobs" / "study.json").read_text())
+    for s in (0, 1):
+        for stage in ("train", "ntk", "chaos"):
+            assert again["times_s"][f"seed{s}/{stage}"] == rec["times_s"][f"seed{s}/{stage}"], (s, stage)
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["reproduce", "--out", str(tmp_path / "s"), "--jobs", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs must be a positive integer" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()

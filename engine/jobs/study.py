@@ -111,6 +111,56 @@ def basin_readout(summary: dict, t1s: list[int]) -> dict:
     return out
 
 
+def _seed_stages(d: Path, cfg: TrainConfig, ccfg: ChaosConfig, *, n_probe: int, device, quiet: bool, cache_dir,
+                 on_stage: Callable[[str, float, bool], None]) -> dict:
+    """Train, eNTKs and chaos grid of one seed into ``d`` (each resumed where it stopped); calls
+    ``on_stage(name, seconds, did_work)`` after each and returns the training result's summary."""
+    d.mkdir(exist_ok=True)
+
+    def timed(name, fn, did_work):
+        t = time.perf_counter()
+        res = fn()
+        on_stage(name, time.perf_counter() - t, did_work(res))
+        return res
+
+    res = timed("train", lambda: train(cfg, out=d / "run.h5", device=device, quiet=quiet, cache_dir=cache_dir),
+                lambda r: r.resumed_from != cfg.steps)
+    timed("ntk", lambda: checkpoint_kernels(d / "run.h5", d / "kernels.h5", probe=n_probe, device=device,
+                                            cache_dir=cache_dir, quiet=quiet), lambda r: bool(r.seconds))
+    chaos = timed("chaos", lambda: run_chaos(ccfg, d / "chaos.h5", device=device, quiet=quiet, cache_dir=cache_dir),
+                  lambda r: r.resumed_from != ccfg.t1[-1])
+    write_summary(chaos, d / "chaos.json")
+    return {"train_acc": res.train_acc, "test_acc": res.test_acc, "steps_per_sec": res.steps_per_sec}
+
+
+def _seed_worker(d: Path, cfg: TrainConfig, ccfg: ChaosConfig, threads: int, kw: dict) -> tuple[list, dict]:
+    """One seed's stages in a worker process at ``threads`` threads (no progress bars: the seeds
+    share the terminal); returns ``([(stage, seconds, did_work)], train result)``."""
+    torch.set_num_threads(threads)
+    done: list = []
+    res = _seed_stages(d, cfg, ccfg, quiet=True, on_stage=lambda *a: done.append(a), **kw)
+    return done, res
+
+
+def _parallel_seeds(seeds: list[int], jobs: int, threads: int, args: Callable, kw: dict, record: dict,
+                    stage_done: Callable, log: Callable) -> None:
+    """The seeds' stages, ``jobs`` seeds at a time in fresh processes; each seed's stage times are
+    recorded when it finishes. A failed seed stops the study once the running ones end (every
+    stage resumes)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    log(f"running {jobs} seeds at a time, {threads} thread(s) each (progress: one line per finished seed)")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_seed_worker, *args(s), threads, kw): s for s in seeds}
+        for f in cf.as_completed(futures):
+            s = futures[f]
+            done, res = f.result()
+            record["train_result"][str(s)] = res
+            for name, dt, did in done:
+                stage_done(s, name, dt, did)
+
+
 def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | None = None,
               data: str = "synthetic", data_root: str | None = None, cache_dir=None,
               steps: int | None = None, probe: int | None = None, t0: list[int] | None = None,
@@ -119,7 +169,7 @@ def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | N
               eps: float | None = None, seeds: list[int] | None = None, trace_every: int | None = None,
               window: int | None = None, schedule: str | None = None, independent: bool | None = None,
               spawn_t0: list[int] | None = None, analyse_only: bool = False, dry_run: bool = False,
-              device: str | torch.device = "cpu", quiet: bool = False, log=print,
+              device: str | torch.device = "cpu", quiet: bool = False, log=print, jobs: int = 1,
               draw: Callable | None = None, write: Callable | None = None) -> dict:
     """Run (or resume) the whole study into ``out_dir``; returns the study record.
 
@@ -127,6 +177,8 @@ def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | N
     created). ``analyse_only``: compute nothing; analyse what the stage files hold (a chaos grid
     possibly cut short: its completed t1 are used and the report says so). ``draw(out, record,
     per, trans)`` returns the figures ({key: paths}); ``write(out, record, per)`` writes the report.
+    ``jobs`` > 1 computes that many seeds at a time, each in its own process with an equal share of
+    the threads (``torch.get_num_threads()``); the projected time assumes so.
     """
     for name, v in (("--probe", probe), ("--eval-n", eval_n), ("--window", window), ("--n-test", n_test),
                     ("--n-train", n_train)):
@@ -140,6 +192,10 @@ def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | N
     seeds = list(p.seeds if seeds is None else seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds must be distinct non-negative integers, got {seeds}")
+    if int(jobs) != jobs or jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer, got {jobs}")
+    jobs = min(int(jobs), len(seeds))
+    threads = max(1, torch.get_num_threads() // jobs)
     win = window if window is not None else p.window
     every = trace_every if trace_every is not None else p.trace_every
     ck = sorted(set(checkpoints if checkpoints is not None else p.checkpoints) | {p.steps})
@@ -177,9 +233,17 @@ def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | N
     elif analyse_only:
         rate, note = float("nan"), "nothing to compute"
     else:
-        rate = measure_step_seconds(p.model, p.batch_size, dev)
+        n_threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)  # a seed's share of the threads
+            rate = measure_step_seconds(p.model, p.batch_size, dev)
+        finally:
+            torch.set_num_threads(n_threads)
         note = f"{rate * 1000:.0f} ms per {p.model} SGD step at batch {p.batch_size}, measured now on {dev.type}"
-    projected = project_seconds(work, rate)
+        if jobs > 1:
+            note += f" at {threads} thread(s); {jobs} seeds at a time"
+    # Seeds that run side by side take the time of one each (memory bandwidth shared: a lower bound).
+    projected = project_seconds(work, rate) * math.ceil(len(seeds) / jobs) / len(seeds)
     for line in describe_plan(p, work, seconds=projected, rate_note=note):
         log(line)
     if dry_run:
@@ -209,27 +273,28 @@ def run_study(out_dir: str | Path, *, preset_name: str = "quick", model: str | N
     log(f"entk reproduce ({p.name}): {p.model} on {data}, {p.steps} steps ({base.schedule} lr), {len(ck)} "
         f"checkpoints, seeds {seeds} -> {out}")
     record.setdefault("train_result", {})
-    for s in seeds:
-        d = out / f"seed{s}"
-        if analyse_only:
+
+    def stage_done(s: int, name: str, dt: float, did_work: bool) -> None:
+        # A resumed stage that had nothing left to do keeps the time of the run that did the work.
+        if did_work or f"seed{s}/{name}" not in record["times_s"]:
+            record["times_s"][f"seed{s}/{name}"] = round(dt, 1)
+        record_path.write_text(json.dumps(record, indent=2))
+        log(f"[seed{s}/{name}] done in {dt:.1f} s")
+
+    if analyse_only:
+        for s in seeds:
+            d = out / f"seed{s}"
             if not (d / "kernels.h5").exists() or not (d / "chaos.h5").exists():
                 raise ConfigError(f"--analyse-only: {d} lacks kernels.h5 or chaos.h5; run the study first")
             write_summary(load_chaos(d / "chaos.h5"), d / "chaos.json")
-            continue
-        d.mkdir(exist_ok=True)
-        cfg, ccfg = cfgs[s], chaos_cfgs[s]
-        res = stage(f"seed{s}/train", lambda d=d, cfg=cfg: train(cfg, out=d / "run.h5", device=device, quiet=quiet,
-                                                                  cache_dir=cache_dir),
-                    lambda r, cfg=cfg: r.resumed_from != cfg.steps)
-        record["train_result"][str(s)] = {"train_acc": res.train_acc, "test_acc": res.test_acc,
-                                          "steps_per_sec": res.steps_per_sec}
-        stage(f"seed{s}/ntk", lambda d=d: checkpoint_kernels(d / "run.h5", d / "kernels.h5", probe=n_probe,
-                                                             device=device, cache_dir=cache_dir, quiet=quiet),
-              lambda r: bool(r.seconds))
-        chaos = stage(f"seed{s}/chaos", lambda d=d, ccfg=ccfg: run_chaos(ccfg, d / "chaos.h5", device=device,
-                                                                          quiet=quiet, cache_dir=cache_dir),
-                      lambda r, ccfg=ccfg: r.resumed_from != ccfg.t1[-1])
-        write_summary(chaos, d / "chaos.json")
+    elif jobs == 1:
+        for s in seeds:
+            record["train_result"][str(s)] = _seed_stages(
+                out / f"seed{s}", cfgs[s], chaos_cfgs[s], n_probe=n_probe, device=device, quiet=quiet,
+                cache_dir=cache_dir, on_stage=lambda name, dt, did, s=s: stage_done(s, name, dt, did))
+    else:
+        _parallel_seeds(seeds, jobs, threads, lambda s: (out / f"seed{s}", cfgs[s], chaos_cfgs[s]),
+                        dict(n_probe=n_probe, device=str(device), cache_dir=cache_dir), record, stage_done, log)
 
     def analysis():
         per = {}

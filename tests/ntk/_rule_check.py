@@ -12,8 +12,8 @@ from torch.func import functional_call, jacrev, vmap
 from engine.ntk.contract import contract
 from engine.ntk.kinds import KernelKind
 from engine.ntk.rules import rule_for
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 K = 3  # outputs per sample
 

@@ -26,8 +26,8 @@ from torch.func import functional_call, jacrev, vmap
 from engine.data import load_synthetic, normalize
 from engine.jobs import kernel_job
 from engine.ntk import entk, entk_fn, jacobian, open_kernel, parameter_layout
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 C = 5
 KINDS = ["full", "traced", "diagonal", "pntk"]

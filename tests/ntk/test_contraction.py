@@ -21,8 +21,8 @@ from engine.errors import ConfigError
 from engine.models import build_model
 from engine.models.vgg import VGG
 from engine.ntk import entk, plan
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 FACTOR = 8.0
 KINDS = ("full", "traced", "diagonal", "pntk")

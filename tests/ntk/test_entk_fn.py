@@ -16,8 +16,8 @@ from torch.func import functional_call, jacrev
 from engine.errors import ConfigError
 from engine.ntk.functional import entk_fn
 from engine.ntk.params import layer_of
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch, rel_err
+from tests.seeding import seeded
 
 # ---------------------------------------------------------------------------------------------
 # fresh random models with odd shapes

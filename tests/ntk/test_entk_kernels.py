@@ -29,9 +29,9 @@ from torch.func import functional_call, grad, vmap
 from engine.errors import ConfigError
 from engine.ntk import entk
 from engine.ntk.contract import bf16_matrix_unit
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch, rel_err
 from tests.ntk._jacobian_check import OddConvNet, OddSeqNet, SharingNet, off_kink_input, randomize_bn
+from tests.seeding import seeded
 
 FACTOR = 8.0
 

@@ -21,8 +21,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from engine.ntk.gram import symmetrize
 from engine.ntk.pairs import conv_operands, linear_operands, pair_gram
-from tests._random import seeded
 from tests._tolerance import assert_close_to_torch
+from tests.seeding import seeded
 
 FACTOR = 8.0
 K = 3

@@ -21,7 +21,7 @@ from engine.errors import ConfigError
 from engine.ntk import plan
 from engine.ntk.pairs import conv_geometry, conv_operands, pair_gram
 from engine.ntk.planner import Cost, materialise_cost, pairs_cost
-from tests._random import seeded
+from tests.seeding import seeded
 
 
 class _Count(TorchFunctionMode):

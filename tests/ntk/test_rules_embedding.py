@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from engine.ntk.rules import rule_for
-from tests._random import seeded
 from tests.ntk._rule_check import check_rule
+from tests.seeding import seeded
 
 
 def _ids(*shape, vocab):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests._random import seeded
 from tests.ntk._rule_check import check_rule
+from tests.seeding import seeded
 
 
 def _x(*shape):
