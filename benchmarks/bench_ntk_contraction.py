@@ -25,7 +25,8 @@ the other choice costs.
 Machine: ``extra_info`` records the CPU's name, its bfloat16 matrix unit (AMX, AVX-512 BF16 or
 none: without one bfloat16 runs emulated in float32 and its times are not a bf16 result),
 threads, and the 1-minute load average before and after each member. ``--contended`` runs one
-busy competing process (a float32 torch.mm loop on every thread) for the whole session.
+busy competing process (a float32 torch.mm loop on every thread, at libgomp's default wait
+policy whatever this process's) for the whole session.
 
 Env: ENTK_BENCH_ROUNDS (timed rounds, default 3), ENTK_BENCH_WARMUP (untimed rounds after the
 checked first call, default 1).
@@ -171,7 +172,10 @@ def competitor(request):
         yield None
         return
     code = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    torch.mm(a, a)\n"
-    p = subprocess.Popen([sys.executable, "-c", code])
+    # The competitor is someone else's process: it keeps libgomp's default (spinning) wait policy
+    # whatever this one runs with.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    p = subprocess.Popen([sys.executable, "-c", code], env=env)
     time.sleep(2)  # let it start multiplying
     yield p
     p.terminate()

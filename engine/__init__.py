@@ -7,6 +7,7 @@ the ``ntk`` loops hand their tiles to; ``ops`` imports nothing above ``errors``)
 ``metrics`` / ``analysis`` → ``jobs`` (jobs that read and write files) → ``report``.
 """
 
+from . import wait_policy  # noqa: F401  (first: it sets libgomp's wait policy before torch loads)
 from .data import BatchStream, Dataset, load_cifar10, load_dataset, load_synthetic
 from .determinism import resolve_device, set_deterministic
 from .errors import (

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .. import wait_policy
 from ..ntk.contract import bf16_unit_name
 from ..ops import BackendUnavailableError
 from ..ops import ext as ops_ext
@@ -73,6 +74,9 @@ def run(args) -> int:
             rec["bf16_matmul"] = unit = bf16_unit_name()
             print(f"bf16 matmul (cpu): {_bf16_line(unit)}")
         report[kind] = rec
+    # Said because a shared machine's slowdown depends on it (engine/wait_policy.py).
+    print(f"OpenMP wait policy: {wait_policy.describe()}")
     if args.json:
-        write_json(args.json, "ext", {"action": args.action, "devices": report})
+        write_json(args.json, "ext", {"action": args.action, "devices": report,
+                                      "omp_wait_policy": wait_policy.describe()})
     return 1 if failed and args.action == "build" else 0
