@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import EngineError
 from . import chaos, data, ext, kernel, ntk, plan, reproduce, train, verify
+from .options import running_as_program
 
 SUBCOMMANDS = (train, ntk, chaos, reproduce, data, ext, kernel, plan, verify)
 
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports, or while the interpreter tears down threads and files) is ignored: the exit code is the
     command's, with no traceback.
     """
+    running_as_program(argv is None)
     try:
         return _main(argv)
     except KeyboardInterrupt:  # between the command's own handler and the return (reporting, flushing)

@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,21 @@ from ..ntk.budget import GiB
 NEED_ROOT = "--data cifar10 needs --data-root PATH (a JPEG tree, its .tar.gz, or cifar-10-batches-py)"
 
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda, cuda:N"
+
+
+_as_program = False  # set by engine.cli.main when it runs as the program (argv from the command line)
+
+
+def running_as_program(flag: bool) -> None:
+    global _as_program
+    _as_program = flag
+
+
+def work_done() -> None:
+    """The command's work is complete and only its report is left: from here on a Ctrl-C is
+    ignored (when running as the program), so the exit code is the work's, not 130."""
+    if _as_program and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def add_device(p, help: str = DEVICE_HELP, choices: Sequence[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from .options import (
     check_outputs,
     floats,
     seed,
+    work_done,
     write_json,
 )
 
@@ -105,6 +106,7 @@ def run(args) -> int:
     check_outputs(files=[("--out", args.out), ("--json", args.json)])
     res = train(cfg, out=args.out, device=args.device, overwrite=args.overwrite,
                 quiet=args.quiet, cache_dir=args.cache_dir)
+    work_done()  # the run is saved: a Ctrl-C during the report no longer means "interrupted"
     print(f"{cfg.model} on {cfg.data}: {res.describe()}")
     print(f"final train accuracy {res.train_acc:.4f}  test accuracy {res.test_acc:.4f}")
     if args.out:

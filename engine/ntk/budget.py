@@ -123,21 +123,30 @@ class Shares:
     data: int   # the block data of the row and column blocks (see per_sample_bytes)
 
 
+# A sixteenth of entk's budget is left to what the shares do not count (the Gram tile being
+# added to, autograd temporaries, allocator slack): without it a call's measured working peak
+# exceeded its budget by 3-6% (benchmarks/entk_peak_memory.py).
+HEADROOM = 16
+
+
 def entk_shares(budget_bytes: int) -> Shares:
-    """The two column-chunk buffers take at most a quarter of the budget each (and no more than
-    :data:`COLUMN_CHUNK_BYTES`); the block data gets the rest."""
-    chunk = min(budget_bytes // 4, COLUMN_CHUNK_BYTES)
-    return Shares(chunk, budget_bytes - 2 * chunk)
+    """Of the budget less its headroom (1/:data:`HEADROOM`), the two column-chunk buffers take at
+    most a quarter each (and no more than :data:`COLUMN_CHUNK_BYTES`); the block data gets the rest."""
+    usable = budget_bytes - budget_bytes // HEADROOM
+    chunk = min(usable // 4, COLUMN_CHUNK_BYTES)
+    return Shares(chunk, usable - 2 * chunk)
 
 
 def entk_budget_for(data_bytes: int) -> int:
-    """A budget whose :func:`entk_shares` data share holds ``data_bytes`` (what an
-    :func:`~engine.ntk.entk` call needs to keep that much block data in one block), with the chunk
-    buffers no larger than that share gives them."""
+    """The smallest budget (to a few bytes) whose :func:`entk_shares` data share holds ``data_bytes``
+    (what an :func:`~engine.ntk.entk` call needs to keep that much block data in one block)."""
     data_bytes = max(1, int(data_bytes))
-    if data_bytes >= 2 * COLUMN_CHUNK_BYTES:   # the chunk buffers are at their cap
-        return data_bytes + 2 * COLUMN_CHUNK_BYTES
-    return 2 * data_bytes                      # each chunk buffer a quarter of the budget, at most
+    # the usable part: the data plus two chunk buffers at their cap, or twice the data below it
+    usable = data_bytes + 2 * COLUMN_CHUNK_BYTES if data_bytes >= 2 * COLUMN_CHUNK_BYTES else 2 * data_bytes
+    b = usable * HEADROOM // (HEADROOM - 1)
+    while entk_shares(b).data < data_bytes:
+        b += 1 + b // (1 << 20)
+    return b
 
 
 def jacobian_element_bytes(jdtype: torch.dtype, compute_dtype: torch.dtype) -> int:

@@ -251,13 +251,13 @@ def test_small_budget_blocks_and_chunks_and_strips_agree(monkeypatch):
 
     monkeypatch.setattr(op, "_fill_structured", counting_fill)
     monkeypatch.setattr(ct, "_mm_into", counting_mm)
-    for budget in (1 << 30, 4_000_000):
+    for budget in (1 << 30, 4_300_000):  # 4 MB usable beside the headroom: blocks, chunks and strips
         for kind in ("full", "traced"):
             h = entk(model, x, kernel=kind, budget_bytes=budget)
             assert torch.equal(h, h.T)
             assert_close_to_torch(h, plain[kind], ref[kind], factor=FACTOR,
                                   what=f"budget {budget} {kind} (seed {seed})")
-    hx = entk(model, x[:50], x[50:], budget_bytes=4_000_000)
+    hx = entk(model, x[:50], x[50:], budget_bytes=4_300_000)
     assert_close_to_torch(hx, plain["full"][:500, 500:], ref["full"][:500, 500:], factor=FACTOR,
                           what=f"small-budget cross (seed {seed})")
     assert seen["chunks"] > 0 and seen["strips"] > 0, seen
