@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,19 +54,23 @@ print(json.dumps({"model": name, "n": n, "budget_gib": gib, "compute_dtype": dty
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
     args = ap.parse_args()
-    root = str(Path(__file__).resolve().parents[1])
+    cases = CASES if not args.cases else [CASES[int(i)] for i in args.cases.split(",")]
+    env = {"PYTHONPATH": os.environ.get("ENTK_TREE", str(Path(__file__).resolve().parents[1])), "PATH": "/usr/bin:/bin"}
+    if "ENTK_HEAP" in os.environ:  # ENTK_HEAP=glibc: the same cases under glibc's own heap policy
+        env["ENTK_HEAP"] = os.environ["ENTK_HEAP"]
     rows = []
-    for name, n, gib, dtype in CASES:
+    for name, n, gib, dtype in cases:
         p = subprocess.run([sys.executable, "-c", _CHILD, name, str(n), str(gib), dtype], capture_output=True,
-                           text=True, check=True, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+                           text=True, check=True, env=env)
         r = json.loads(p.stdout.strip().splitlines()[-1])
         rows.append(r)
         within = "within" if r["working_peak_gib"] <= gib else "OVER"
         print(f"{name:9s} N={n:4d} {dtype:9s} budget {gib:4.1f} GiB: working peak {r['working_peak_gib']:.2f} GiB "
               f"({within}; result {r['result_gib']:.2f} GiB, {r['seconds']:.1f} s)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"cases": rows}, indent=1))
+        args.json.write_text(json.dumps({"cases": rows, "heap": env.get("ENTK_HEAP", "engine")}, indent=1))
     return 0
 
 

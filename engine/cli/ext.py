@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .. import wait_policy
+from .. import heap, wait_policy
 from ..ntk.contract import bf16_unit_name
 from ..ops import BackendUnavailableError
 from ..ops import ext as ops_ext
@@ -76,7 +76,9 @@ def run(args) -> int:
         report[kind] = rec
     # Said because a shared machine's slowdown depends on it (engine/wait_policy.py).
     print(f"OpenMP wait policy: {wait_policy.describe()}")
+    # And the heap's: page faults are a large share of a CPU call on some machines (engine/heap.py).
+    print(f"heap policy: {heap.describe()}")
     if args.json:
         write_json(args.json, "ext", {"action": args.action, "devices": report,
-                                      "omp_wait_policy": wait_policy.describe()})
+                                      "omp_wait_policy": wait_policy.describe(), "heap_policy": heap.describe()})
     return 1 if failed and args.action == "build" else 0

@@ -26,6 +26,7 @@ import torch
 
 from ..data import Dataset, normalize
 from ..errors import ConfigError, RunFileError, parse_enum
+from ..heap import with_freed_memory_reused
 from ..models import build_model
 from ..ntk import (
     DEFAULT_BUDGET,
@@ -76,6 +77,7 @@ def _check_ops_backend(ops_backend: str, device: torch.device) -> None:
         ext.load(device)
 
 
+@with_freed_memory_reused
 def checkpoint_kernels(run_path: str | Path, out: str | Path, *, iterations: Sequence[int] | None = None,
                        probe: int = 100, probe_seed: int = 0, probe_split: str = "test",
                        kernel: str = "full", backend: str = "auto", dtype: torch.dtype = torch.float32,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import heap
 from ..errors import ConfigError
 from .capture import Plan, Recorder
 from .kinds import KernelKind
@@ -123,16 +124,19 @@ class Shares:
     data: int   # the block data of the row and column blocks (see per_sample_bytes)
 
 
-# A sixteenth of entk's budget is left to what the shares do not count (the Gram tile being
-# added to, autograd temporaries, allocator slack): without it a call's measured working peak
-# exceeded its budget by 3-6% (benchmarks/entk_peak_memory.py).
-HEADROOM = 16
+def headroom() -> int:
+    """entk leaves 1/headroom() of its budget to what its shares do not count (the Gram tile being
+    added to, autograd temporaries, allocator slack): 16, or 8 while the engine's heap policy keeps
+    freed memory for reuse (engine/heap.py), whose fragmentation adds 5-8% to a call's working peak.
+    Without it, the measured working peak exceeded the budget by 3-6%, and by 1-3% more under the
+    heap policy (benchmarks/entk_peak_memory.py)."""
+    return 8 if heap.keeps_freed_memory() else 16
 
 
 def entk_shares(budget_bytes: int) -> Shares:
-    """Of the budget less its headroom (1/:data:`HEADROOM`), the two column-chunk buffers take at
+    """Of the budget less its headroom (1/:func:`headroom`), the two column-chunk buffers take at
     most a quarter each (and no more than :data:`COLUMN_CHUNK_BYTES`); the block data gets the rest."""
-    usable = budget_bytes - budget_bytes // HEADROOM
+    usable = budget_bytes - budget_bytes // headroom()
     chunk = min(usable // 4, COLUMN_CHUNK_BYTES)
     return Shares(chunk, usable - 2 * chunk)
 
@@ -143,7 +147,7 @@ def entk_budget_for(data_bytes: int) -> int:
     data_bytes = max(1, int(data_bytes))
     # the usable part: the data plus two chunk buffers at their cap, or twice the data below it
     usable = data_bytes + 2 * COLUMN_CHUNK_BYTES if data_bytes >= 2 * COLUMN_CHUNK_BYTES else 2 * data_bytes
-    b = usable * HEADROOM // (HEADROOM - 1)
+    b = usable * headroom() // (headroom() - 1)
     while entk_shares(b).data < data_bytes:
         b += 1 + b // (1 << 20)
     return b

@@ -3,7 +3,7 @@
 Operands are column chunks ``(n, K, w)`` of two row blocks' Jacobians. The full kernel (and the
 pNTK, K = 1) multiplies ``(n·K, w)`` rows; the traced kernel ``(n, K·w)`` rows (Σ_c of the C × C
 blocks in one product); the diagonal kernel the per-sample ``(K, w)`` blocks. Symmetric diagonal
-tiles compute only row strips of their upper triangle (:func:`symmetrize` mirrors at the end); long
+tiles compute only column strips of their upper triangle (:func:`symmetrize` mirrors at the end); long
 inner dimensions are split; bfloat16 operands accumulate in float32.
 """
 
@@ -19,9 +19,9 @@ from .kinds import KernelKind
 
 __all__ = ["bf16_matrix_unit", "bf16_mode", "bf16_unit_name", "contract", "gram_into", "round_bf16", "symmetrize"]
 
-# Row strips of a symmetric diagonal tile: each strip multiplies only the columns at
-# and right of its first row. Strips narrower than this lose more to BLAS efficiency
-# than they save.
+# Strips of a symmetric diagonal tile: each column strip multiplies only the rows at and
+# above its last column. Strips narrower than this lose more to BLAS efficiency than they
+# save.
 _STRIP_ROWS = 128
 # Longest inner dimension of one product (see gram_into).
 _INNER = 8192
@@ -96,10 +96,13 @@ def gram_into(out: Tensor, a: Tensor, b: Tensor, sym: bool, mode: str | None) ->
     if not sym or rows < 2 * _STRIP_ROWS:
         _mm_into(out, a, b, mode)
         return
+    # Column strips: strip [c0, c1) takes rows [0, c1) (its part of the upper triangle). Against row
+    # strips of the same width, the long side of each product is its row count, which CPU BLAS
+    # blocks best (benchmarks/results/README.md, Gram strips).
     strips = rows // _STRIP_ROWS
     edges = [round(i * rows / strips) for i in range(strips + 1)]
-    for r0, r1 in itertools.pairwise(edges):
-        _mm_into(out[r0:r1, r0:], a[r0:r1], b[r0:], mode)
+    for c0, c1 in itertools.pairwise(edges):
+        _mm_into(out[:c1, c0:c1], a[:c1], b[c0:c1], mode)
 
 
 def contract(out: Tensor, ja: Tensor, jb: Tensor | None, kind: KernelKind, sym: bool, mode: str | None) -> None:

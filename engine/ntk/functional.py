@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..errors import ConfigError, parse_enum
+from ..heap import with_freed_memory_reused
 from ..progress import progress as progress_bar
 from .budget import DEFAULT_BUDGET, check_budget, jacobian_element_bytes, torch_func_blocks
 from .contract import symmetrize
@@ -182,6 +183,7 @@ def _num_outputs(apply_fn: Callable, params: dict[str, torch.Tensor], x: Inputs,
 # the front end (tile products: engine.ntk.contract)
 
 
+@with_freed_memory_reused
 def entk_fn(apply_fn: Callable, params: Mapping[str, torch.Tensor], x1: Inputs, x2: Inputs | None = None, *,
             kernel: str | KernelKind = "full", param_names: str | Iterable[str] | None = None, per_layer: bool = False,
             compute_dtype: torch.dtype = torch.float32, budget_bytes: int = DEFAULT_BUDGET,

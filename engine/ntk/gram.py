@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, parse_enum
+from ..heap import with_freed_memory_reused
 from ..ops import OpsBackend, gram_tile
 from ..ops.backend import parse_backend, triton_on_cuda
 from ..progress import progress as progress_bar
@@ -135,6 +136,7 @@ def _fused(backend: OpsBackend, dtype: torch.dtype, device: torch.device) -> boo
     return triton_on_cuda(device)  # auto
 
 
+@with_freed_memory_reused
 def gram(J, *, kernel: str | KernelKind = "full", num_outputs: int = 1,
          dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
          out: torch.Tensor | None = None, accumulate: bool = False,

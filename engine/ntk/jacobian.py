@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, parse_enum
+from ..heap import with_freed_memory_reused
 from .budget import DEFAULT_BUDGET, check_budget, jacobian_block_bytes, per_sample_bytes
 from .capture import Plan, Recorder, make_plan, output_grads
 from .fallback import fill_columns
@@ -165,6 +166,7 @@ def structured_coverage(
     return {e.name: "fallback" if id(e.param) in fallback else "structured" for e in entries}
 
 
+@with_freed_memory_reused
 def jacobian(
     model: nn.Module,
     x: Tensor,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, parse_enum
+from ..heap import with_freed_memory_reused
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
 from .budget import DEFAULT_BUDGET, check_budget, per_sample_bytes, widest_unit
@@ -110,6 +111,7 @@ def _probe_outputs(model: torch.nn.Module, x: tuple[torch.Tensor, ...], what: st
 _warned_bf16 = False
 
 
+@with_freed_memory_reused
 def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "full",
          param_names: str | Iterable[str] | None = None, per_layer: bool = False,
          compute_dtype: torch.dtype | None = None, budget_bytes: int = DEFAULT_BUDGET,

@@ -83,12 +83,13 @@ def test_small_budget_gives_the_same_kernel():
 
 @pytest.mark.parametrize("data", [1, 7, 1000, 16 << 20, (64 << 20) - 1, 64 << 20, 3 << 30])
 def test_entk_budget_for_holds_the_data_in_entks_data_share(data):
-    from engine.ntk.budget import COLUMN_CHUNK_BYTES, HEADROOM, entk_budget_for, entk_shares
+    from engine.ntk.budget import COLUMN_CHUNK_BYTES, entk_budget_for, entk_shares, headroom
 
     b = entk_budget_for(data)
     assert entk_shares(b).data >= data
     # no more than the usable part (twice the data, or the data and two capped chunk buffers) plus the headroom
-    assert b <= min(2 * data, data + 2 * COLUMN_CHUNK_BYTES) * HEADROOM / (HEADROOM - 1) + 1024
+    d = headroom()
+    assert b <= min(2 * data, data + 2 * COLUMN_CHUNK_BYTES) * d / (d - 1) + 1024
 
 
 def test_train_mode_refused_unless_forced():

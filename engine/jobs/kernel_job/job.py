@@ -19,6 +19,7 @@ from torch import nn
 from ...data import Dataset, normalize
 from ...determinism import set_deterministic
 from ...errors import ConfigError, parse_enum
+from ...heap import with_freed_memory_reused
 from ...ntk import Contraction, num_outputs
 from ...ntk.kernel import entk_sample_bytes
 from ...progress import progress as progress_bar
@@ -294,6 +295,7 @@ def _write_tiles(d: Dist, req: _Request, work: _Work, f: KernelTiles, t: int, st
     return computed
 
 
+@with_freed_memory_reused
 def kernel_job(out: str | Path, *, run: str | Path | None = None, checkpoint: int | None = None,
                model: nn.Module | None = None, dataset: Dataset | None = None, model_name: str | None = None,
                x1: str = "test:100", x2: str | None = None, kernel: str = "full",
