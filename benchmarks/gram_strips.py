@@ -41,6 +41,20 @@ def _best(f, reps: int) -> float:
     return best
 
 
+def _full(a, out) -> None:
+    out.addmm_(a, a.T)
+
+
+def _row_strips(a, out) -> None:
+    for r0, r1 in itertools.pairwise(_edges(a.shape[0])):
+        out[r0:r1, r0:].addmm_(a[r0:r1], a[r0:].T)
+
+
+def _col_strips(a, out) -> None:
+    for c0, c1 in itertools.pairwise(_edges(a.shape[0])):
+        out[:c1, c0:c1].addmm_(a[:c1], a[c0:c1].T)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="320,640,1280,2560")
@@ -53,19 +67,9 @@ def main() -> int:
     print(f"{'rows':>5} {'w':>5}  triangle GMAC/s: {'full':>5} {'row strips':>10} {'col strips':>10}")
     for r, w in itertools.product(map(int, args.rows.split(",")), map(int, args.widths.split(","))):
         a, out = torch.randn(r, w), torch.zeros(r, r)
-        e = _edges(r)
-
-        def rows_f():
-            for r0, r1 in itertools.pairwise(e):
-                out[r0:r1, r0:].addmm_(a[r0:r1], a[r0:].T)
-
-        def cols_f():
-            for c0, c1 in itertools.pairwise(e):
-                out[:c1, c0:c1].addmm_(a[:c1], a[c0:c1].T)
-
         tri = r * r * w / 2
-        rate = {name: tri / _best(f, args.reps) / 1e9
-                for name, f in (("full", lambda: out.addmm_(a, a.T)), ("rows", rows_f), ("cols", cols_f))}
+        rate = {name: tri / _best(lambda f=f, a=a, out=out: f(a, out), args.reps) / 1e9
+                for name, f in (("full", _full), ("rows", _row_strips), ("cols", _col_strips))}
         rows_out.append({"rows": r, "w": w, **{f"{k}_gmacs": v for k, v in rate.items()}})
         print(f"{r:5d} {w:5d}  {'':16} {rate['full']:5.0f} {rate['rows']:10.0f} {rate['cols']:10.0f}", flush=True)
     if args.json:

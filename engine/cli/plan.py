@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 
 import torch
 
 from ..errors import EngineError
+from ..ntk.budget import GiB
 from .options import add_json, check_outputs, write_json
 
 
@@ -45,14 +48,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="precision of the products: bfloat16 halves the operand bytes (default: float32)")
     p.add_argument("--contraction", default="auto", choices=["auto", "materialise", "pairs"],
                    help="auto: the cheaper strategy per layer; materialise or pairs: forced wherever possible")
-    add_json(p, "also write the plan as JSON: per layer both costs and the strategy, the floor")
+    p.add_argument("--budget-gb", type=float, default=None, metavar="GB",
+                   help="entk's working-memory budget to lay the inputs' row blocks out for (default: entk's, "
+                        "4): below what one block of all inputs needs, blocks are recomputed per tile pair")
+    add_json(p, "also write the plan as JSON: per layer both costs and the strategy, the floor, the row blocks")
     p.set_defaults(handler=run)
     return p
 
 
+def _blocks_line(b, budget: int) -> str:
+    head = (f"row blocks at a budget of {budget / GiB:.2f} GiB (block data {b.per_input / 2**20:.1f} MiB per input; "
+            f"one block of all {b.inputs} inputs needs {b.one_block_budget / GiB:.2f} GiB):")
+    if b.recompute == 1:
+        return f"{head} one block, nothing recomputed"
+    return (f"{head} {b.blocks} row blocks of {b.block} inputs, {b.block_passes} block passes: forward, backward "
+            f"and column formation run {b.recompute:.1f}x the inputs (--budget-gb "
+            f"{math.ceil(b.one_block_budget / GiB * 100) / 100:.2f} keeps them in one block)")
+
+
 def run(args) -> int:
     from ..models import build_model
-    from ..ntk import plan
+    from ..ntk import DEFAULT_BUDGET, entk_blocks, plan
 
     if args.n < 1 or (args.n2 is not None and args.n2 < 1):
         raise EngineError(f"--n and --n2 must be >= 1, got {args.n} and {args.n2}")
@@ -60,6 +76,8 @@ def run(args) -> int:
         raise EngineError(f"--classes must be >= 1, got {args.classes}")
     if args.kernel == "diagonal" and args.n2 is not None:
         raise EngineError("--kernel diagonal has no cross-kernel: drop --n2")
+    if args.budget_gb is not None and not args.budget_gb > 0:
+        raise EngineError(f"--budget-gb must be > 0, got {args.budget_gb}")
     check_outputs(files=[("--json", args.json)])
     if args.model_fn:
         from ..jobs.kernel_job import load_model_fn
@@ -77,8 +95,12 @@ def run(args) -> int:
     print(f"model {name}, input {'x'.join(map(str, args.input_shape))}, {args.compute_dtype}, "
           f"contraction {args.contraction}")
     print(pl.table())
+    budget = DEFAULT_BUDGET if args.budget_gb is None else int(args.budget_gb * GiB)
+    blocks = entk_blocks(model.eval(), x1, x2, kernel=args.kernel, budget_bytes=budget)
+    print(_blocks_line(blocks, budget))
     if args.json:
         write_json(args.json, "plan", {"model": name, "input_shape": list(args.input_shape),
                                        "compute_dtype": args.compute_dtype, "contraction": args.contraction,
-                                       **pl.as_dict()})
+                                       **pl.as_dict(), "budget_bytes": budget,
+                                       "blocks": {**dataclasses.asdict(blocks), "recompute": blocks.recompute}})
     return 0

@@ -26,12 +26,13 @@ from .distance import (
 from .functional import entk_fn
 from .gram import gram
 from .jacobian import jacobian, parameter_layout
-from .kernel import entk, fill_jacobian_store, jacobian_to_store, num_outputs, probe_hash
+from .kernel import BlockLayout, entk, entk_blocks, fill_jacobian_store, jacobian_to_store, num_outputs, probe_hash
 from .kinds import Implementation, KernelKind
 from .planner import Contraction, ContractionPlan, plan
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "BlockLayout",
     "Contraction",
     "ContractionPlan",
     "DistanceBackend",
@@ -40,6 +41,7 @@ __all__ = [
     "KernelValueError",
     "distance_from_gram",
     "entk",
+    "entk_blocks",
     "entk_fn",
     "fill_jacobian_store",
     "gram",

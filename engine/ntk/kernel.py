@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import warnings
@@ -21,7 +22,7 @@ from ..errors import ConfigError, parse_enum
 from ..heap import with_freed_memory_reused
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
-from .budget import DEFAULT_BUDGET, check_budget, per_sample_bytes, widest_unit
+from .budget import DEFAULT_BUDGET, check_budget, entk_budget_for, entk_shares, per_sample_bytes, widest_unit
 from .capture import make_plan
 from .contract import bf16_matrix_unit
 from .jacobian import jacobian
@@ -221,12 +222,8 @@ def entk(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "ful
     return out
 
 
-def entk_sample_bytes(model: torch.nn.Module, x: torch.Tensor, *, kernel: str | KernelKind = "full") -> int:
-    """Bytes each input of an :func:`entk` call on ``model`` (all parameters, default implementation) adds
-    to its block data, by the estimate ``entk`` plans its blocks with (:func:`~.budget.per_sample_bytes`
-    on ``x[:1]``), plus one widest column unit of its outputs (``entk``'s floor for one sample): with
-    ``n`` such inputs in one block, ``entk`` needs a budget of ``budget.entk_budget_for(n * this)``."""
-    kind = parse_enum(KernelKind, kernel, "kernel")
+def _sample_estimate(model: torch.nn.Module, x, kind: KernelKind) -> tuple[int, int]:
+    """(block data per input, one widest column unit of its outputs) in bytes, as entk plans them."""
     entries = selected_entries(model, None)
     pdtype, device = params_dtype_device(model, entries)
     xs = _as_inputs(x, "x", pdtype, device)
@@ -236,7 +233,67 @@ def entk_sample_bytes(model: torch.nn.Module, x: torch.Tensor, *, kernel: str | 
         itemsize = torch.empty((), dtype=pdtype).element_size()
         one = per_sample_bytes(plan, lambda: model(*(t[:1] for t in xs)), k=k, width=entries[-1].end,
                                itemsize=itemsize, fallback=owner_names(model, entries)[2])
-    return one + k * widest_unit(plan, entries) * itemsize
+    return one, k * widest_unit(plan, entries) * itemsize
+
+
+def entk_sample_bytes(model: torch.nn.Module, x: torch.Tensor, *, kernel: str | KernelKind = "full") -> int:
+    """Bytes each input of an :func:`entk` call on ``model`` (all parameters, default implementation) adds
+    to its block data, by the estimate ``entk`` plans its blocks with (:func:`~.budget.per_sample_bytes`
+    on ``x[:1]``), plus one widest column unit of its outputs (``entk``'s floor for one sample): with
+    ``n`` such inputs in one block, ``entk`` needs a budget of ``budget.entk_budget_for(n * this)``."""
+    one, widest = _sample_estimate(model, x, parse_enum(KernelKind, kernel, "kernel"))
+    return one + widest
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """How an :func:`entk` call splits its inputs into row blocks at a budget (see :func:`entk_blocks`)."""
+
+    inputs: int            # N1 + N2 (N1 for a symmetric or diagonal kernel)
+    per_input: int         # block data per input, bytes
+    block: int             # inputs per row block
+    blocks: int            # row blocks of x1
+    block_passes: int      # forward + K backward passes of a block, over the whole call
+    inputs_run: int        # inputs taken through those passes (= inputs when nothing is recomputed)
+    one_block_budget: int  # the smallest budget_bytes holding every input in one block
+
+    @property
+    def recompute(self) -> float:
+        """Inputs run per input of the kernel: 1 when no block is recomputed."""
+        return self.inputs_run / self.inputs
+
+
+def entk_blocks(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind = "full",
+                budget_bytes: int = DEFAULT_BUDGET) -> BlockLayout:
+    """The row blocks an :func:`entk` call with these arguments would use (all parameters, float32 estimate).
+
+    Below :attr:`BlockLayout.one_block_budget` the inputs no longer fit one block: a symmetric kernel of
+    m blocks takes 1 + m(m-1)/2 block passes (each tile pair recomputes its column block) instead of
+    one, so time grows about linearly in m while memory falls. Only ``x1[:1]`` is run.
+    """
+    kind = parse_enum(KernelKind, kernel, "kernel")
+    check_budget(budget_bytes)
+    n1 = int((x1 if isinstance(x1, torch.Tensor) else x1[0]).shape[0])
+    n2 = 0 if x2 is None else int((x2 if isinstance(x2, torch.Tensor) else x2[0]).shape[0])
+    one, _ = _sample_estimate(model, x1, kind)
+    total = n1 if kind is KernelKind.DIAGONAL else n1 + n2
+    need = entk_budget_for(total * one)
+    if total * one <= entk_shares(budget_bytes).data:
+        return BlockLayout(total, one, max(n1, n2), 1, 1 if x2 is None else 2, total, need)
+    b = max(1, entk_shares(budget_bytes).data // 2 // one)
+    sizes1 = [min(b, n1 - s0) for s0 in range(0, n1, b)]
+    sizes2 = [min(b, n2 - s0) for s0 in range(0, n2, b)]
+    m = len(sizes1)
+    if kind is KernelKind.DIAGONAL:
+        passes, run = m, n1
+    elif x2 is None:  # row 0's block, then each row's column blocks right of its own (the last one carried over)
+        passes = 1 + m * (m - 1) // 2
+        run = sizes1[0] + sum(sum(sizes1[i + 1:]) for i in range(m))
+    elif len(sizes2) == 1:
+        passes, run = m + 1, n1 + n2
+    else:
+        passes, run = m + m * len(sizes2), n1 + m * n2
+    return BlockLayout(total, one, b, m, passes, run, need)
 
 
 def _first_bad_column(block: torch.Tensor) -> tuple[int, int] | None:

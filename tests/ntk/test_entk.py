@@ -194,3 +194,50 @@ def test_unavailable_ops_backend_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="CUDA device"):
         checkpoint_kernels(tmp_path / "missing-run.h5", tmp_path / "k.h5", ops_backend="triton", device="cpu")
+
+
+@pytest.mark.parametrize("case", ["symmetric", "cross", "cross-one-column-block", "diagonal"])
+def test_entk_blocks_is_the_layout_entk_runs(monkeypatch, case):
+    """entk_blocks predicts the row blocks, block passes and inputs run of the entk call it describes,
+    at a budget holding one block and at one holding about a third of that."""
+    import engine.ntk.onepass as op
+    from engine.ntk import entk_blocks
+
+    model = _model(width=4)
+    x1, x2 = torch.randn(9, 3, 32, 32), (None if case in ("symmetric", "diagonal") else torch.randn(7, 3, 32, 32))
+    if case == "cross-one-column-block":
+        x2 = x2[:2]
+    kind = "diagonal" if case == "diagonal" else "full"
+    runs = []
+    fb = op._forward_backward
+
+    def counting(model, plan, x, *a, **kw):
+        runs.append(op._size(x))
+        return fb(model, plan, x, *a, **kw)
+
+    monkeypatch.setattr(op, "_forward_backward", counting)
+    whole = entk_blocks(model, x1, x2, kernel=kind)
+    assert whole.blocks == 1 and whole.recompute == 1
+    for budget in (whole.one_block_budget, whole.one_block_budget // 3):
+        lay = entk_blocks(model, x1, x2, kernel=kind, budget_bytes=budget)
+        runs.clear()
+        entk(model, x1, x2, kernel=kind, budget_bytes=budget)
+        assert (len(runs), sum(runs)) == (lay.block_passes, lay.inputs_run), (budget, runs, lay)
+        assert max(runs) <= lay.block
+        if budget < whole.one_block_budget:  # blocks; recomputed ones except for the per-sample diagonal
+            assert lay.blocks > 1 and (lay.recompute > 1) == (kind != "diagonal")
+    # one_block_budget is the smallest such budget to within a few bytes per MiB
+    assert entk_blocks(model, x1, x2, kernel=kind, budget_bytes=whole.one_block_budget * 999 // 1000).blocks > 1
+
+
+def test_plan_prints_the_row_blocks_and_the_budget_that_keeps_one(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "cnn", "--n", "64", "--budget-gb", "0.05", "--json", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "row blocks at a budget of 0.05 GiB" in said and "keeps them in one block" in said
+    import json
+
+    blocks = json.loads(out.read_text())["blocks"]
+    assert blocks["blocks"] > 1 and blocks["recompute"] > 1
+    assert main(["plan", "--model", "cnn", "--n", "8"]) == 0
+    assert "one block, nothing recomputed" in capsys.readouterr().out
