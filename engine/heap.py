@@ -4,10 +4,9 @@ glibc hands a request of 32 MiB or more to the kernel as fresh pages (``mmap``) 
 back when it is freed, and it returns the free top of its heap once that passes a threshold
 (``M_TRIM_THRESHOLD``). An eNTK call allocates and frees the same large buffers block after
 block (activations, output gradients, unfolded inputs, column chunks), so each one faults its
-pages in again: on the 2-core VMs measured, page faults were a third of a resnet20 N=128 call
-(benchmarks/results/README.md, heap policy). Inside :func:`reusing_freed_memory` glibc serves
-every request from its heap and keeps what is freed (``M_MMAP_MAX`` 0, no trimming), so later
-blocks reuse pages already mapped; leaving the outermost one sets glibc's usual values back
+pages in again (benchmarks/results/README.md, heap policy). Inside :func:`reusing_freed_memory`
+glibc serves every request from its heap and keeps what is freed (``M_MMAP_MAX`` 0, no
+trimming), so later blocks reuse pages already mapped; leaving the outermost one sets glibc's usual values back
 (up to 65,536 mmaps, trim above 64 MiB: the values glibc itself settles on once a 32 MiB
 buffer has been freed) and returns the free memory to the system (``malloc_trim``).
 
