@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 
 STRIP = 128
 
@@ -73,8 +74,7 @@ def main() -> int:
         rows_out.append({"rows": r, "w": w, **{f"{k}_gmacs": v for k, v in rate.items()}})
         print(f"{r:5d} {w:5d}  {'':16} {rate['full']:5.0f} {rate['rows']:10.0f} {rate['cols']:10.0f}", flush=True)
     if args.json:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-        args.json.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                                          "strip": STRIP, "cases": rows_out}, indent=1))
     return 0
 

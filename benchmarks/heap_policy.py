@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from _common import cpu_name
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -53,16 +54,6 @@ for i in range(calls):
 print(json.dumps({"calls": out, "working_peak_gib": peak, "policy": heap.describe(),
                   "threads": torch.get_num_threads()}))
 """
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -99,7 +90,7 @@ def main() -> int:
             print(f"  {name} N={n} {arm:6s}: best {best:.2f}  first {firsts[len(firsts) // 2]:.2f}  "
                   f"peak {max(r['working_peak_gib'] for r in rs):.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": _cpu(), "cores": os.cpu_count(), "cases": rows}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "cases": rows}, indent=1))
     return 0
 
 

@@ -43,7 +43,7 @@ print(heap.describe())
 
 
 def _child(code: str, **env) -> list[str]:
-    e = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS and k != "LD_PRELOAD"}
+    e = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS and k not in ("LD_PRELOAD", "ENTK_HEAP")}
     e.update(env, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True, cwd=ROOT)
     return out.stdout.strip().splitlines()
@@ -67,11 +67,13 @@ def test_freed_memory_is_kept_inside_the_scope_and_returned_after():
     assert said.startswith("glibc keeps freed memory")
 
 
-def test_a_users_malloc_setting_is_left_alone_and_said():
-    nums, said = _child(PROBE, MALLOC_TRIM_THRESHOLD_="131072")
+@pytest.mark.parametrize("var,value", [("MALLOC_TRIM_THRESHOLD_", "131072"), ("ENTK_HEAP", "glibc")])
+def test_a_users_malloc_setting_is_left_alone_and_said(var, value):
+    nums, said = _child(PROBE, **{var: value})
     _, inside, *_ = nums.split()
     assert float(inside) < 64, nums
-    assert said == "the C library's own (MALLOC_TRIM_THRESHOLD_ from the environment)"
+    said_var = "ENTK_HEAP=glibc" if var == "ENTK_HEAP" else var
+    assert said == f"the C library's own ({said_var} from the environment)"
 
 
 def test_ext_status_names_the_heap_policy():

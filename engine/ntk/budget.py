@@ -153,6 +153,17 @@ def entk_budget_for(data_bytes: int) -> int:
     return b
 
 
+def entk_row_blocks(n1: int, n2: int, kind: KernelKind, per_sample: int, data_bytes: int) -> tuple[int, int]:
+    """entk's row blocks of x1 and x2 (``n2`` 0: symmetric): every input in one block if their block
+    data fit ``data_bytes`` (:func:`entk_shares`' data share), else a row and a column block of
+    equal size."""
+    total = n1 + n2 if kind is not KernelKind.DIAGONAL else n1
+    if total * per_sample <= data_bytes:
+        return n1, max(n2, 1)
+    b = max(1, data_bytes // 2 // per_sample)
+    return b, b
+
+
 def jacobian_element_bytes(jdtype: torch.dtype, compute_dtype: torch.dtype) -> int:
     """Bytes held per Jacobian element by a torch.func column source: vmap's output and its
     concatenation (+ the bfloat16 copy)."""

@@ -22,7 +22,15 @@ from ..errors import ConfigError, parse_enum
 from ..heap import with_freed_memory_reused
 from ..progress import progress as progress_bar
 from ..store import JacobianStore
-from .budget import DEFAULT_BUDGET, check_budget, entk_budget_for, entk_shares, per_sample_bytes, widest_unit
+from .budget import (
+    DEFAULT_BUDGET,
+    check_budget,
+    entk_budget_for,
+    entk_row_blocks,
+    entk_shares,
+    per_sample_bytes,
+    widest_unit,
+)
 from .capture import make_plan
 from .contract import bf16_matrix_unit
 from .jacobian import jacobian
@@ -278,9 +286,9 @@ def entk_blocks(model: torch.nn.Module, x1, x2=None, *, kernel: str | KernelKind
     one, _ = _sample_estimate(model, x1, kind)
     total = n1 if kind is KernelKind.DIAGONAL else n1 + n2
     need = entk_budget_for(total * one)
-    if total * one <= entk_shares(budget_bytes).data:
+    b, b2 = entk_row_blocks(n1, n2, kind, one, entk_shares(budget_bytes).data)
+    if b >= n1 and b2 >= n2:
         return BlockLayout(total, one, max(n1, n2), 1, 1 if x2 is None else 2, total, need)
-    b = max(1, entk_shares(budget_bytes).data // 2 // one)
     sizes1 = [min(b, n1 - s0) for s0 in range(0, n1, b)]
     sizes2 = [min(b, n2 - s0) for s0 in range(0, n2, b)]
     m = len(sizes1)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import ConfigError
-from .budget import entk_shares, per_sample_bytes, widest_unit
+from .budget import entk_row_blocks, entk_shares, per_sample_bytes, widest_unit
 from .capture import Call, Plan, Recorder, make_plan, output_grads
 from .contract import bf16_mode, contract, symmetrize
 from .fallback import fill_columns
@@ -366,16 +366,9 @@ def _entk_blocks(s: _Setup, x1: Inputs, n1: int, n2: int, budget_bytes: int, ite
     if budget_bytes < need:
         raise ConfigError(f"budget_bytes={budget_bytes:,} is below what one sample needs ({need:,} bytes: "
                           f"forward data plus the widest layer's {widest:,} columns × {k} outputs); raise it")
-    # The block data: all inputs in one block if they fit its share, else two blocks (a row block
-    # and a column block) of equal size.
     shares = entk_shares(budget_bytes)
     chunk_bytes = s.workspace = shares.chunk  # a pair product's share too
-    data_bytes = shares.data
-    total = n1 + n2 if kind is not KernelKind.DIAGONAL else n1
-    if total * per_sample <= data_bytes:
-        b1, b2 = n1, max(n2, 1)
-    else:
-        b1 = b2 = max(1, data_bytes // 2 // per_sample)
+    b1, b2 = entk_row_blocks(n1, n2, kind, per_sample, shares.data)
     rows = k * max(min(b1, n1), min(b2, n2) if n2 else 0)
     s.max_cols = max(widest, chunk_bytes // max(rows * itemsize, 1))
     return b1, b2
